@@ -1,0 +1,1 @@
+"""tf.data / TFDS input pipelines for unimo_jax (the only package that imports TensorFlow)."""

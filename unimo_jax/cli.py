@@ -1,0 +1,37 @@
+"""The ``unimo-jax`` command: ``unimo-jax COMMAND [args...]``.
+
+Each command lives in its own module exposing ``main(argv: list[str]) -> int | None``, where
+``argv[0]`` is the command's name. Modules are imported lazily so that, e.g., ``convert`` never
+pays for TensorFlow.
+"""
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+}
+
+
+def _usage() -> str:
+  lines = ["usage: unimo-jax COMMAND [ARGS...]", "", "commands:"]
+  for name, (_, text) in sorted(COMMANDS.items()):
+    lines.append(f"  {name:<12} {text}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0 if len(argv) >= 2 else 2
+  name = argv[1]
+  if name not in COMMANDS:
+    print(f"unimo-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  module = importlib.import_module(COMMANDS[name][0])
+  rc = module.main([f"unimo-jax {name}"] + argv[2:])
+  return int(rc or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
