@@ -1,0 +1,266 @@
+"""Checkpoints: orbax CheckpointManager for the train state, data position and config.
+
+Layout of a workdir::
+
+  WORKDIR/checkpoints/<step>/state/    the TrainState (sharded arrays, OCDBT)
+  WORKDIR/checkpoints/<step>/data/     the input pipeline's position of every process (JSON)
+  WORKDIR/checkpoints/<step>/config/   the run's config (JSON)
+
+- Saves are asynchronous: the arrays are copied to host memory at the step boundary and written
+  by a background thread while training continues.
+- Retention: the newest ``keep`` checkpoints plus every checkpoint whose step is a multiple of
+  ``keep_period`` (long-term history) are kept; the rest are deleted.
+- Restore takes an abstract state (``jax.ShapeDtypeStruct`` leaves carrying the CURRENT mesh's
+  shardings), so a checkpoint written on one mesh shape restores onto another.
+- ``restore_params`` reads only the parameters (evaluation, fine-tuning), onto any shardings or
+  as host numpy arrays, without knowing the optimizer that wrote them.
+- ``StopSignal`` turns SIGTERM (preemption) and SIGINT into a request that the loop serves at the
+  next step boundary by saving and exiting cleanly; all processes agree on the request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def _gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able ``obj``, in process order (one collective when multi-process)."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size], np.int32)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  return [json.loads(bytes(r[:n]).decode("utf-8")) for r, n in zip(rows, sizes)]
+
+
+def select_data_state(saved: Mapping[str, Any] | None) -> Any:
+  """This process's data position from a saved ``{"process_count", "states"}`` record.
+
+  With the same process count each process takes its own entry. With a different count the
+  positions can only be reused when they are identical (a pipeline whose position is global,
+  e.g. index-based); otherwise restoring would silently read the wrong shards, so it raises.
+  """
+  if not saved:
+    return None
+  states = saved["states"]
+  if saved["process_count"] == jax.process_count():
+    return states[jax.process_index()]
+  if all(s == states[0] for s in states):
+    return states[0]
+  raise ValueError(
+      f"checkpoint data position was saved by {saved['process_count']} processes with different "
+      f"per-process states; it cannot be resumed on {jax.process_count()} processes")
+
+
+class Checkpointer:
+  """Saves and restores train states under ``WORKDIR/checkpoints``.
+
+  Args:
+    workdir: the run's directory.
+    keep: newest checkpoints to keep (None keeps all).
+    keep_period: also keep every checkpoint whose step is a multiple of this (None: none).
+    async_save: write in a background thread.
+  """
+
+  def __init__(self, workdir: str, *, keep: int | None = 3, keep_period: int | None = None,
+               async_save: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_period or None, create=True,
+        enable_async_checkpointing=async_save, save_interval_steps=1)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # ------------------------------------------------------------------ queries
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  # ------------------------------------------------------------------ save
+  def save(self, step: int, state: Any, *, data_state: Any = None,
+           config: Mapping[str, Any] | None = None) -> bool:
+    """Starts saving ``state`` at ``step`` (returns once the arrays are copied off device).
+
+    Args:
+      step: the update count the state corresponds to.
+      state: the TrainState (sharded arrays).
+      data_state: this process's JSON-able input position; every process's is stored.
+      config: the run's config as a JSON-able dict.
+
+    Returns:
+      True if a save was started (False if ``step`` is already saved).
+    """
+    if step in self._manager.all_steps():
+      return False
+    data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                              config=ocp.args.JsonSave(dict(config or {})))
+    saved = self._manager.save(int(step), args=args, force=True)
+    logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return bool(saved)
+
+  def wait(self) -> None:
+    """Blocks until every pending asynchronous save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # ------------------------------------------------------------------ restore
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
+    """Restores the state onto the shardings carried by ``abstract_state``.
+
+    Args:
+      abstract_state: the state's tree with ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``
+        leaves for the current mesh (``state.state_shardings``).
+      step: which checkpoint (default: the latest).
+
+    Returns:
+      ``(state, data_state, config)``: the data position for this process (see
+      ``select_data_state``) and the saved config dict.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    restored = self._manager.restore(int(step), args=args)
+    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return restored.state, select_data_state(restored.data), dict(restored.config or {})
+
+
+def _step_dir(workdir_or_checkpoints: str, step: int | None) -> tuple[str, int]:
+  directory = os.path.abspath(workdir_or_checkpoints)
+  if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
+    directory = os.path.join(directory, CHECKPOINT_DIR)
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
+      directory) else []
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have {steps})")
+  return os.path.join(directory, str(step)), step
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest finished checkpoint step under ``workdir`` (None if there is none)."""
+  try:
+    return _step_dir(workdir, None)[1]
+  except FileNotFoundError:
+    return None
+
+
+def read_config(workdir: str, step: int | None = None) -> dict:
+  """The config dict saved with a checkpoint (default: the latest)."""
+  path, _ = _step_dir(workdir, step)
+  with open(os.path.join(path, "config", "metadata")) as f:
+    return json.load(f)
+
+
+def restore_params(workdir: str, step: int | None = None, shardings: Any = None
+                   ) -> tuple[Any, int]:
+  """Restores only the parameters of a checkpoint, without its optimizer state.
+
+  Args:
+    workdir: a workdir or its ``checkpoints`` folder.
+    step: which checkpoint (default: the latest).
+    shardings: None (host numpy arrays), one ``jax.sharding.Sharding`` for every leaf (e.g.
+      replicated on the evaluation mesh), or a tree of shardings shaped like the parameters.
+
+  Returns:
+    ``(params, step)``.
+  """
+  path, step = _step_dir(workdir, step)
+  state_path = os.path.join(path, "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(state_path).item_metadata.tree
+  params_meta = tree["params"]
+
+  if shardings is None:
+    abstract = jax.tree.map(lambda m: np.empty(0, m.dtype), params_meta)
+    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+  else:
+    if isinstance(shardings, jax.sharding.Sharding):
+      shardings = jax.tree.map(lambda _: shardings, params_meta)
+    abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                            params_meta, shardings)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  restored = checkpointer.restore(
+      state_path, args=ocp.args.PyTreeRestore(item={"params": abstract},
+                                              restore_args={"params": restore_args},
+                                              partial_restore=True))
+  return restored["params"], step
+
+
+class StopSignal:
+  """Turns SIGTERM / SIGINT into a stop request served at the next step boundary.
+
+  A second SIGINT restores Python's default behaviour (KeyboardInterrupt) so an impatient user
+  can still interrupt at once. Handlers are only installed from the main thread (Python's rule);
+  elsewhere the object still works through ``request()``.
+
+  Use as a context manager around the loop; ``should_stop()`` is called once per step by every
+  process, and returns True everywhere as soon as any process received a signal.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self._signals = tuple(signals)
+    self._previous: dict[int, Any] = {}
+    self._received: int | None = None
+
+  def __enter__(self) -> "StopSignal":
+    if threading.current_thread() is threading.main_thread():
+      for s in self._signals:
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self._received is not None and signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    self._received = signum
+    logging.warning("received %s: saving a checkpoint at the next step boundary",
+                    signal.Signals(signum).name)
+
+  def request(self, signum: int = signal.SIGTERM) -> None:
+    """Requests a stop as if ``signum`` had been received."""
+    self._received = signum
+
+  @property
+  def received(self) -> int | None:
+    return self._received
+
+  def should_stop(self) -> bool:
+    """True (on every process) once any process has received a signal."""
+    local = self._received is not None
+    if jax.process_count() == 1:
+      return local
+    flags = multihost_utils.process_allgather(np.array([int(local)], np.int32))
+    return bool(np.asarray(flags).any())
