@@ -1,0 +1,138 @@
+"""Retrieval recall, hard-negative accuracy and caption metrics against hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+
+from unimo_jax.evaluation import captioning
+from unimo_jax.evaluation import hard_negatives
+from unimo_jax.evaluation import retrieval
+
+
+def _embeddings_for(scores):
+  """Image/text embeddings whose dot products are exactly ``scores`` [I, T]: image i = e_i."""
+  scores = np.asarray(scores, np.float32)
+  return np.eye(scores.shape[0], dtype=np.float32), scores.T.copy()
+
+
+# 3 images, 6 captions; captions 0,1 -> image 0, 2,3 -> image 1, 4,5 -> image 2.
+SCORES = np.array([
+    #  c0   c1   c2   c3   c4   c5
+    [0.9, 0.1, 0.8, 0.2, 0.3, 0.0],   # image 0: best correct c0 (0.9) is first -> rank 0
+    [0.7, 0.6, 0.1, 0.5, 0.8, 0.2],   # image 1: best correct c3 (0.5); c0, c1, c4 above -> rank 3
+    [0.1, 0.2, 0.3, 0.4, 0.0, 0.35],  # image 2: best correct c5 (0.35); c3 above -> rank 1
+])
+TEXT_IMAGE = np.array([0, 0, 1, 1, 2, 2])
+
+
+def test_recall_at_k_hand_built_matrix():
+  img, txt = _embeddings_for(SCORES)
+  out = retrieval.recall_metrics(img, txt, TEXT_IMAGE, ks=(1, 2, 5))
+  np.testing.assert_array_equal(out["ranks"]["i2t"], [0, 3, 1])
+  assert out["i2t_r@1"] == (1.0, 3.0)
+  assert out["i2t_r@2"] == (2.0, 3.0)
+  assert out["i2t_r@5"] == (3.0, 3.0)
+  # t2i: column by column, rank of the own image among 3.
+  # c0 (img 0): .9 vs .7 .1 -> 0; c1 (img 0): .1 vs .6 .2 -> 2; c2 (img 1): .1 vs .8 .3 -> 2;
+  # c3 (img 1): .5 vs .2 .4 -> 0; c4 (img 2): .0 vs .3 .8 -> 2; c5 (img 2): .35 vs .0 .2 -> 0.
+  np.testing.assert_array_equal(out["ranks"]["t2i"], [0, 2, 2, 0, 2, 0])
+  assert out["t2i_r@1"] == (3.0, 6.0)
+  assert out["t2i_r@2"] == (3.0, 6.0)
+  assert out["t2i_r@5"] == (6.0, 6.0)
+  assert out["i2t_chance_r@1"] == pytest.approx((2 / 6, 1.0))
+  assert out["t2i_chance_r@1"] == pytest.approx((1 / 3, 1.0))
+
+
+def test_i2t_counts_a_hit_when_any_correct_caption_is_in_the_top_k():
+  # Image 0's captions 0 and 1: caption 1 is last, caption 0 first -> still a hit at K=1.
+  scores = np.array([[0.9, -1.0, 0.5], [0.0, 0.0, 1.0]])
+  img, txt = _embeddings_for(scores)
+  np.testing.assert_array_equal(retrieval.i2t_ranks(img, txt, np.array([0, 0, 1])), [0, 0])
+
+
+def test_ties_count_against_the_model():
+  img, txt = _embeddings_for(np.zeros((3, 3)))
+  out = retrieval.recall_metrics(img, txt, np.arange(3), ks=(1, 3))
+  assert out["i2t_r@1"] == (0.0, 3.0) and out["t2i_r@1"] == (0.0, 3.0)
+  assert out["i2t_r@3"] == (3.0, 3.0)
+
+
+def test_blocked_ranking_equals_one_block():
+  rng = np.random.default_rng(0)
+  img, txt = rng.normal(size=(37, 8)), rng.normal(size=(90, 8))
+  owner = rng.integers(0, 37, size=90)
+  np.testing.assert_array_equal(retrieval.i2t_ranks(img, txt, owner, block=5),
+                                retrieval.i2t_ranks(img, txt, owner))
+  np.testing.assert_array_equal(retrieval.t2i_ranks(img, txt, owner, block=7),
+                                retrieval.t2i_ranks(img, txt, owner))
+
+
+def test_flatten_captions():
+  flat, owner = retrieval.flatten_captions(np.array([[1, 1, 0], [0, 1, 1]]))
+  np.testing.assert_array_equal(flat, [[0, 0], [0, 1], [1, 1], [1, 2]])
+  np.testing.assert_array_equal(owner, [0, 0, 1, 1])
+
+
+def test_hard_negative_accuracy_hand_case():
+  # 2 images, unit 2-d embeddings so scores are easy: image 0 = (1, 0), image 1 = (0, 1).
+  img = np.array([[1.0, 0.0], [0.0, 1.0]])
+  cap = np.array([[[0.9, 0], [0.5, 0]],     # image 0 captions score .9, .5
+                  [[0, 0.7], [9, 9]]])       # image 1: caption .7, second caption absent
+  cap_valid = np.array([[1, 1], [1, 0]])
+  neg = np.array([[[0.6, 0], [0.2, 0], [0.95, 0]],   # .6 beats .5 only, .2 loses to both, .95 wins
+                  [[0, 0.7], [0, 0.1], [0, 0]]])      # .7 ties (a loss), .1 loses, 3rd absent
+  neg_valid = np.array([[1, 1, 1], [1, 1, 0]])
+  kinds = np.array([[0, 1, 0], [1, 0, -1]])
+  out = hard_negatives.hard_negative_sums(img, cap, cap_valid, neg, neg_valid, kinds,
+                                          ("colour", "shape"))
+  # Trials (caption beats negative): image 0: (.9>.6 y)(.9>.2 y)(.9>.95 n)(.5>.6 n)(.5>.2 y)
+  # (.5>.95 n) -> 3/6; image 1: (.7>.7 n)(.7>.1 y) -> 1/2. Total 4/8.
+  assert out["hard_negative_acc"] == (4.0, 8.0)
+  # Negatives below all captions: image 0: .2 only; image 1: .1 -> 2 of 5.
+  assert out["hard_negative_all_acc"] == (2.0, 5.0)
+  # colour (kind 0): image 0 negs .6, .95 (4 trials, 1 win); image 1 neg .1 (1 trial, 1 win).
+  assert out["hard_negative_acc/colour"] == (2.0, 5.0)
+  assert out["hard_negative_acc/shape"] == (2.0, 3.0)
+
+
+def test_tokenize():
+  assert captioning.tokenize("A red Circle, on the LEFT.") == "a red circle on the left"
+  assert captioning.tokenize("the dog's ball -- 2 cubes!") == "the dog's ball 2 cubes"
+
+
+def test_identical_captions_score_the_maximum():
+  refs = {1: ["a big red circle on the left"], 2: ["two small blue squares near one green star"]}
+  out = captioning.caption_scores({k: v[0].upper() + "." for k, v in refs.items()}, refs)
+  for n in range(1, 5):
+    assert out[f"bleu{n}"] == pytest.approx(1.0, abs=1e-6)
+  # CIDEr is at most 10 (mean over n of a cosine, times 10): reached when every n-gram order
+  # matches and no n-gram is shared by all images (idf 0).
+  assert out["cider"] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_bleu_and_cider_hand_computed():
+  refs = {1: ["a b c d e"], 2: ["p q r s"]}
+  cands = {1: "a b c d f", 2: "p q"}
+  out = captioning.caption_scores(cands, refs)
+  # BLEU (corpus): clipped matches / candidate n-grams summed over images.
+  # n=1: 4+2 of 5+2; n=2: 3+1 of 4+1; n=3: 2+0 of 3+0; n=4: 1 of 2.
+  # Brevity: candidate length 7, closest reference length 9 -> exp(1 - 9/7).
+  p = [6 / 7, 4 / 5, 2 / 3, 1 / 2]
+  bp = math.exp(1 - 9 / 7)
+  assert out["bleu4"] == pytest.approx(bp * math.prod(p) ** 0.25, rel=1e-6)
+  assert out["bleu1"] == pytest.approx(bp * p[0], rel=1e-6)
+  # CIDEr: 2 images with disjoint vocabularies -> every n-gram has idf log(2), tf 1, so each
+  # order's score is a plain cosine of 0/1 vectors, times a gaussian length penalty.
+  # Image 1: n-gram overlaps 4/5, 3/4, 2/3, 1/2 (equal sizes), equal lengths -> no penalty.
+  img1 = 10 * np.mean([4 / 5, 3 / 4, 2 / 3, 1 / 2])
+  # Image 2: cand {p,q} vs ref {p,q,r,s}: 2/sqrt(2*4); {pq} vs {pq,qr,rs}: 1/sqrt(3); no 3/4-grams.
+  # Length difference 2 words -> exp(-4 / (2 * 36)).
+  img2 = 10 * np.mean([2 / math.sqrt(8), 1 / math.sqrt(3), 0, 0]) * math.exp(-4 / 72)
+  np.testing.assert_allclose(out["cider_per_image"], [img1, img2], rtol=1e-6)
+  assert out["cider"] == pytest.approx((img1 + img2) / 2, rel=1e-6)
+
+
+def test_decode_tokens_stops_at_eos():
+  toks = np.array([[5, 6, 2, 7], [8, 1, 1, 1]])
+  got = captioning.decode_tokens(toks, np.array([3, 1]), lambda ids: " ".join(map(str, ids)), 2)
+  assert got == ["5 6", "8"]
