@@ -211,6 +211,24 @@ def _reconstruct(out):
   return np.asarray(text)
 
 
+def _check_position_ids(out, text):
+  """Text tokens keep their original positions (1..n); structural tokens as documented."""
+  seq, seg, pos = out["input_ids"], out["segments"], out["position_ids"]
+  n, frags = len(text), out["fragments"]
+  src, src_pos = seq[seg == 1], pos[seg == 1]
+  tgt, tgt_pos = seq[seg == 2], pos[seg == 2]
+  assert src_pos[0] == 0 and src_pos[-1] == n + 1
+  words = np.concatenate([src[1:-1], tgt[1:][tgt[1:] != EOS]])
+  word_pos = np.concatenate([src_pos[1:-1], tgt_pos[1:][tgt[1:] != EOS]])
+  order = np.argsort(word_pos)
+  np.testing.assert_array_equal(word_pos[order], np.arange(1, n + 1))
+  np.testing.assert_array_equal(words[order], text)
+  # [CLS] and eos slots: just before the next fragment, or just after the last one.
+  structural = tgt_pos[np.concatenate([[True], tgt[1:] == EOS])]
+  np.testing.assert_array_equal(structural, list(frags[:, 0]) + [frags[-1, 1] + 1])
+  assert np.all(pos[seg == 0] == 0)
+
+
 def test_infilling_fragments_rate_and_reconstruction():
   rng = np.random.default_rng(5)
   shares, lengths = [], []
@@ -226,6 +244,7 @@ def test_infilling_fragments_rate_and_reconstruction():
     lengths += list(ln)
     shares.append(ln.sum() / n)
     np.testing.assert_array_equal(_reconstruct(out), text)
+    _check_position_ids(out, text)
     # Teacher forcing: each slot predicts the next token of the target segment.
     k = int(out["weights"].sum())
     pos = out["positions"][:k]
@@ -251,6 +270,7 @@ def test_infilling_truncation_short_texts_and_determinism():
   np.testing.assert_array_equal(out["segments"][:8], [1, 1, 2, 2, 2, 2, 2, 0])
   np.testing.assert_array_equal(out["positions"][:4], [2, 3, 4, 5])
   np.testing.assert_array_equal(out["targets"][:5], [10, 11, 12, EOS, 0])
+  np.testing.assert_array_equal(out["position_ids"][:8], [0, 4, 0, 1, 2, 3, 4, 0])
   # Same seed, same layout; another seed, another one.
   text = np.arange(4, 104, dtype=np.int32)
   a, b, c = _infill(text, [1, 2]), _infill(text, [1, 2]), _infill(text, [1, 3])
@@ -267,6 +287,7 @@ def test_captioning_layout():
   np.testing.assert_array_equal(out["positions"], [0, 1, 2, 3, 0, 0])
   np.testing.assert_array_equal(out["targets"], [5, 6, 7, SEP, 0, 0])
   np.testing.assert_array_equal(out["weights"], [1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(out["position_ids"], [0, 1, 2, 3, 4, 0, 0, 0])
   # Truncated to keep the eos: max_length 5 leaves 3 words.
   out = masking.captioning_layout(np.arange(10, 20), max_length=5, max_predictions=8)
   np.testing.assert_array_equal(out["input_ids"], [CLS, 10, 11, 12, SEP])

@@ -281,13 +281,24 @@ def infilling(ids, rng: np.random.Generator, *, max_length: int, max_predictions
     rate, min_len, max_len: share of tokens moved to the target and fragment lengths.
     return_fragments: also return `fragments` [F, 2] int32 (start, end) in text coordinates.
 
+  Position ids (UNIMO-2): every token keeps its position in the original text, so the jumps in
+  the source's positions show where fragments were cut and each fragment token carries the
+  place it came from; the target's [CLS] and each eos take the position of the text token just
+  before the next fragment, the final eos the position just after the last fragment:
+
+    position_ids = 0 <kept i+1 ..> n+1  s1 <s1+1 .. e1> s2 <s2+1 .. e2> e_last+1  0 (pad)..
+
+  These are 0-based ([CLS] = 0, pads 0): the model's text positions are `position_offset +
+  position_ids` for real tokens and `pad_position` for pads (pass them as `positions=`). Without
+  them the model numbers the layout sequentially and infilling loses the gap locations.
+
   Truncation: the text is cut at the end, before sampling, to the longest prefix whose worst
   case layout (text + 3 + one eos per fragment) fits max_length and whose worst case number of
   predictions fits P, so no fragment is ever cut. A text shorter than min_len becomes a single
   fragment (empty source); an empty text gives no predictions.
 
-  Returns dict(input_ids [max_length] int32, segments [max_length] int32, positions [P],
-  targets [P] int32, weights [P] float32).
+  Returns dict(input_ids [max_length] int32, segments [max_length] int32, position_ids
+  [max_length] int32, positions [P], targets [P] int32, weights [P] float32).
   """
   text = _strip_text(ids, bos_id, sep_id, pad_id)
   n = len(text)
@@ -299,24 +310,34 @@ def infilling(ids, rng: np.random.Generator, *, max_length: int, max_predictions
   text = text[:n]
   frags = _sample_fragments(n, rng, rate, min_len, max_len)
 
+  # Text token i sits at position i + 1 ([CLS] at 0, [SEP] at n + 1) in source and target alike.
   keep = np.ones(n, dtype=bool)
-  target = [np.asarray([bos_id], np.int32)]
-  for s, e in frags:
+  text_pos = np.arange(1, n + 1)
+  # The target's [CLS] and each eos stand just before the fragment they start, as UNIMO-2's
+  # per-fragment [CLS]; the final eos stands just after the last fragment.
+  starts = [s for s, _ in frags]
+  target, target_pos = [[bos_id]], [[starts[0] if frags else 0]]
+  for j, (s, e) in enumerate(frags):
     keep[s:e] = False
-    target += [text[s:e], np.asarray([eos_id], np.int32)]
+    target += [text[s:e], [eos_id]]
+    target_pos += [text_pos[s:e], [starts[j + 1] if j + 1 < len(frags) else e + 1]]
   source = np.concatenate([[bos_id], text[keep], [sep_id]]).astype(np.int32)
+  source_pos = np.concatenate([[0], text_pos[keep], [n + 1]])
   target = np.concatenate(target).astype(np.int32)
   seq = np.concatenate([source, target])
+  seq_pos = np.concatenate([source_pos] + target_pos)
   assert len(seq) <= max_length, (len(seq), max_length)
 
   input_ids = np.full(max_length, pad_id, np.int32)
   input_ids[:len(seq)] = seq
+  position_ids = np.zeros(max_length, np.int32)
+  position_ids[:len(seq)] = seq_pos
   segments = np.zeros(max_length, np.int32)
   segments[:len(source)] = 1
   segments[len(source):len(seq)] = 2
   positions = np.arange(len(source), len(seq) - 1)
   out = _predictions(positions, seq[positions + 1], max_predictions)
-  out.update(input_ids=input_ids, segments=segments)
+  out.update(input_ids=input_ids, segments=segments, position_ids=position_ids)
   if return_fragments:
     out["fragments"] = np.asarray(frags, dtype=np.int32).reshape(-1, 2)
   return out
@@ -326,27 +347,30 @@ def captioning_layout(ids, *, max_length: int, max_predictions: int, bos_id: int
                       eos_id: int = 2, pad_id: int = 1) -> dict[str, np.ndarray]:
   """Captioning: the whole text is the target, generated after the image (the source).
 
-    input_ids = [CLS] w1 .. wN [SEP] PAD..   (eos = [SEP], as UNIMO's captioning decoder)
-    segments  =   2   2  ..  2   2    0
+    input_ids    = [CLS] w1 .. wN [SEP]  PAD..   (eos = [SEP], as UNIMO's captioning decoder)
+    segments     =   2   2  ..  2   2      0
+    position_ids =   0   1  ..  N  N+1     0       (0-based, as `infilling`'s)
 
   The image is not in this sequence: the model puts it in front and builds the captioning mask
   from (num_visual, text_valid). Position t predicts token t+1: positions 0..N, targets
   w1..wN [SEP]. The text (PAD, a leading [CLS] and a trailing [SEP] ignored) is cut at the end
   to N = min(len, max_length - 2, max_predictions - 1) so that the closing eos is always kept.
 
-  Returns dict(input_ids [max_length], segments [max_length], positions [P], targets [P],
-  weights [P]).
+  Returns dict(input_ids [max_length], segments [max_length], position_ids [max_length],
+  positions [P], targets [P], weights [P]).
   """
   text = _strip_text(ids, bos_id, eos_id, pad_id)
   n = max(0, min(len(text), max_length - 2, max_predictions - 1))
   seq = np.concatenate([[bos_id], text[:n], [eos_id]]).astype(np.int32)
   input_ids = np.full(max_length, pad_id, np.int32)
   input_ids[:len(seq)] = seq
+  position_ids = np.zeros(max_length, np.int32)
+  position_ids[:len(seq)] = np.arange(len(seq))
   segments = np.zeros(max_length, np.int32)
   segments[:len(seq)] = 2
   positions = np.arange(len(seq) - 1)
   out = _predictions(positions, seq[1:], max_predictions)
-  out.update(input_ids=input_ids, segments=segments)
+  out.update(input_ids=input_ids, segments=segments, position_ids=position_ids)
   return out
 
 
