@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
 from unimo_jax.losses.language import log_softmax_f32
+from unimo_jax.model.embeddings import patchify as model_patchify
 
 Array = jax.Array
 
@@ -90,16 +91,13 @@ def region_prediction_loss(pred_features: Array, target_features: Array,
 def patchify(pixels: Array, patch_size: int) -> Array:
   """[B, S, S, C] -> [B, N, p*p*C], patches row-major over the grid, (py, px, c) inside.
 
-  The patch order is the order of a ViT patch embedding (conv stride p, then flatten of the
-  [S/p, S/p] grid), i.e. the order of the model's N patch slots and of `visual_mask`.
+  The model's own patchify (its patch embedding's input), so targets and the model's N patch
+  slots (and `visual_mask`) share one order by construction.
   """
-  b, h, w, c = pixels.shape
-  p = patch_size
-  if h % p or w % p:
-    raise ValueError(f"image {h}x{w} is not divisible by patch size {p}")
-  x = pixels.reshape(b, h // p, p, w // p, p, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
+  _, h, w, _ = pixels.shape
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"image {h}x{w} is not divisible by patch size {patch_size}")
+  return model_patchify(pixels, patch_size)
 
 
 def patch_targets(pixels: Array, patch_size: int, normalize: bool = True,
