@@ -1,0 +1,133 @@
+"""Metric writers: TensorBoard event framing, JSONL, averaging, progress bar; no TensorFlow."""
+import io
+import os
+import struct
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from tensorboard.compat.proto import event_pb2
+
+from unimo_jax.train import metrics as metrics_lib
+
+
+def _crc32c(data: bytes) -> int:
+  """Bitwise CRC-32C (Castagnoli), written from the definition."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked(crc: int) -> int:
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_events(path):
+  """TFRecord reader checking both CRCs of every record."""
+  events = []
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos < len(data):
+    header = data[pos:pos + 8]
+    (length,) = struct.unpack("<Q", header)
+    (hcrc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    assert hcrc == _masked(_crc32c(header))
+    payload = data[pos + 12:pos + 12 + length]
+    (dcrc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+    assert dcrc == _masked(_crc32c(payload))
+    events.append(event_pb2.Event.FromString(payload))
+    pos += 16 + length
+  return events
+
+
+def test_tensorboard_events_are_valid_records(tmp_path):
+  w = metrics_lib.MetricWriter(str(tmp_path), enabled=True)
+  w.write_scalars(10, {"loss": 2.5, "lr": 1e-4, "bad": float("nan")})
+  w.write_scalars(20, {"loss": 1.5})
+  w.write_text(0, "config", "model: tiny")
+  w.close()
+  (name,) = os.listdir(tmp_path / "tensorboard")
+  events = _read_events(tmp_path / "tensorboard" / name)
+  assert events[0].file_version == "brain.Event:2"
+  scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value
+             if v.HasField("simple_value")]
+  assert (10, "loss", 2.5) in scalars and (20, "loss", 1.5) in scalars
+  assert not any(tag == "bad" for _, tag, _ in scalars)  # non-finite values are left out
+  texts = [v.tensor.string_val[0] for e in events for v in e.summary.value
+           if v.metadata.plugin_data.plugin_name == "text"]
+  assert texts == [b"model: tiny"]
+  rows = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [10, 20]
+  assert rows[0]["loss"] == 2.5 and rows[0]["bad"] is None
+
+
+def test_jsonl_appends_across_writers(tmp_path):
+  for step in (1, 2):
+    w = metrics_lib.MetricWriter(str(tmp_path), enabled=True)
+    w.write_scalars(step, {"x": step})
+    w.close()
+  assert [r["x"] for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  w = metrics_lib.MetricWriter(str(tmp_path), enabled=False)
+  w.write_scalars(1, {"x": 1.0})
+  w.close()
+  assert os.listdir(tmp_path) == []
+
+
+def test_mean_accumulator_ignores_nan():
+  acc = metrics_lib.MeanAccumulator()
+  acc.add({"a": jnp.float32(1.0), "b": jnp.float32(float("nan"))})
+  acc.add({"a": jnp.float32(3.0), "b": jnp.float32(4.0)})
+  acc.add({"a": jnp.float32(5.0), "b": jnp.float32(float("nan")), "c": np.float32(float("nan"))})
+  out = acc.result()
+  assert out["a"] == 3.0 and out["b"] == 4.0 and np.isnan(out["c"])
+  assert len(acc) == 0 and acc.result() == {}
+
+
+class _Tty(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+def test_progress_bar_draws_on_tty_only():
+  stream = _Tty()
+  bar = metrics_lib.ProgressBar(total=100, initial=0, stream=stream, min_interval=0.0)
+  bar.update(50, "loss=1.0")
+  bar.close()
+  out = stream.getvalue()
+  assert out.startswith("\r[############............] 50/100  50%")
+  assert "ETA" in out and "loss=1.0" in out and out.endswith("\n")
+  plain = io.StringIO()
+  bar = metrics_lib.ProgressBar(total=100, stream=plain)
+  bar.update(50)
+  bar.close()
+  assert plain.getvalue() == ""
+
+
+def test_format_metrics():
+  assert metrics_lib.format_metrics({"b": 2.0, "a": 0.123456}) == "a=0.1235 b=2"
+  assert metrics_lib.format_metrics({"b": 2.0, "a": 1.0}, keys=["b"]) == "b=2"
+
+
+def test_train_package_does_not_import_tensorflow():
+  code = ("import sys\n"
+          "import unimo_jax.train.metrics, unimo_jax.train.checkpoint, unimo_jax.train.state, "
+          "unimo_jax.train.optimizer, unimo_jax.train.flops, unimo_jax.parallel\n"
+          "import tempfile\n"
+          "from unimo_jax.train import metrics\n"
+          "w = metrics.MetricWriter(tempfile.mkdtemp(), enabled=True)\n"
+          "w.write_scalars(1, {'x': 1.0}); w.write_text(1, 't', 'x'); w.close()\n"
+          "bad = sorted(m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.'))\n"
+          "assert not bad, bad[:5]\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert r.returncode == 0, r.stderr[-2000:]
