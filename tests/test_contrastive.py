@@ -295,3 +295,15 @@ def test_rejects_bad_shapes():
   with pytest.raises(ValueError):  # 4 rows over 8 batch shards.
     contrastive.cmcl_loss(x, x, log_temperature=0.0, pair_valid=np.ones(4),
                           mesh=auto_mesh((8,), ("data",)))
+
+
+def test_memory_benchmark_runs_on_a_tiny_batch(capsys):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "cmcl_memory.py"
+  spec = importlib.util.spec_from_file_location("cmcl_memory", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.main(["--batch", "64", "--dim", "8", "--negatives", "0,2", "--runs", "1"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("ratio ring/all_gather") == 2
