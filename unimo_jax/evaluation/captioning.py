@@ -4,16 +4,20 @@ Scoring uses pycocoevalcap's ``Bleu`` and ``Cider`` scorers (pure python). Its `
 runs the Stanford tokenizer in Java, so captions are normalised here instead by ``tokenize``:
 lower case, punctuation dropped, words and numbers kept (a possessive ``'s`` stays attached).
 """
+import dataclasses
 import re
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
+
+from unimo_jax.evaluation import decoding
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
 def tokenize(text: str) -> str:
-  """Lower-cased words joined by single spaces: ``"A red Circle, left."`` -> ``"a red circle left"``."""
+  """Lower-cased words joined by single spaces: ``"A red Circle."`` -> ``"a red circle"``."""
   return " ".join(_WORD.findall(text.lower()))
 
 
@@ -61,3 +65,70 @@ def decode_tokens(tokens: np.ndarray, lengths: np.ndarray, decode_fn, eos_id: in
 def references_by_id(image_ids: Sequence, captions: Sequence[Sequence[str]]) -> dict:
   """{image id: list of non-empty reference captions}."""
   return {int(i): [c for c in caps if c] for i, caps in zip(image_ids, captions)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation (device side)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CaptionSettings:
+  """How captions are generated (UNIMO's captioning decoder: bos [CLS], eos [SEP]).
+
+  max_length: most tokens generated, eos included.
+  beam_size: 1 = greedy search.
+  alpha: GNMT length-penalty exponent. min_length: tokens before eos may be emitted.
+  block_trigrams: forbid repeating a trigram.
+  """
+  max_length: int = 20
+  beam_size: int = 1
+  alpha: float = 0.0
+  min_length: int = 1
+  block_trigrams: bool = False
+
+
+def forbidden_ids(config) -> tuple:
+  """Ids a caption never contains: pad, bos ([CLS]), unk and [MASK]."""
+  return tuple(sorted({config.pad_id, config.cls_id, config.unk_id, config.mask_token_id}))
+
+
+def model_step_fn(model, params):
+  """The model's cached decode step in ``decoding``'s step-function form."""
+  from unimo_jax.model import Unimo  # pylint: disable=import-outside-toplevel
+
+  def step_fn(tokens, step, cache):
+    del step  # the cache knows its own index and text position
+    out, cache = model.apply({"params": params}, tokens, cache, method=Unimo.decode_step)
+    return out["logits"], cache
+  return step_fn
+
+
+def generate(model, params, visual: dict, settings: CaptionSettings,
+             step_fn=None, cache=None) -> decoding.Decoded:
+  """Captions for a batch of images (jit-able).
+
+  Args:
+    model: a ``Unimo`` module; params: its parameter tree.
+    visual: the model's visual input for B images.
+    settings: search settings.
+    step_fn, cache: override the model's cached step (tests pass an uncached reference); by
+      default the image block is prefilled once and ``Unimo.decode_step`` extends it.
+  Returns:
+    ``decoding.Decoded`` [B, K, max_length] (K = beam size), best hypothesis first.
+  """
+  from unimo_jax.model import Unimo, reorder_cache  # pylint: disable=import-outside-toplevel
+  cfg = model.config
+  batch = jax.tree.leaves(visual)[0].shape[0]
+  reorder = decoding.gather_rows
+  if step_fn is None:
+    _, cache = model.apply({"params": params}, settings.max_length, visual=visual,
+                           method=Unimo.prefill)
+    step_fn = model_step_fn(model, params)
+    reorder = reorder_cache
+  kw = dict(max_length=settings.max_length, bos_id=cfg.cls_id, eos_id=cfg.sep_id,
+            pad_id=cfg.pad_id, alpha=settings.alpha, min_length=settings.min_length,
+            block_trigrams=settings.block_trigrams, forbidden_ids=forbidden_ids(cfg))
+  if settings.beam_size == 1:
+    return decoding.greedy_search(step_fn, cache, batch, **kw)
+  return decoding.beam_search(step_fn, cache, batch, beam_size=settings.beam_size,
+                              reorder_fn=reorder, **kw)

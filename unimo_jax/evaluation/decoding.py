@@ -61,12 +61,6 @@ def gather_rows(cache, rows):
   return jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else jnp.take(x, rows, axis=0), cache)
 
 
-def repeat_rows(cache, times: int):
-  """Tiles a batch-B cache to B*times rows (each row repeated ``times`` times, consecutively)."""
-  return jax.tree.map(
-      lambda x: x if jnp.ndim(x) == 0 else jnp.repeat(x, times, axis=0), cache)
-
-
 def blocked_tokens(tokens, step, vocab_size: int, *, min_length: int, eos_id: int,
                    forbidden_ids: Sequence[int] = (), block_trigrams: bool = False):
   """Which tokens may not be generated next.
@@ -147,9 +141,9 @@ def beam_search(step_fn: StepFn, cache, batch_size: int, *, beam_size: int, max_
 
   Args:
     step_fn: the decode step (see the module docstring).
-    cache: the decode state for batch_size rows (``repeat_rows`` tiles it to batch*beam rows),
-      or for batch*beam rows already when ``cache_is_expanded``. Row ``b * beam_size + k`` is
-      hypothesis k of example b.
+    cache: the decode state for batch_size rows (tiled here to batch*beam rows with
+      ``reorder_fn(cache, repeat(arange(B), K))``), or for batch*beam rows already when
+      ``cache_is_expanded``. Row ``b * beam_size + k`` is hypothesis k of example b.
     batch_size: B.
     beam_size: K.
     max_length: T, the most tokens generated (eos included).
@@ -161,7 +155,7 @@ def beam_search(step_fn: StepFn, cache, batch_size: int, *, beam_size: int, max_
     raise ValueError(f"length penalty alpha must be >= 0, got {alpha}")
   b, k, t_max = batch_size, beam_size, max_length
   if not cache_is_expanded:
-    cache = repeat_rows(cache, k)
+    cache = reorder_fn(cache, jnp.repeat(jnp.arange(b), k))
 
   def cond(state):
     step, _, _, _, _, finished, _ = state

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 DEFAULT_KS = (1, 5, 10)
+# Batch fields that form the model's ``visual`` input.
+VISUAL_KEYS = ("pixels", "region_features", "region_boxes", "region_valid")
 
 
 def i2t_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
@@ -110,3 +112,40 @@ def flatten_captions(caption_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]
   """
   flat = np.argwhere(np.asarray(caption_valid) > 0).astype(np.int64)
   return flat, flat[:, 0].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedding pass (device side)
+# ---------------------------------------------------------------------------------------------
+
+def _apply(model, params, *args, method):
+  return model.apply({"params": params}, *args, method=method)
+
+
+def embed_batch(model, params, batch: dict) -> dict:
+  """CMCL embeddings of one eval batch (jit-able; rows are independent).
+
+  Args:
+    model: a ``Unimo`` module.
+    params: its parameter tree (without the ``"params"`` wrapper).
+    batch: the visual fields (``pixels`` or ``region_*``), ``caption_ids`` [B, C, L] and,
+      optionally, ``negative_ids`` [B, K, L].
+  Returns:
+    dict(image [B, d], caption [B, C, d], and negative [B, K, d] when negatives are given),
+    float32, unit L2 norm.
+  """
+  from unimo_jax.model import Unimo  # pylint: disable=import-outside-toplevel
+  visual = {k: batch[k] for k in VISUAL_KEYS if k in batch}
+  img = _apply(model, params, visual, method=Unimo.encode_image)["img"]
+  out = {"image": _apply(model, params, img, method=Unimo.cmcl_image)}
+
+  def texts(ids):  # [B, C, L] -> [B, C, d]
+    b, c, length = ids.shape
+    cls = _apply(model, params, ids.reshape(b * c, length), method=Unimo.encode_text)["cls"]
+    return _apply(model, params, cls, method=Unimo.cmcl_text).reshape(b, c, -1)
+
+  out["caption"] = texts(batch["caption_ids"])
+  if "negative_ids" in batch and batch["negative_ids"].shape[1] > 0:
+    out["negative"] = texts(batch["negative_ids"])
+  return out
+
