@@ -1,0 +1,191 @@
+"""Images: a cheap header check in Python, then decode / resize / normalise in tf.data.
+
+Two halves:
+- `inspect_image(data)` (pure Python, no decode): the format, width and height from the header
+  and whether the bytes end where the format says they should. The pipeline uses it to drop
+  undecodable, truncated and over-large images (with a reason) BEFORE they reach TensorFlow, and
+  to choose a JPEG decode ratio for large images.
+- `decode_image(data, ratio_index, ...)` (TensorFlow ops, used inside a tf.data map): decodes
+  already-decoded pixels wrapped by `encode_raw` (TFDS Tensor images), and
+  JPEG (grayscale, RGB, CMYK/YCCK: libjpeg converts), PNG (gray, palette, RGBA, 16-bit), GIF
+  (first frame), BMP and WebP to RGB uint8, resizes to ``[S, S, 3]`` with antialiasing and
+  normalises ``(x / 255 - mean) / std``. A large JPEG is decoded at 1/2, 1/4 or 1/8 scale by
+  libjpeg (DCT scaling) when the result is still at least S on its short side, which makes a
+  4000x3000 photo cost about what a 500x375 one does. Alpha is dropped (as PIL's convert('RGB')).
+
+A record that passes the header check and still fails to decode (corrupt entropy-coded data)
+must not kill the run: `safe_decode_image` runs the decode inside a one-element dataset with
+`ignore_errors` and returns ``(zeros, False)`` instead, so the row is masked and counted.
+"""
+import struct
+
+import numpy as np
+import tensorflow as tf
+
+# Already-decoded pixels (e.g. a TFDS Tensor feature) travel as RAW_MAGIC, int32 h, w, then
+# h*w*3 uint8 bytes, so one string field carries encoded and raw images alike.
+RAW_MAGIC = b"RAW1"
+# Decode-ratio choices libjpeg offers (index into this tuple is what the pipeline passes).
+JPEG_RATIOS = (1, 2, 4, 8)
+_JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers; C4/C8/CC are not
+
+
+def inspect_image(data: bytes):
+  """Header facts of encoded image bytes, without decoding.
+
+  Returns ``(format, width, height, problem)``: format in {jpeg, png, gif, bmp, webp} or None;
+  width/height ints or None when the header does not say; problem None or a drop reason
+  (``undecodable_image``: not a format we read or a broken header; ``truncated_image``: the
+  bytes stop before the format's end marker).
+  """
+  if not data:
+    return None, None, None, "undecodable_image"
+  if data[:4] == RAW_MAGIC:
+    if len(data) < 12:
+      return "raw", None, None, "truncated_image"
+    h, w = struct.unpack("<ii", data[4:12])
+    return "raw", w, h, None if len(data) == 12 + 3 * h * w else "truncated_image"
+  if data[:3] == b"\xff\xd8\xff":
+    return _inspect_jpeg(data)
+  if data[:8] == b"\x89PNG\r\n\x1a\n":
+    if len(data) < 24 or data[12:16] != b"IHDR":
+      return "png", None, None, "truncated_image" if len(data) < 24 else "undecodable_image"
+    w, h = struct.unpack(">II", data[16:24])
+    # The IEND chunk closes every complete PNG (a few bytes of trailing padding are tolerated).
+    problem = None if data.rfind(b"IEND", max(0, len(data) - 64)) >= 0 else "truncated_image"
+    return "png", w, h, problem
+  if data[:6] in (b"GIF87a", b"GIF89a"):
+    if len(data) < 10:
+      return "gif", None, None, "truncated_image"
+    w, h = struct.unpack("<HH", data[6:10])
+    return "gif", w, h, None if data.rstrip(b"\x00")[-1:] == b";" else "truncated_image"
+  if data[:2] == b"BM" and len(data) >= 26:
+    size = struct.unpack("<I", data[2:6])[0]
+    w, h = struct.unpack("<ii", data[18:26])
+    return "bmp", w, abs(h), None if len(data) >= size else "truncated_image"
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    size = struct.unpack("<I", data[4:8])[0] + 8
+    w = h = None
+    if data[12:16] == b"VP8X" and len(data) >= 30:
+      w = 1 + int.from_bytes(data[24:27], "little")
+      h = 1 + int.from_bytes(data[27:30], "little")
+    elif data[12:16] == b"VP8 " and len(data) >= 30:
+      w, h = (v & 0x3FFF for v in struct.unpack("<HH", data[26:30]))
+    elif data[12:16] == b"VP8L" and len(data) >= 25:
+      bits = int.from_bytes(data[21:25], "little")
+      w, h = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return "webp", w, h, None if len(data) >= size else "truncated_image"
+  return None, None, None, "undecodable_image"
+
+
+def _inspect_jpeg(data):
+  """Walks the JPEG markers up to the frame header (SOFn) for the size; checks the EOI marker."""
+  i, n = 2, len(data)
+  w = h = None
+  while i + 4 <= n:
+    if data[i] != 0xFF:
+      return "jpeg", None, None, "undecodable_image"
+    marker = data[i + 1]
+    if marker == 0xFF:  # fill byte
+      i += 1
+      continue
+    if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # markers without a length
+      i += 2
+      continue
+    seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+    if marker in _JPEG_SOF:
+      if i + 9 > n:
+        break
+      h, w = struct.unpack(">HH", data[i + 5:i + 9])
+      break
+    if marker == 0xDA:  # start of scan before any frame header
+      return "jpeg", None, None, "undecodable_image"
+    i += 2 + seg
+  if w is None:
+    return "jpeg", None, None, "truncated_image"
+  # A complete JPEG ends with EOI (FF D9); some writers pad with zeros or newlines after it.
+  if data.rstrip(b"\x00\r\n\t ")[-2:] != b"\xff\xd9":
+    return "jpeg", w, h, "truncated_image"
+  return "jpeg", w, h, None
+
+
+def encode_raw(pixels: np.ndarray) -> bytes:
+  """uint8 ``[H, W]``, ``[H, W, 1|3|4]`` -> RAW bytes of ``[H, W, 3]`` (gray repeated, alpha dropped).
+
+  Raises ValueError on another rank, channel count or dtype (the caller counts it).
+  """
+  a = np.asarray(pixels)
+  if a.dtype != np.uint8:
+    raise ValueError(f"raw image dtype {a.dtype}, expected uint8")
+  if a.ndim == 2:
+    a = a[:, :, None]
+  if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] < 1 or a.shape[1] < 1:
+    raise ValueError(f"raw image shape {a.shape}, expected [H, W, 1|3|4]")
+  if a.shape[2] == 1:
+    a = np.repeat(a, 3, axis=2)
+  a = np.ascontiguousarray(a[:, :, :3])
+  return RAW_MAGIC + struct.pack("<ii", a.shape[0], a.shape[1]) + a.tobytes()
+
+
+def jpeg_ratio_index(width, height, image_size: int) -> int:
+  """Largest libjpeg downscale (index into `JPEG_RATIOS`) keeping both sides >= image_size."""
+  if not width or not height:
+    return 0
+  best = 0
+  for k, r in enumerate(JPEG_RATIOS):
+    if min(width, height) // r >= image_size:
+      best = k
+  return best
+
+
+def decode_image(data, ratio_index, *, image_size: int, mean, std):
+  """TF ops: encoded bytes (scalar string) -> float32 ``[S, S, 3]`` normalised pixels.
+
+  `ratio_index` (scalar int32) picks the JPEG DCT downscale (see `jpeg_ratio_index`); other
+  formats ignore it. Raises (inside tf.data) on undecodable bytes: use `safe_decode_image`.
+  """
+  def jpeg(r):
+    return lambda: tf.io.decode_jpeg(data, channels=3, ratio=r)
+
+  def other():
+    return tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+
+  def raw():
+    hw = tf.io.decode_raw(tf.strings.substr(data, 4, 8), tf.int32, little_endian=True)
+    pixels = tf.io.decode_raw(tf.strings.substr(data, 12, -1), tf.uint8)
+    return tf.reshape(pixels, tf.concat([hw, [3]], 0))
+
+  img = tf.case([
+      (tf.equal(tf.strings.substr(data, 0, 4), RAW_MAGIC), raw),
+      (tf.io.is_jpeg(data), lambda: tf.switch_case(tf.cast(ratio_index, tf.int32),
+                                                  [jpeg(r) for r in JPEG_RATIOS])),
+  ], default=other, exclusive=True)
+  img = tf.ensure_shape(img, [None, None, 3])
+  img = tf.image.resize(tf.cast(img, tf.float32), [image_size, image_size], method="bilinear",
+                        antialias=True)
+  return normalise(img, mean=mean, std=std)
+
+
+def normalise(img, *, mean, std):
+  """``(img / 255 - mean) / std`` per channel (img float32 in 0..255)."""
+  mean = tf.constant(np.asarray(mean, np.float32).reshape(1, 1, 3))
+  std = tf.constant(np.asarray(std, np.float32).reshape(1, 1, 3))
+  return (img / 255.0 - mean) / std
+
+
+def safe_decode_image(data, ratio_index, present, *, image_size: int, mean, std):
+  """`decode_image` that never raises: returns ``(pixels [S,S,3] f32, ok bool)``.
+
+  `present` False skips the decode (an absent related image) and returns ``(zeros, False)``.
+  The decode runs in a one-element dataset with `ignore_errors`, followed by a zero fallback:
+  TF has no try/except inside a graph, and this keeps one corrupt image from ending the run.
+  """
+  zeros = tf.zeros([image_size, image_size, 3], tf.float32)
+
+  def attempt():
+    ds = tf.data.Dataset.from_tensors((data, ratio_index)).map(
+        lambda b, r: (decode_image(b, r, image_size=image_size, mean=mean, std=std), True))
+    ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors((zeros, False)))
+    return ds.take(1).get_single_element()
+
+  return tf.cond(present, attempt, lambda: (zeros, tf.constant(False)))
