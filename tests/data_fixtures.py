@@ -114,7 +114,7 @@ def _add(tar, name, data):
 
 
 def write_webdataset(path, n, rng, *, start=0, truncate_last=False, bad_image=0):
-  """One shard of n records (jpg + txt + json); returns {key: (pixels, caption, json_caps)}.
+  """One shard of n records (jpg + txt + json); returns {key: (jpg bytes, caption, json_caps)}.
 
   truncate_last cuts the file inside the last record's image member; bad_image plants records
   whose jpg member is not an image.
@@ -126,10 +126,11 @@ def write_webdataset(path, n, rng, *, start=0, truncate_last=False, bad_image=0)
       px = random_pixels(rng, 24, 24)
       cap = sentence(rng)
       extra = [sentence(rng)]
-      _add(tar, f"{key}.jpg", image_bytes(px, "JPEG", quality=95))
+      jpg = image_bytes(px, "JPEG", quality=95)
+      _add(tar, f"{key}.jpg", jpg)
       _add(tar, f"{key}.txt", cap.encode())
       _add(tar, f"{key}.json", json.dumps(dict(captions=extra)).encode())
-      table[key] = (px, cap, extra)
+      table[key] = (jpg, cap, extra)
     for j in range(bad_image):
       _add(tar, f"bad{j}.jpg", b"this is not an image at all")
       _add(tar, f"bad{j}.txt", b"a red circle")
