@@ -36,6 +36,11 @@ def patchify(pixels, patch_size: int):
   return x.reshape(b, g * g2, patch_size * patch_size * c)
 
 
+def _input_dtype(config: ModelConfig):
+  """Raw visual inputs stay at least float32 until the first projection (means, zeroing)."""
+  return jnp.promote_types(config.compute_dtype, jnp.float32)
+
+
 def _kept_mean(x, keep):
   """Mean of x [B, N, D] over rows where keep [B, N]; zero when nothing is kept."""
   w = keep.astype(x.dtype)[..., None]
@@ -82,13 +87,14 @@ class RegionEmbedding(nn.Module):
     visual_mask [B, R] or None (1 = masked: feature zeroed). Returns (emb [B, 1+R, H],
     valid [B, 1+R] bool)."""
     cfg = self.config
+    dtype = _input_dtype(cfg)
     valid = valid > 0
     keep = valid if visual_mask is None else valid & ~(visual_mask > 0)
-    features = jnp.where(keep[..., None], features, 0).astype(jnp.float32)
-    boxes = jnp.where(valid[..., None], boxes, 0).astype(jnp.float32)
+    features = jnp.where(keep[..., None], features, 0).astype(dtype)
+    boxes = jnp.where(valid[..., None], boxes, 0).astype(dtype)
     b = features.shape[0]
     img_feature = _kept_mean(features, keep)[:, None]
-    img_box = jnp.broadcast_to(jnp.asarray([0, 0, 1, 1, 1], jnp.float32), (b, 1, 5))
+    img_box = jnp.broadcast_to(jnp.asarray([0, 0, 1, 1, 1], dtype), (b, 1, 5))
     features = jnp.concatenate([img_feature, features], axis=1)
     boxes = jnp.concatenate([img_box, boxes], axis=1)
     x = (Dense(cfg, (cfg.hidden_size,), ("region_feature",), ("embed",), name="feature")(features)
@@ -112,7 +118,7 @@ class PatchEmbedding(nn.Module):
     if tuple(pixels.shape[1:]) != expected:
       raise ValueError(f"pixels must be [B, {expected[0]}, {expected[1]}, {expected[2]}] "
                        f"(ModelConfig.image_size/num_channels), got {tuple(pixels.shape)}")
-    patches = patchify(pixels.astype(jnp.float32), cfg.patch_size)
+    patches = patchify(pixels.astype(_input_dtype(cfg)), cfg.patch_size)
     b, n, _ = patches.shape
     keep = jnp.ones((b, n), bool) if visual_mask is None else ~(visual_mask > 0)
     patches = jnp.where(keep[..., None], patches, 0)
