@@ -1,6 +1,7 @@
 """synthetic_scenes: determinism, truthful captions, false hard negatives, held-out combinations,
 pixel-exact boxes, region labels, QA, and the TFDS builder (tiny build)."""
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -226,32 +227,58 @@ def test_qa_answers_follow_the_scene_graph():
         assert a == ("yes" if present else "no")
 
 
-def test_tfds_builder_tiny(tmp_path):
+def test_prepare_tiny_builds_tfds_tokenizer_and_side_files(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
-  import data_pipelines.synthetic_scenes as ss
+  from data_pipelines import prepare
+  from data_pipelines import rewriting
+  from data_pipelines import tokenizers
+  data_dir = str(tmp_path)
+  manifest = prepare.prepare_synthetic(data_dir, size="tiny")
+  assert manifest["configs"] == {"pairs": "pairs_tiny", "text": "text_tiny",
+                                 "images": "images_tiny"}
   for kind in G.KINDS:
+    builder = tfds.builder(f"synthetic_scenes/{kind}_tiny", data_dir=data_dir)
     options = G.SceneOptions(kind=kind, size="tiny")
-    builder = ss.builder_for(options, str(tmp_path))
-    builder.download_and_prepare()
-    assert builder.info.config_name == f"{kind}_tiny"
     for split in options.splits:
       assert builder.info.splits[split].num_examples == options.num_examples(split)
-  ds = tfds.load("synthetic_scenes/pairs_tiny", split="test_compositional",
-                 data_dir=str(tmp_path))
+  ds = tfds.load("synthetic_scenes/pairs_tiny", split="test_compositional", data_dir=data_dir)
   spec = ds.element_spec
   assert spec["image"].shape == (64, 64, 3) and spec["image"].dtype.name == "uint8"
+  assert spec["image_id"].dtype.name == "int64"
   assert spec["captions"].dtype.name == "string"
+  assert spec["hard_negatives"].shape.as_list() == [None]
   assert spec["regions"]["boxes"].shape.as_list() == [None, 4]
   assert spec["regions"]["features"].shape.as_list() == [None, 64]
   assert spec["regions"]["class_probs"].shape.as_list() == [None, 48]
   assert spec["regions"]["classes"].dtype.name == "int64"
+  assert spec["objects"]["center"].shape.as_list() == [None, 2]
   # Stored in index order and equal to the plain-python records.
   for k, rec in enumerate(ds.take(3).as_numpy_iterator()):
-    ref = G.example(G.SceneOptions(size="tiny"), "test_compositional", k)
+    ref = G.example(TINY, "test_compositional", k)
     np.testing.assert_array_equal(rec["image"], ref["image"])
     assert [c.decode() for c in rec["captions"]] == ref["captions"]
+    assert [c.decode() for c in rec["hard_negatives"]] == ref["hard_negatives"]
     np.testing.assert_array_equal(rec["regions"]["features"], ref["regions"]["features"])
+    np.testing.assert_array_equal(rec["relations"]["predicate"], ref["relations"]["predicate"])
   text = next(tfds.load("synthetic_scenes/text_tiny", split="train",
-                        data_dir=str(tmp_path)).as_numpy_iterator())
+                        data_dir=data_dir).as_numpy_iterator())
   assert text["text"].decode() == G.example(G.SceneOptions(kind="text", size="tiny"),
                                             "train", 0)["text"]
+  # The tokenizer has the UNIMO layout and round-trips the captions.
+  tok = tokenizers.load_tokenizer(manifest["tokenizer"])
+  assert tok.vocab_size == manifest["vocab_size"] and tok.mask_id == tok.vocab_size - 1
+  for cap in G.example(TINY, "test", 0)["captions"]:
+    assert tok.decode(tok.encode(cap)) == cap
+  # TF-IDF negatives: keyed by image id, captions of other images, false for the image.
+  side = rewriting.load_tfidf_side_file(manifest["tfidf_negatives"]["test"])
+  assert len(side) == TINY.num_examples("test")
+  for k, r in enumerate(_records("test")):
+    negatives = side[int(r["image_id"])]
+    assert len(negatives) == 4
+    for neg in negatives:
+      assert neg not in r["captions"] and not _true(C.parse(neg)[0], _objects(r))
+  # Running again finds everything in place.
+  before = os.path.getmtime(manifest["tfidf_negatives"]["train"])
+  again = prepare.prepare_synthetic(data_dir, size="tiny")
+  assert os.path.getmtime(manifest["tfidf_negatives"]["train"]) == before
+  assert again["tokenizer"] == manifest["tokenizer"]

@@ -9,6 +9,9 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
+    "evaluate": ("unimo_jax.evaluation.main", "evaluate a run's checkpoint: retrieval, hard negatives, captioning, language; report"),
+    "prepare": ("data_pipelines.prepare", "build a dataset (synthetic_scenes), its tokenizer and side files"),
+    "tokenizer": ("data_pipelines.tokenizer_cli", "train a SentencePiece tokenizer: tokenizer train --input F --vocab-size N --out P"),
 }
 
 

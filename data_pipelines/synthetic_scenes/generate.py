@@ -143,32 +143,65 @@ def example(options: SceneOptions, split: str, index: int) -> dict:
     return dict(text_id=np.int64(example_id),
                 text=text_lib.corpus_document(rng, options.image_size))
   scene, rng = scene_for(options, split, index)
+  # The renderer draws from its own stream (the scene's background seed), so the language
+  # fields below can be recomputed without rendering (``language_fields``).
   image, boxes, _ = render_lib.render(scene)
   record = dict(image=image, image_id=np.int64(example_id))
   record.update(graph_features(scene))
   if options.kind == "pairs":
-    seen_only = split != "test_compositional"
-    claim, caps = captions_lib.captions(scene, rng)
-    negatives = captions_lib.hard_negatives(claim, scene, rng, options.num_negatives, seen_only)
-    record["captions"] = caps
-    record["hard_negatives"] = [t for t, _ in negatives]
-    record["hard_negative_kinds"] = [k for _, k in negatives]
-    qa = text_lib.qa_pairs(scene, rng, seen_only=seen_only)
-    record["qa"] = dict(question=[q for q, _ in qa], answer=[a for _, a in qa])
+    record.update(_language(options, split, scene, rng))
   record["regions"] = regions_lib.region_annotations(
       scene, boxes, rng, feature_dim=options.feature_dim, class_mode=options.class_mode)
   return record
 
 
-def generate_examples(options, split: str, seed: int = None, start: int = 0, stop: int = None):
+def _language(options, split, scene, rng) -> dict:
+  seen_only = split != "test_compositional"
+  claim, caps = captions_lib.captions(scene, rng)
+  negatives = captions_lib.hard_negatives(claim, scene, rng, options.num_negatives, seen_only)
+  qa = text_lib.qa_pairs(scene, rng, seen_only=seen_only)
+  return dict(captions=caps, hard_negatives=[t for t, _ in negatives],
+              hard_negative_kinds=[k for _, k in negatives],
+              qa=dict(question=[q for q, _ in qa], answer=[a for _, a in qa]))
+
+
+def language_fields(options: SceneOptions, split: str, index: int):
+  """(scene, fields) of a pair example without rendering it: fields holds exactly the
+  record's captions, hard_negatives, hard_negative_kinds and qa."""
+  if options.kind != "pairs":
+    raise ValueError("language_fields needs a 'pairs' SceneOptions")
+  scene, rng = scene_for(options, split, index)
+  return scene, _language(options, split, scene, rng)
+
+
+def _examples(args):
+  options, split, start, stop = args
+  return [example(options, split, i) for i in range(start, stop)]
+
+
+def generate_examples(options, split: str, seed: int = None, start: int = 0, stop: int = None,
+                      workers: int = 1, chunk: int = 64):
   """Yields (key, record) for ``split`` in index order.
 
   ``options`` is a ``SceneOptions`` or a TFDS ``ScenesConfig`` (its ``.options``); ``seed``,
-  when given, overrides ``options.seed``. ``start``/``stop`` select an index range.
+  when given, overrides ``options.seed``. ``start``/``stop`` select an index range. With
+  ``workers > 1``, chunks of ``chunk`` examples are generated in that many spawned processes
+  (numpy only, no TensorFlow in them); the output is identical and in the same order.
   """
   options = getattr(options, "options", options)
   if seed is not None:
     options = dataclasses.replace(options, seed=seed)
   stop = options.num_examples(split) if stop is None else stop
-  for index in range(start, stop):
-    yield index, example(options, split, index)
+  if workers <= 1 or stop - start <= chunk:
+    for index in range(start, stop):
+      yield index, example(options, split, index)
+    return
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  tasks = [(options, split, a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
+  # "spawn": the parent may run TensorFlow threads, which a forked child must not inherit.
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    index = start
+    for records in pool.imap(_examples, tasks):
+      for record in records:
+        yield index, record
+        index += 1

@@ -1,0 +1,174 @@
+"""``unimo-jax prepare``: build datasets, their tokenizer and side files, once.
+
+    unimo-jax prepare synthetic_scenes --data-dir D [--size demo|tiny|small|...]
+    unimo-jax prepare tfidf --captions captions.jsonl --out negatives.jsonl [--k 4]
+
+``synthetic_scenes`` builds the three TFDS configs (pairs, text, images) under D, trains the
+default SentencePiece tokenizer on their captions, QA and corpus (D/tokenizer/spm.model for the
+demo size, D/tokenizer/spm_<name>.model otherwise), and writes the TF-IDF negatives of every
+pair split (``rewriting.tfidf_side_path``: D/side/synthetic_scenes/<config>/...). Each step is
+skipped when its output exists (TFDS caches its own builds), so running it again is cheap.
+A manifest D/prepared-<config>.json records paths, sizes and timings.
+
+``tfidf`` computes the same side file for any captioned data: a JSONL with one
+{"id": int, "captions": [str, ...]} object per image.
+"""
+import argparse
+import json
+import os
+import time
+
+from data_pipelines import rewriting
+from data_pipelines import tokenizers
+from data_pipelines.synthetic_scenes import captions as captions_lib
+from data_pipelines.synthetic_scenes import generate
+
+
+def _log(msg):
+  print(f"[prepare] {msg}", flush=True)
+
+
+def build_tfds(options_list, data_dir: str) -> dict:
+  """Builds (or finds cached) TFDS configs; returns {config name: seconds}."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import data_pipelines.synthetic_scenes as ss  # pylint: disable=import-outside-toplevel
+  tfds.disable_progress_bar()
+  times = {}
+  for options in options_list:
+    start = time.time()
+    builder = ss.builder_for(options, data_dir)
+    cached = builder.is_prepared() if hasattr(builder, "is_prepared") else False
+    builder.download_and_prepare()
+    times[options.name] = round(time.time() - start, 2)
+    _log(f"synthetic_scenes/{options.name}: {'cached' if cached else 'built'} in "
+         f"{times[options.name]:.1f}s -> {builder.data_dir}")
+  return times
+
+
+def split_language(pairs: generate.SceneOptions, split: str):
+  """(scenes, ids, language fields) of every example of a pair split (no rendering)."""
+  scenes, ids, fields = [], [], []
+  for index in range(pairs.num_examples(split)):
+    scene, f = generate.language_fields(pairs, split, index)
+    scenes.append(scene)
+    fields.append(f)
+    ids.append(generate.STREAMS[split] * generate.ID_STRIDE + index)
+  return scenes, ids, fields
+
+
+def tokenizer_corpus(train_fields, text: generate.SceneOptions) -> list:
+  """Captions and QA of the train pairs plus the text corpus (hard negatives reuse the same
+  words, so they add nothing but time)."""
+  lines = []
+  for f in train_fields:
+    lines.extend(f["captions"])
+    lines.extend(f["qa"]["question"])
+  lines.extend(sorted({a for f in train_fields for a in f["qa"]["answer"]}))
+  lines.extend(r["text"] for _, r in generate.generate_examples(text, "train"))
+  return lines
+
+
+def tfidf_for_split(scenes, ids, fields, path: str, k: int) -> int:
+  """TF-IDF negatives of one pair split; a retrieved caption true of the image is rejected."""
+  caps = [f["captions"] for f in fields]
+  claims = [captions_lib.parse(c)[0] for cs in caps for c in cs]
+  accept = lambda image, c: not captions_lib.holds(claims[c], scenes[image])
+  return rewriting.write_tfidf_side_file(path, ids, caps, k, accept=accept)
+
+
+def prepare_synthetic(data_dir: str, size: str = "demo", image_size: int = 64,
+                      feature_dim: int = 64, seed: int = 0, vocab_size: int = 512,
+                      model_type: str = "bpe", tfidf_k: int = 4, force: bool = False) -> dict:
+  """Everything the demo needs under ``data_dir``; returns the manifest dict."""
+  start = time.time()
+  common = dict(size=size, image_size=image_size, feature_dim=feature_dim, seed=seed)
+  pairs = generate.SceneOptions(kind="pairs", **common)
+  text = generate.SceneOptions(kind="text", **common)
+  images = generate.SceneOptions(kind="images", **common)
+  manifest = dict(dataset="synthetic_scenes", data_dir=os.path.abspath(data_dir),
+                  configs={o.kind: o.name for o in (pairs, text, images)}, timings={})
+  manifest["timings"]["tfds"] = build_tfds((pairs, text, images), data_dir)
+
+  name = "spm" if pairs.name == "pairs" else f"spm_{pairs.name}"
+  prefix = os.path.join(data_dir, "tokenizer", name)
+  side = {split: rewriting.tfidf_side_path(data_dir, f"synthetic_scenes/{pairs.name}", split)
+          for split in pairs.splits}
+  language = {}  # split -> (scenes, ids, fields), computed once for both uses below
+
+  def split_fields(split):
+    if split not in language:
+      language[split] = split_language(pairs, split)
+    return language[split]
+
+  t = time.time()
+  if force or not os.path.exists(prefix + ".model"):
+    lines = tokenizer_corpus(split_fields("train")[2], text)
+    tokenizers.train_sentencepiece(lines, prefix, vocab_size, model_type=model_type,
+                                   fit_vocab=True)
+    _log(f"tokenizer trained on {len(lines)} lines in {time.time() - t:.1f}s")
+  tok = tokenizers.load_tokenizer(f"sentencepiece:{prefix}.model")
+  manifest["tokenizer"] = f"sentencepiece:{os.path.abspath(prefix)}.model"
+  manifest["vocab_size"] = tok.vocab_size
+  manifest["timings"]["tokenizer"] = round(time.time() - t, 2)
+  _log(f"tokenizer {manifest['tokenizer']} vocab_size {tok.vocab_size}")
+
+  t = time.time()
+  manifest["tfidf_negatives"] = {}
+  for split, path in side.items():
+    if force or not os.path.exists(path):
+      n = tfidf_for_split(*split_fields(split), path, tfidf_k)
+      _log(f"tfidf negatives {split}: {n} images -> {path}")
+    manifest["tfidf_negatives"][split] = os.path.abspath(path)
+  manifest["timings"]["tfidf"] = round(time.time() - t, 2)
+  manifest["timings"]["total"] = round(time.time() - start, 2)
+  with open(os.path.join(data_dir, f"prepared-{pairs.name}.json"), "w") as f:
+    json.dump(manifest, f, indent=2)
+  _log(f"done in {manifest['timings']['total']:.1f}s")
+  return manifest
+
+
+def prepare_tfidf(captions_file: str, out: str, k: int) -> int:
+  ids, caps = [], []
+  with open(captions_file, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        rec = json.loads(line)
+        ids.append(int(rec["id"]))
+        caps.append([c for c in rec["captions"] if isinstance(c, str) and c.strip()])
+  n = rewriting.write_tfidf_side_file(out, ids, caps, k)
+  _log(f"tfidf negatives: {n} images -> {out}")
+  return n
+
+
+def _parser(prog):
+  p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="dataset", required=True)
+  s = sub.add_parser("synthetic_scenes", help="build synthetic_scenes, its tokenizer and side files")
+  s.add_argument("--data-dir", required=True)
+  s.add_argument("--size", default="demo", choices=sorted(generate.SIZES))
+  s.add_argument("--image-size", type=int, default=64)
+  s.add_argument("--feature-dim", type=int, default=64)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--vocab-size", type=int, default=512,
+                 help="tokenizer size incl. specials (shrunk to what the corpus can fill)")
+  s.add_argument("--model-type", default="bpe", choices=("unigram", "bpe", "word", "char"))
+  s.add_argument("--tfidf-k", type=int, default=4, help="TF-IDF negatives per image")
+  s.add_argument("--force", action="store_true", help="redo the tokenizer and side files")
+  t = sub.add_parser("tfidf", help="TF-IDF negatives side file for a captions JSONL")
+  t.add_argument("--captions", required=True, help='JSONL of {"id": int, "captions": [str]}')
+  t.add_argument("--out", required=True)
+  t.add_argument("--k", type=int, default=4)
+  return p
+
+
+def main(argv) -> int:
+  args = _parser(argv[0]).parse_args(argv[1:])
+  if args.dataset == "tfidf":
+    prepare_tfidf(args.captions, args.out, args.k)
+    return 0
+  manifest = prepare_synthetic(args.data_dir, size=args.size, image_size=args.image_size,
+                               feature_dim=args.feature_dim, seed=args.seed,
+                               vocab_size=args.vocab_size, model_type=args.model_type,
+                               tfidf_k=args.tfidf_k, force=args.force)
+  print(json.dumps(manifest, indent=2))
+  return 0
