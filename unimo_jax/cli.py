@@ -9,6 +9,7 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
+    "convert": ("unimo_jax.convert.cli", "import weights: convert roberta --hf-dir D --out O"),
     "evaluate": ("unimo_jax.evaluation.main", "evaluate a run's checkpoint: retrieval, hard negatives, captioning, language; report"),
     "prepare": ("data_pipelines.prepare", "build a dataset (synthetic_scenes), its tokenizer and side files"),
     "tokenizer": ("data_pipelines.tokenizer_cli", "train a SentencePiece tokenizer: tokenizer train --input F --vocab-size N --out P"),
