@@ -28,21 +28,23 @@ def _log(msg):
   print(f"[prepare] {msg}", flush=True)
 
 
-def build_tfds(options_list, data_dir: str) -> dict:
-  """Builds (or finds cached) TFDS configs; returns {config name: seconds}."""
+def build_tfds(options_list, data_dir: str):
+  """Builds (or finds cached) TFDS configs; returns ({config name: seconds},
+  {kind: builder directory}) — a directory opens with ``tfds.builder_from_directory``."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   import data_pipelines.synthetic_scenes as ss  # pylint: disable=import-outside-toplevel
   tfds.disable_progress_bar()
-  times = {}
+  times, dirs = {}, {}
   for options in options_list:
     start = time.time()
     builder = ss.builder_for(options, data_dir)
     cached = builder.is_prepared() if hasattr(builder, "is_prepared") else False
     builder.download_and_prepare()
     times[options.name] = round(time.time() - start, 2)
+    dirs[options.kind] = os.path.abspath(str(builder.data_dir))
     _log(f"synthetic_scenes/{options.name}: {'cached' if cached else 'built'} in "
          f"{times[options.name]:.1f}s -> {builder.data_dir}")
-  return times
+  return times, dirs
 
 
 def split_language(pairs: generate.SceneOptions, split: str):
@@ -77,17 +79,20 @@ def tfidf_for_split(scenes, ids, fields, path: str, k: int) -> int:
 
 
 def prepare_synthetic(data_dir: str, size: str = "demo", image_size: int = 64,
-                      feature_dim: int = 64, seed: int = 0, vocab_size: int = 512,
-                      model_type: str = "bpe", tfidf_k: int = 4, force: bool = False) -> dict:
+                      feature_dim: int = 64, seed: int = 0, class_mode: str = "shape_colour",
+                      vocab_size: int = 512, model_type: str = "bpe", tfidf_k: int = 4,
+                      force: bool = False) -> dict:
   """Everything the demo needs under ``data_dir``; returns the manifest dict."""
   start = time.time()
-  common = dict(size=size, image_size=image_size, feature_dim=feature_dim, seed=seed)
+  common = dict(size=size, image_size=image_size, feature_dim=feature_dim, seed=seed,
+                class_mode=class_mode)
   pairs = generate.SceneOptions(kind="pairs", **common)
   text = generate.SceneOptions(kind="text", **common)
   images = generate.SceneOptions(kind="images", **common)
   manifest = dict(dataset="synthetic_scenes", data_dir=os.path.abspath(data_dir),
                   configs={o.kind: o.name for o in (pairs, text, images)}, timings={})
-  manifest["timings"]["tfds"] = build_tfds((pairs, text, images), data_dir)
+  manifest["timings"]["tfds"], manifest["builder_dirs"] = build_tfds((pairs, text, images),
+                                                                    data_dir)
 
   name = "spm" if pairs.name == "pairs" else f"spm_{pairs.name}"
   prefix = os.path.join(data_dir, "tokenizer", name)
@@ -143,12 +148,15 @@ def prepare_tfidf(captions_file: str, out: str, k: int) -> int:
 def _parser(prog):
   p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="dataset", required=True)
-  s = sub.add_parser("synthetic_scenes", help="build synthetic_scenes, its tokenizer and side files")
+  s = sub.add_parser("synthetic_scenes",
+                     help="build synthetic_scenes, its tokenizer and side files")
   s.add_argument("--data-dir", required=True)
   s.add_argument("--size", default="demo", choices=sorted(generate.SIZES))
   s.add_argument("--image-size", type=int, default=64)
   s.add_argument("--feature-dim", type=int, default=64)
   s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--class-mode", default="shape_colour", choices=("shape_colour", "shape"),
+                 help="region classes: 48 shape-colour classes or 6 shapes")
   s.add_argument("--vocab-size", type=int, default=512,
                  help="tokenizer size incl. specials (shrunk to what the corpus can fill)")
   s.add_argument("--model-type", default="bpe", choices=("unigram", "bpe", "word", "char"))
@@ -168,6 +176,7 @@ def main(argv) -> int:
     return 0
   manifest = prepare_synthetic(args.data_dir, size=args.size, image_size=args.image_size,
                                feature_dim=args.feature_dim, seed=args.seed,
+                               class_mode=args.class_mode,
                                vocab_size=args.vocab_size, model_type=args.model_type,
                                tfidf_k=args.tfidf_k, force=args.force)
   print(json.dumps(manifest, indent=2))

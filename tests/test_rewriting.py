@@ -181,3 +181,17 @@ def test_paraphrase_positives():
       "a cat", "the cat sleeps", "a kitten"]
   got = rw.paraphrase_positives(caps, 3, 2, paraphrases=["x"], rng=np.random.default_rng(1))
   assert len(got) == 2 and set(got) <= {"a cat", "a small cat", "x"}
+
+
+def test_prepare_tfidf_command(tmp_path):
+  import json
+  from data_pipelines import prepare
+  src = tmp_path / "caps.jsonl"
+  src.write_text("\n".join(json.dumps(r) for r in [
+      {"id": 5, "captions": ["a red car", "a red vehicle"]},
+      {"id": 7, "captions": ["a blue car"]}, {"id": 9, "captions": ["two dogs"]}]) + "\n")
+  out = tmp_path / "side" / "neg.jsonl"
+  assert prepare.main(["unimo-jax prepare", "tfidf", "--captions", str(src), "--out", str(out),
+                       "--k", "1"]) == 0
+  assert rw.load_tfidf_side_file(str(out)) == {5: ["a blue car"], 7: ["a red car"],
+                                               9: ["a red car"]}

@@ -241,7 +241,8 @@ def test_prepare_tiny_builds_tfds_tokenizer_and_side_files(tmp_path):
     options = G.SceneOptions(kind=kind, size="tiny")
     for split in options.splits:
       assert builder.info.splits[split].num_examples == options.num_examples(split)
-  ds = tfds.load("synthetic_scenes/pairs_tiny", split="test_compositional", data_dir=data_dir)
+  ds = tfds.builder_from_directory(manifest["builder_dirs"]["pairs"]).as_dataset(
+      split="test_compositional")
   spec = ds.element_spec
   assert spec["image"].shape == (64, 64, 3) and spec["image"].dtype.name == "uint8"
   assert spec["image_id"].dtype.name == "int64"

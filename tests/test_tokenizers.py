@@ -170,3 +170,12 @@ def test_cli_registers_commands():
   out = subprocess.run([sys.executable, "-m", "unimo_jax.cli", "--help"], capture_output=True,
                        text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert "tokenizer" in out.stdout and "prepare" in out.stdout
+
+
+def test_pretokenizer_fallback_matches_regex_package(monkeypatch):
+  exact = tok._pretokenizer()
+  monkeypatch.setitem(sys.modules, "regex", None)  # import regex -> ImportError
+  fallback = tok._pretokenizer()
+  assert fallback.__class__.__module__ == "re"
+  for text in TEXTS + ["snake_case __init__ a_b! _!? (x)", "it's 3.14 ... we'll"]:
+    assert fallback.findall(text) == exact.findall(text), text

@@ -14,7 +14,8 @@ subsets: ``images`` has image, image_id, objects, relations, regions; ``text`` h
   image_id         int64 (unique across all splits and configs)
   captions         string [4]: true paraphrases, one per template
   hard_negatives   string [K]: false rewrites of the captions (scene-graph exact), K <= 6
-  hard_negative_kinds string [K]: size|colour|shape|relation|location|swap_size|swap_colour|swap_shape
+  hard_negative_kinds string [K]: size|colour|shape|relation|location|swap_size|swap_colour|
+                   swap_shape
   regions          boxes [N,4] f32 pixels x1y1x2y2 (x2,y2 exclusive), features [N,F] f32,
                    classes [N] int64, class_probs [N,C] f32
   qa               question string [Q], answer string [Q]
