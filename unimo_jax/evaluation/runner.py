@@ -35,6 +35,8 @@ from unimo_jax.evaluation import captioning, hard_negatives, language, retrieval
 EVALUATORS = ("retrieval", "hard_negatives", "captioning", "language")
 _EMBED_KEYS = retrieval.VISUAL_KEYS + ("caption_ids", "negative_ids")
 _LANGUAGE_PREFIXES = ("mlm_", "s2s_", "cap_")
+# Keys of the ``evaluation`` config section read by ``main`` rather than by the runner.
+_MAIN_KEYS = {"splits", "limit"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class EvalSettings:
       return cls()
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - names - {"every_steps", "splits", "split", "data"})
+    unknown = sorted(set(cfg) - names - _MAIN_KEYS)
     if unknown:
       raise ValueError(f"eval config: unknown key(s) {unknown}; known: {sorted(names)}")
     kw = {k: cfg[k] for k in names if k in cfg}
@@ -235,10 +237,12 @@ class Evaluator:
         rec = retrieval.recall_metrics(emb["image"], text_emb, owner, self.settings.ks)
         ranks = rec.pop("ranks")
         pairs.update(rec)
+        queries = np.arange(min(8, len(emb["index"])))
+        # In split-row terms: query rows, and the (row, slot) of every flat caption.
         art["retrieval"] = dict(
-            index=emb["index"], caption_slots=flat, i2t_ranks=ranks["i2t"],
-            t2i_ranks=ranks["t2i"],
-            top5=retrieval.top_captions(emb["image"], text_emb, range(min(8, len(owner))), 5))
+            query_rows=emb["index"][queries], caption_rows=emb["index"][flat[:, 0]],
+            caption_slots=flat[:, 1], i2t_ranks=ranks["i2t"], t2i_ranks=ranks["t2i"],
+            top5=retrieval.top_captions(emb["image"], text_emb, queries, 5))
       if "hard_negatives" in evaluators and "negative" in emb:
         kinds = data.get("negative_kind")
         pairs.update(hard_negatives.hard_negative_sums(
