@@ -125,3 +125,17 @@ def test_step_zero_equals_the_runs_initial_parameters(run_dir):
   assert step == 5
   for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p5)):
     np.testing.assert_allclose(np.asarray(a) * 1.5, np.asarray(b), rtol=1e-6)
+
+
+def test_training_loop_hook_runs_the_same_evaluators(run_dir):
+  from unimo_jax.evaluation import main as eval_main
+  workdir, _, tok = run_dir
+  config, model_cfg = eval_main.load_run(workdir)
+  mesh = parallel.make_mesh((-1, 1, 1))
+  params, _ = eval_main.restore_model_params(workdir, None, config, model_cfg, mesh)
+  evaluate = eval_main.make_train_evaluator(config, model_cfg, mesh, tok)
+  got = evaluate({"model": params, "cmcl": {}}, 5)
+  results = eval_main.evaluate_workdir(workdir, ["latest"], figures=False)
+  stored = {e["step"]: e for e in results["evaluations"]}[5]["metrics"]
+  for key in ("i2t_r@1", "t2i_r@5", "hard_negative_acc", "mlm_nll", "bleu4"):
+    np.testing.assert_allclose(got[f"test/{key}"], stored[key], rtol=1e-5, err_msg=key)
