@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "convert": ("unimo_jax.convert.cli", "import weights: convert roberta --hf-dir D --out O"),
     "evaluate": ("unimo_jax.evaluation.main", "evaluate a run's checkpoint: retrieval, hard negatives, captioning, language; report"),
+    "model-info": ("unimo_jax.model_info", "parameter counts and a timed forward pass: model-info [--preset tiny|base|large]"),
     "prepare": ("data_pipelines.prepare", "build a dataset (synthetic_scenes), its tokenizer and side files"),
     "tokenizer": ("data_pipelines.tokenizer_cli", "train a SentencePiece tokenizer: tokenizer train --input F --vocab-size N --out P"),
 }

@@ -1,0 +1,139 @@
+"""``unimo-jax model-info``: parameter counts per component and one forward pass per input kind.
+
+  unimo-jax model-info [--preset tiny|base|large] [--visual patches|regions]
+                       [--batch-size B] [--text-length L] [--num-regions R] [--dtype D]
+
+The tiny preset runs a real forward pass of a random text, image and image-text batch (jitted;
+the first call includes compilation) and prints output shapes and times; base/large are traced
+with ``jax.eval_shape`` only (shapes and counts, no memory, no compute).
+"""
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimo_jax.model import ModelConfig, Unimo, init_variables
+
+# component -> top-level parameter collections
+_COMPONENTS = (
+    ("text embedding", ("text_embed",)),
+    ("visual embedding", ("patch_embed", "region_embed")),
+    ("encoder", ("encoder",)),
+    ("LM head (tied)", ("lm_head",)),
+    ("region heads", ("region_head",)),
+    ("CMCL projections", ("text_projection", "image_projection")),
+)
+
+
+def count_params(params) -> dict[str, int]:
+  """{component: number of parameters} for a (possibly abstract) parameter tree."""
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  out = {name: sum(size(params[k]) for k in keys if k in params) for name, keys in _COMPONENTS}
+  out["total"] = size(params)
+  out["text path (RoBERTa-comparable)"] = size({k: params[k] for k in
+                                                ("text_embed", "encoder", "lm_head")})
+  return out
+
+
+def random_batch(config: ModelConfig, batch: int, length: int, regions: int, seed: int = 0):
+  """Random ids [B, L] (with padding) and visual inputs of the config's kind."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, config.vocab_size - 1, (batch, length)).astype(np.int32)
+  ids[:, 0] = config.cls_id
+  for b, n in enumerate(rng.integers(max(2, length // 2), length + 1, batch)):
+    ids[b, n - 1] = config.sep_id
+    ids[b, n:] = config.pad_id
+  if config.visual_input == "regions":
+    visual = dict(
+        region_features=rng.normal(size=(batch, regions, config.region_feature_dim)).astype(
+            np.float32),
+        region_boxes=rng.uniform(size=(batch, regions, 5)).astype(np.float32),
+        region_valid=np.ones((batch, regions), bool))
+  else:
+    s = config.image_size
+    visual = dict(pixels=rng.uniform(size=(batch, s, s, config.num_channels)).astype(np.float32))
+  return ids, visual
+
+
+def _forwards(config: ModelConfig):
+  model = Unimo(config)
+
+  def text(params, ids):
+    return model.apply(params, ids, method=Unimo.encode_text)
+
+  def image(params, visual):
+    return model.apply(params, visual, method=Unimo.encode_image)
+
+  def pair(params, visual, ids):
+    out = model.apply(params, visual, ids, method=Unimo.encode_pair)
+    positions = jnp.zeros((ids.shape[0], max(1, ids.shape[1] // 7)), jnp.int32)
+    out["lm_logits@P"] = model.apply(params, out["text_hidden"], positions,
+                                     method=Unimo.lm_logits)
+    out["cmcl_text"] = model.apply(params, out["cls"], method=Unimo.cmcl_text)
+    out["cmcl_image"] = model.apply(params, out["img"], method=Unimo.cmcl_image)
+    return out
+
+  return text, image, pair
+
+
+def _shapes(tree) -> str:
+  return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tree.items()))
+
+
+def main(argv) -> int:
+  parser = argparse.ArgumentParser(prog=argv[0] if argv else "unimo-jax model-info",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny")
+  parser.add_argument("--visual", choices=("patches", "regions"), default="patches")
+  parser.add_argument("--batch-size", type=int, default=4)
+  parser.add_argument("--text-length", type=int, default=None, help="default 32 tiny, 128 else")
+  parser.add_argument("--num-regions", type=int, default=None, help="default 10 tiny, 100 else")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  args = parser.parse_args(argv[1:])
+
+  config = ModelConfig.preset(args.preset, visual_input=args.visual, dtype=args.dtype)
+  tiny = args.preset == "tiny"
+  length = args.text_length or (32 if tiny else 128)
+  regions = args.num_regions or (10 if tiny else 100)
+  print(f"UNIMO {args.preset}: {config.num_layers} layers, H {config.hidden_size}, "
+        f"{config.num_heads} heads, MLP {config.mlp_dim}, vocab {config.vocab_size}, "
+        f"{'post' if not config.pre_ln else 'pre'}-LN, visual={config.visual_input}, "
+        f"compute {config.dtype}")
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
+
+  rng = jax.random.PRNGKey(0)
+  start = time.time()
+  if tiny:
+    variables = jax.jit(lambda r: nn.unbox(init_variables(config, r)))(rng)
+    jax.block_until_ready(variables)
+  else:
+    variables = nn.unbox(jax.eval_shape(lambda: init_variables(config, rng)))
+  print(f"\nparameters ({'initialised' if tiny else 'eval_shape'} in {time.time() - start:.2f}s)")
+  for name, n in count_params(variables["params"]).items():
+    print(f"  {name:<32} {n:>14,}")
+
+  ids, visual = random_batch(config, args.batch_size, length, regions)
+  text, image, pair = _forwards(config)
+  nv = 1 + (regions if config.visual_input == "regions" else config.num_patches)
+  print(f"\nforward passes: batch {args.batch_size}, text length {length}, visual tokens {nv} "
+        f"({'run' if tiny else 'eval_shape only'})")
+  for name, fn, inputs in (("text", text, (ids,)), ("image", image, (visual,)),
+                           ("pair", pair, (visual, ids))):
+    if tiny:
+      jitted = jax.jit(fn)
+      t0 = time.time()
+      out = jax.block_until_ready(jitted(variables, *inputs))
+      t1 = time.time()
+      out = jax.block_until_ready(jitted(variables, *inputs))
+      t2 = time.time()
+      finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+      timing = f"first call {1e3 * (t1 - t0):.0f} ms (compile), then {1e3 * (t2 - t1):.1f} ms"
+      timing += "" if finite else "  NON-FINITE OUTPUT"
+    else:
+      out = jax.eval_shape(fn, variables, *inputs)
+      timing = "shapes only"
+    print(f"  {name:<6} {timing}\n         {_shapes(out)}")
+  return 0
