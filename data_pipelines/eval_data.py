@@ -57,6 +57,18 @@ def pair_source_spec(cfg, split: str, source=None) -> dict:
   return spec
 
 
+def default_splits(data_config, source=None) -> list:
+  """The evaluation splits the pair source has: ``test`` and ``test_compositional`` when
+  present (synthetic_scenes), else ``validation`` or ``test`` alone; non-TFDS sources: [test]."""
+  cfg = pipeline.resolve_config(data_config)
+  spec = pair_source_spec(cfg, "test", source)
+  if spec.get("kind") != "tfds":
+    return ["test"]
+  have = set(sources.load_builder(spec["tfds_name"], spec.get("data_dir")).info.splits)
+  out = [s for s in ("test", "test_compositional") if s in have]
+  return out or [s for s in ("validation", "train") if s in have][:1]
+
+
 def _negative_kinds(spec, split) -> dict:
   """{record key: [kind, ...]} for TFDS datasets with a ``hard_negative_kinds`` feature."""
   if spec.get("kind") != "tfds":

@@ -89,6 +89,7 @@ def test_eval_split_matches_the_records(run_dir):
     # Same decode and normalisation as training: (x / 255 - 0.5) / 0.5 at the native 64px.
     np.testing.assert_allclose(data["pixels"][i], ex["image"] / 127.5 - 1.0, atol=1e-6)
   assert data["mlm_weights"].sum() > 0 and data["cap_weights"].sum() > 0
+  assert eval_data.default_splits(c.data) == ["test", "test_compositional"]
 
 
 def test_evaluate_command_writes_results_report_and_figures(run_dir, capsys):

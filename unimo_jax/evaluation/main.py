@@ -14,7 +14,8 @@ created them (the config's seed), i.e. the untrained model.
 
 Config keys read from ``evaluation`` (all optional): the ``runner.EvalSettings`` fields
 (evaluators, batch_size, caption {max_length, beam_size, alpha, min_length, block_trigrams},
-caption_images, ks) plus ``splits`` (default ["test"]) and ``limit`` (images per split, 0 = all).
+caption_images, ks) plus ``splits`` (default: ``test`` and, where the source has it,
+``test_compositional``) and ``limit`` (images per split, 0 = all).
 ``make_train_evaluator`` gives the training loop the same evaluators as a ``(params, step)``
 callback.
 """
@@ -113,6 +114,11 @@ def _load_split(config, split, tokenizer, limit):
   return eval_data.load_eval_split(config.data, split, tokenizer=tokenizer, limit=limit)
 
 
+def _default_splits(config) -> list:
+  from data_pipelines import eval_data  # pylint: disable=import-outside-toplevel
+  return eval_data.default_splits(config.data)
+
+
 def make_train_evaluator(config, model_cfg: ModelConfig, mesh, tokenizer,
                          splits: Sequence[str] | None = None):
   """``(params, step) -> {metric: float}`` for the training loop's ``evaluate`` hook.
@@ -122,7 +128,7 @@ def make_train_evaluator(config, model_cfg: ModelConfig, mesh, tokenizer,
   """
   section = _eval_section(config)
   settings = runner.EvalSettings.from_config(section)
-  splits = list(splits or section.get("splits", ["test"]))
+  splits = list(splits or section.get("splits") or _default_splits(config))
   ev = runner.Evaluator(Unimo(model_cfg), mesh, settings, decode_fn=tokenizer.decode)
   cache = {}
 
@@ -153,7 +159,7 @@ def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),
   if batch_size:
     section["batch_size"] = batch_size
   settings = runner.EvalSettings.from_config(section)
-  splits = list(splits or section.get("splits", ["test"]))
+  splits = list(splits or section.get("splits") or _default_splits(config))
   limit = int(section.get("limit", 0) if limit is None else limit)
   tokenizer = load_tokenizer(config)
   mesh = eval_mesh(config)
@@ -198,7 +204,8 @@ def main(argv) -> int:
                            "0 = the untrained initial parameters")
   parser.add_argument("--split", default="",
                       help="split(s) of the pair source, comma separated (default: the "
-                           "config's evaluation.splits, else 'test')")
+                           "config's evaluation.splits, else test and test_compositional "
+                           "where they exist)")
   parser.add_argument("--limit", type=int, default=None, help="images per split (0 = all)")
   parser.add_argument("--batch-size", type=int, default=None, help="global eval batch size")
   parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
