@@ -136,3 +136,14 @@ def test_decode_tokens_stops_at_eos():
   toks = np.array([[5, 6, 2, 7], [8, 1, 1, 1]])
   got = captioning.decode_tokens(toks, np.array([3, 1]), lambda ids: " ".join(map(str, ids)), 2)
   assert got == ["5 6", "8"]
+
+
+def test_evaluation_modules_do_not_import_tensorflow():
+  import subprocess
+  import sys
+  code = ("import sys, importlib, pkgutil, unimo_jax.evaluation as e\n"
+          "for i in pkgutil.walk_packages(e.__path__, 'unimo_jax.evaluation.'):\n"
+          "  importlib.import_module(i.name)\n"
+          "sys.exit(any(m.split('.')[0] == 'tensorflow' for m in sys.modules))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
