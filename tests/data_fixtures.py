@@ -8,7 +8,9 @@ import base64
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -48,6 +50,22 @@ def image_bytes(pixels, fmt="PNG", mode=None, **kw):
   buf = io.BytesIO()
   img.save(buf, fmt, **kw)
   return buf.getvalue()
+
+
+def damaged_png(png: bytes) -> bytes:
+  """The middle of a PNG zeroed: its chunk CRCs no longer match (caught by the header check)."""
+  return png[:40] + bytes(len(png) - 60) + png[-20:]
+
+
+def undecodable_png(w=16, h=16) -> bytes:
+  """A PNG with valid chunks and CRCs whose image data is not a zlib stream: only the decoder
+  can tell (it exercises the TF-side safety net)."""
+  def chunk(kind, payload):
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload)))
+  ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not zlib data" * 8)
+          + chunk(b"IEND", b""))
 
 
 def random_pixels(rng, h, w):

@@ -115,12 +115,18 @@ def test_raw_pixels_roundtrip(rng):
     images.encode_raw(px.astype(np.float32))
 
 
-def test_safe_decode_masks_corrupt_data_instead_of_raising(rng):
+def test_damaged_png_is_caught_by_its_crc(rng):
+  png = fx.image_bytes(fx.random_pixels(rng, 16, 16), "PNG")
+  assert images.inspect_image(fx.damaged_png(png))[3] == "undecodable_image"
+
+
+def test_safe_decode_masks_undecodable_data_instead_of_raising(rng):
   px = fx.random_pixels(rng, 16, 16)
   good = fx.image_bytes(px, "PNG")
-  # Header and end marker intact, compressed data destroyed: passes the header check.
-  corrupt = good[:40] + bytes(len(good) - 60) + good[-20:]
-  assert images.inspect_image(corrupt)[3] is None
+  bad = fx.undecodable_png(16, 16)
+  assert images.inspect_image(bad) == ("png", 16, 16, None)  # only the decoder can tell
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    _decode(bad, 16)
 
   def run(data, present=True):
     p, ok = images.safe_decode_image(tf.constant(data), tf.constant(0), tf.constant(present),
@@ -129,7 +135,7 @@ def test_safe_decode_masks_corrupt_data_instead_of_raising(rng):
 
   p, ok = run(good)
   assert ok and np.allclose(_to_uint8_range(p), px, atol=1e-3)
-  p, ok = run(corrupt)
+  p, ok = run(bad)
   assert not ok and not p.any()
   p, ok = run(b"", present=False)
   assert not ok and not p.any()

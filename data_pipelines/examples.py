@@ -1,0 +1,296 @@
+"""Raw record -> one row of a stream (numpy), with tokenisation, truncation, padding and masking.
+
+`RowBuilder(stream, cfg, tokenizer)` turns the raw records of `sources.base` into rows that match
+`schema.row_spec` except for images: in ``patches`` mode a row carries the encoded image bytes
+(``_image`` [1 + Ki] string, ``_image_ratio`` [1 + Ki] int32 JPEG downscale index,
+``_image_present`` [1 + Ki] bool: slot 0 the image itself, then the related images) and the TF
+stage of `pipeline` decodes them into ``pixels`` / ``related_pixels``.
+
+Every random choice of a row (caption, paraphrases, negatives, related items, text window, MLM,
+infilling, region/patch masks) draws from ONE generator that the caller seeds with
+``np.random.default_rng([seed, stream_id, slot])``, so a row is a pure function of
+(seed, stream, slot) and of the record the mixture puts there.
+
+Masking is `unimo_jax.masking` (shared with the objectives): span MLM (special ids never masked),
+infilling with bos [CLS] / eos [MASK] (UNIMO's seq2seq decoder), captioning with eos [SEP].
+Region masking runs on the pixel boxes (IoU is scale free); patches use `patch_mask`.
+"""
+import numpy as np
+
+from data_pipelines import images, schema
+from data_pipelines.sources.base import BadRecord, text_list
+from unimo_jax import masking
+
+
+class TextCodec:
+  """Tokeniser wrapper: ids with specials, truncation, padding, word starts."""
+
+  def __init__(self, tokenizer):
+    self.tok = tokenizer
+    self.cls, self.pad, self.sep = tokenizer.cls_id, tokenizer.pad_id, tokenizer.sep_id
+    self.mask, self.vocab_size = tokenizer.mask_id, tokenizer.vocab_size
+    self.special = (self.cls, self.pad, self.sep, self.mask)
+
+  def encode(self, text: str, what: str = "text") -> np.ndarray:
+    ids = np.asarray(self.tok.encode(text), np.int32)
+    if ids.size == 0:
+      raise BadRecord("empty_text", f"{what}: no tokens")
+    return ids
+
+  def sequence(self, ids, length: int):
+    """``[CLS] ids[:length-2] [SEP] PAD..`` [length] int32 and word starts [length] bool."""
+    ids = np.asarray(ids, np.int32)[:max(0, length - 2)]
+    out = np.full(length, self.pad, np.int32)
+    out[0], out[1:1 + len(ids)], out[1 + len(ids)] = self.cls, ids, self.sep
+    ws = np.ones(length, bool)
+    if len(ids):
+      ws[1:1 + len(ids)] = np.asarray(self.tok.word_starts(ids), bool)
+    return out, ws
+
+  def texts(self, texts, count: int, length: int):
+    """Up to `count` texts -> ids [count, length] and valid [count] (tokenless texts skipped)."""
+    ids = np.full((count, length), self.pad, np.int32)
+    valid = np.zeros(count, bool)
+    k = 0
+    for t in texts:
+      if k == count:
+        break
+      tok = np.asarray(self.tok.encode(t), np.int32)
+      if tok.size:
+        ids[k], _ = self.sequence(tok, length)
+        valid[k] = True
+        k += 1
+    return ids, valid
+
+
+class RowBuilder:
+  """Builds the rows of one stream. `read_related(key)` -> raw record or None (neighbours)."""
+
+  def __init__(self, stream: str, cfg, tokenizer):
+    self.stream, self.cfg = stream, cfg
+    self.codec = TextCodec(tokenizer) if tokenizer is not None else None
+    self.d = schema.dims(stream, cfg)
+    scfg = cfg["streams"][stream]
+    self.objectives = tuple(scfg.get("objectives", ("mlm", "s2s")))
+    self.visual = cfg["visual_input"]
+    self.mask_rate = float(scfg.get("mask_rate", 0.15))
+    self.infill_rate = float(scfg.get("infilling_rate", 0.25))
+    self.region_rate = float(cfg.get("region_mask_rate", 0.15))
+    self.overlap = float(cfg.get("region_overlap_threshold", 0.3))
+    self.max_pixels = int(cfg.get("max_image_pixels", 1 << 26))
+    self.spec = schema.row_spec(stream, cfg)
+    if stream in ("text", "pair") and self.codec is None:
+      raise ValueError(f"stream {stream} needs a tokenizer")
+
+  # -- what a stream needs from a source ----------------------------------------------------
+  def required_fields(self) -> tuple:
+    """Raw fields a source must be able to provide for this stream."""
+    if self.stream == "text":
+      return ("text",)
+    vis = ("image",) if self.visual == "patches" else ("regions",)
+    return vis + (("captions",) if self.stream == "pair" else ())
+
+  # -- text pieces --------------------------------------------------------------------------
+  def _mlm(self, seq, ws, rng, prefix="mlm_"):
+    out = masking.span_mlm(seq, ws, rng, vocab_size=self.codec.vocab_size,
+                           mask_id=self.codec.mask, special_ids=self.codec.special,
+                           max_predictions=self.d["P"], mask_rate=self.mask_rate)
+    return {f"{prefix}ids": out["input_ids"], f"{prefix}positions": out["positions"],
+            f"{prefix}targets": out["targets"], f"{prefix}weights": out["weights"]}
+
+  @staticmethod
+  def _s2s(out):
+    return {"s2s_ids": out["input_ids"], "s2s_segments": out["segments"],
+            "s2s_position_ids": out["position_ids"], "s2s_positions": out["positions"],
+            "s2s_targets": out["targets"], "s2s_weights": out["weights"]}
+
+  def _text_row(self, rec, rng):
+    if "text" not in rec:
+      raise BadRecord("missing_field", "text")
+    ids = self.codec.encode(rec["text"])
+    row = {}
+    L = self.d["L"]
+    if "mlm" in self.objectives:
+      window = ids
+      if len(ids) > L - 2:  # a long document: a random window starting at a word
+        ws_all = np.asarray(self.codec.tok.word_starts(ids), bool)
+        starts = np.flatnonzero(ws_all[:len(ids) - (L - 2) + 1])
+        start = int(starts[rng.integers(len(starts))]) if len(starts) else 0
+        window = ids[start:start + L - 2]
+      seq, ws = self.codec.sequence(window, L)
+      row.update(self._mlm(seq, ws, rng))
+    if "s2s" in self.objectives:
+      # infilling cuts the text to what fits; cutting first bounds its work on long documents.
+      out = masking.infilling(ids[:self.d["L2"]], rng, max_length=self.d["L2"],
+                              max_predictions=self.d["P2"], bos_id=self.codec.cls,
+                              eos_id=self.codec.mask, pad_id=self.codec.pad,
+                              sep_id=self.codec.sep, rate=self.infill_rate)
+      row.update(self._s2s(out))
+    return row
+
+  # -- visual pieces ------------------------------------------------------------------------
+  def check_image(self, data):
+    """Header check of encoded bytes -> (ratio index, width, height); BadRecord on a problem."""
+    if not isinstance(data, (bytes, bytearray)):
+      raise BadRecord("missing_field", "image")
+    fmt, w, h, problem = images.inspect_image(data)
+    if problem:
+      raise BadRecord(problem, f"{fmt or 'unknown'} image")
+    if w is not None and h is not None:
+      if w <= 0 or h <= 0:
+        raise BadRecord("undecodable_image", f"size {w}x{h}")
+      if w * h > self.max_pixels:
+        raise BadRecord("image_too_large", f"{w}x{h}")
+    ratio = images.jpeg_ratio_index(w, h, self.d["S"]) if fmt == "jpeg" else 0
+    return ratio, w, h
+
+  def _regions(self, rec):
+    """Raw regions -> (features [R,F], boxes5 [R,5], valid [R], pixel boxes [R,4], classes,
+    probs) padded/truncated to R (the detector's first R regions are kept)."""
+    reg = rec.get("regions")
+    if reg is None:
+      raise BadRecord("missing_regions", "no regions")
+    R, F, C = self.d["R"], self.d["F"], self.d["C"]
+    feats, boxes = reg["features"], reg["boxes"]
+    n = min(len(boxes), R)
+    if len(boxes) and feats.shape[1] != F:
+      raise BadRecord("bad_feature_shape", f"features of size {feats.shape[1]}, expected {F}")
+    probs = reg.get("class_probs")
+    if probs is not None and len(boxes) and probs.shape[1] != C:
+      raise BadRecord("bad_feature_shape", f"class_probs of size {probs.shape[1]}, expected {C}")
+    classes = reg.get("classes")
+    if probs is None and classes is None:
+      raise BadRecord("missing_field", "region classes or class_probs")
+    if classes is not None and len(classes) and (classes.min() < 0 or classes.max() >= C):
+      raise BadRecord("bad_feature_shape", f"region class outside [0, {C})")
+    w, h = reg.get("width"), reg.get("height")
+    if (not w or not h) and isinstance(rec.get("image"), (bytes, bytearray)):
+      _, w, h, _ = images.inspect_image(rec["image"])
+    if not w or not h:  # no image size anywhere: the boxes' extent is the best estimate
+      w = float(max(1.0, boxes[:, 2].max())) if len(boxes) else 1.0
+      h = float(max(1.0, boxes[:, 3].max())) if len(boxes) else 1.0
+    out_f = np.zeros((R, F), np.float32)
+    out_b = np.zeros((R, 5), np.float32)
+    pix = np.zeros((R, 4), np.float32)
+    valid = np.zeros(R, bool)
+    cls = np.zeros(R, np.int32)
+    prb = np.zeros((R, C), np.float32)
+    if n:
+      b = boxes[:n]
+      nb = np.clip(b / np.asarray([w, h, w, h], np.float32), 0.0, 1.0)
+      out_b[:n, :4] = nb
+      out_b[:n, 4] = (nb[:, 2] - nb[:, 0]) * (nb[:, 3] - nb[:, 1])
+      out_f[:n] = feats[:n]
+      pix[:n] = b
+      valid[:n] = True
+      if probs is not None:
+        prb[:n] = probs[:n]
+        cls[:n] = np.argmax(probs[:n], axis=1) if classes is None else classes[:n]
+      else:
+        cls[:n] = classes[:n]
+        prb[np.arange(n), cls[:n]] = 1.0
+    return out_f, out_b, valid, pix, cls, prb
+
+  def _visual(self, rec, rng, row):
+    """Adds the visual input and MRP fields (or the image-bytes slot 0) to `row`."""
+    if self.visual == "patches":
+      ratio, _, _ = self.check_image(rec.get("image"))
+      row["_image"], row["_image_ratio"], row["_image_present"] = [rec["image"]], [ratio], [True]
+      row["visual_mask"] = masking.patch_mask(self.d["N"], rng, rate=self.region_rate)
+    else:
+      f, b, v, pix, cls, prb = self._regions(rec)
+      row.update(region_features=f, region_boxes=b, region_valid=v, region_classes=cls,
+                 region_class_probs=prb)
+      row["visual_mask"] = masking.region_mask(pix, v, rng, rate=self.region_rate,
+                                               overlap_threshold=self.overlap)
+
+  def _related_images(self, related, row):
+    """Related images X_I: appended image slots (patches) or region arrays; bad ones masked."""
+    Ki = self.d["Ki"]
+    valid = np.zeros(Ki, bool)
+    if self.visual == "patches":
+      for k in range(Ki):
+        rec = related[k] if k < len(related) else None
+        data, ratio, ok = b"", 0, False
+        if rec is not None:
+          try:
+            ratio, _, _ = self.check_image(rec.get("image"))
+            data, ok = rec["image"], True
+          except BadRecord:
+            pass
+        row["_image"].append(data)
+        row["_image_ratio"].append(ratio)
+        row["_image_present"].append(ok)
+        valid[k] = ok  # the TF stage also clears it if the decode fails
+    else:
+      R, F = self.d["R"], self.d["F"]
+      feats = np.zeros((Ki, R, F), np.float32)
+      boxes = np.zeros((Ki, R, 5), np.float32)
+      rvalid = np.zeros((Ki, R), bool)
+      for k in range(min(Ki, len(related))):
+        if related[k] is None:
+          continue
+        try:
+          feats[k], boxes[k], rvalid[k], _, _, _ = self._regions(related[k])
+          valid[k] = True
+        except BadRecord:
+          pass
+      row.update(related_region_features=feats, related_region_boxes=boxes,
+                 related_region_valid=rvalid)
+    row["related_valid"] = valid
+
+  # -- rows ---------------------------------------------------------------------------------
+  def build(self, rec, rng, related_images=(), related_texts=()):
+    """One row (dict) of this stream from raw record `rec`; raises BadRecord."""
+    row = {}
+    if self.stream == "text":
+      row.update(self._text_row(rec, rng))
+    elif self.stream == "image":
+      self._visual(rec, rng, row)
+    else:
+      self._pair_row(rec, rng, row, related_images, related_texts)
+    row["row_valid"] = True
+    return row
+
+  def _pair_row(self, rec, rng, row, related_images, related_texts):
+    captions = rec.get("captions")
+    if not captions:
+      raise BadRecord("missing_field", "captions")
+    L = self.d["L"]
+    c = int(rng.integers(len(captions)))
+    ids = self.codec.encode(captions[c], "caption")
+    caption_ids, ws = self.codec.sequence(ids, L)
+    row["caption_ids"] = caption_ids
+    # Other captions of the image and supplied paraphrases are the positives X+.
+    pos = [t for j, t in enumerate(captions) if j != c] + list(rec.get("paraphrases", []))
+    pos = [pos[j] for j in rng.permutation(len(pos))] if pos else []
+    row["positive_ids"], row["positive_valid"] = self.codec.texts(pos, self.d["Kp"], L)
+    neg = list(rec.get("hard_negatives", []))
+    neg = [neg[j] for j in rng.permutation(len(neg))] if neg else []
+    row["negative_ids"], row["negative_valid"] = self.codec.texts(neg, self.d["Kn"], L)
+    texts = text_list(list(related_texts), "related texts")
+    row["related_text_ids"], row["related_text_valid"] = self.codec.texts(
+        texts, self.d["Kt"], L)
+    if "mlm" in self.objectives:
+      row.update(self._mlm(caption_ids, ws, rng))
+    if "s2s" in self.objectives:
+      row.update(self._s2s(masking.captioning_layout(
+          caption_ids, max_length=L, max_predictions=self.d["P2"], bos_id=self.codec.cls,
+          eos_id=self.codec.sep, pad_id=self.codec.pad)))
+    self._visual(rec, rng, row)
+    self._related_images(list(related_images), row)
+
+  # -- padding rows -------------------------------------------------------------------------
+  def empty_row(self):
+    """A row with row_valid False: zeros everywhere, PAD ids, no image to decode."""
+    row = {}
+    for name, (shape, dtype) in self.spec.items():
+      if self.visual == "patches" and name in ("pixels", "related_pixels"):
+        continue
+      is_ids = name.endswith("_ids") and name != "s2s_position_ids"
+      fill = self.codec.pad if (is_ids and self.codec is not None) else 0
+      row[name] = np.full(shape, fill, dtype)
+    if self.visual == "patches" and self.stream != "text":
+      k = 1 + (self.d["Ki"] if self.stream == "pair" else 0)
+      row["_image"], row["_image_ratio"], row["_image_present"] = [b""] * k, [0] * k, [False] * k
+    return row

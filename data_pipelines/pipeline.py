@@ -1,0 +1,327 @@
+"""The input pipeline the trainer calls: `make_pipeline(data_config, process_index=, process_count=)`.
+
+It returns a `DataIterator` whose `next()` is a dict of numpy arrays matching `schema.batch_spec`
+(``{"text/mlm_ids": [b, L], ..., "pair/pixels": [b, S, S, 3], ...}`` with b = batch_size /
+process_count rows of THIS process), whose `get_state()` / `set_state()` (or `save(path)` /
+`restore(path)`) resume it exactly, and whose `dropped_counts()` says which records were dropped.
+
+Design (see shared/ENVIRONMENT.md, "Exact resume of a tf.data mixture": the index-based of the two
+measured designs). The position is one integer per stream: the next global slot. Slot g's source
+and record are pure functions of (seed, stream, g) (`mixture.Mixture`), records are read by index
+(`sources`), and its masking is seeded by ``np.random.default_rng([seed, stream_id, g])``. Hence
+- restore is O(1): a restored pipeline starts at its slot, nothing is replayed (time and state
+  size do not depend on the position; the state is a few dozen bytes of JSON);
+- the GLOBAL batch is the same for 1, 2 or N processes, so a run may resume on another topology;
+- each process reads only its rows (disjoint records at every step).
+The iterator-checkpoint design (`tf.train.Checkpoint` of the iterator) was not chosen: its state
+is megabytes of buffers per process, it silently reads wrong shards when the process count
+changes, and it cannot save the Python readers (tar, TSV, npz, tokenisers) that feed it.
+`tf.data.Dataset.sample_from_datasets` is not used for the same reason: its selector is a
+stateful random stream (resuming it means replaying every earlier choice, and each component's
+offset depends on all of them); `Mixture` gives the same weighted mixture with exact per-period
+proportions, computable for any slot directly. There is one batch and one prefetch, after the
+three streams are joined; no per-source buffers.
+
+Config (``data`` section; `default_config()` has every field with its default):
+  seed                 int, data seed (mixture, record order, masking)
+  tokenizer            spec for `data_pipelines.tokenizers.load_tokenizer` ("sentencepiece:/x.model"
+                       or "bpe:/dir"); `make_pipeline(tokenizer=...)` may pass an object instead
+  visual_input         "patches" (pixels) | "regions" (detector features)
+  image_size, patch_size   S and the patch side (N = (S / patch)^2 visual tokens with patches)
+  pixel_mean, pixel_std    per-channel normalisation of pixels in [0, 1] (default 0.5: [-1, 1])
+  max_image_pixels     images whose header says more pixels are dropped (image_too_large)
+  num_regions, region_feature_dim, num_region_classes   R, F, C of the regions input
+  region_mask_rate, region_overlap_threshold            MRP masking (0.15, IoU 0.3)
+  num_positives, num_negatives, num_related_images, num_related_texts   Kp, Kn, Ki, Kt
+  mixture_period       slots per period of the stratified mixture (see `mixture`)
+  max_attempts         reads per slot before a bad record's slot becomes a padding row
+  parallel_batches     Python batch builders running at once per stream
+  prefetch             batches prefetched after joining the streams
+  streams.<text|image|pair>:
+    batch_size         GLOBAL rows per step (0 or no sources: the stream is left out)
+    max_length, max_predictions        L, P of the masked LM (text, pair)
+    s2s_max_length, s2s_max_predictions   L2 (text infilling), P2 (text and pair captioning)
+    objectives         subset of ("mlm", "s2s"); mask_rate (0.15), infilling_rate (0.25)
+    sources            list of source specs: {name, kind, weight, path | tfds_name + split, ...}
+                       (kinds and keys: `data_pipelines.sources`)
+"""
+import atexit
+import hashlib
+import json
+import os
+import time
+import weakref
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import schema
+from data_pipelines.streams import Stream
+
+STATE_VERSION = 1
+_LIVE = weakref.WeakSet()
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every data field with its default; streams have no sources (so all are off)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.tokenizer = ""
+  c.visual_input = "patches"
+  c.image_size = 64
+  c.patch_size = 8
+  c.pixel_mean = (0.5, 0.5, 0.5)
+  c.pixel_std = (0.5, 0.5, 0.5)
+  c.max_image_pixels = 1 << 26
+  c.num_regions = 36
+  c.region_feature_dim = 2048
+  c.num_region_classes = 1601
+  c.region_mask_rate = 0.15
+  c.region_overlap_threshold = 0.3
+  c.num_positives = 2
+  c.num_negatives = 2
+  c.num_related_images = 1
+  c.num_related_texts = 1
+  c.mixture_period = 1000
+  c.max_attempts = 8
+  c.parallel_batches = 2
+  c.prefetch = 2
+  c.streams = ml_collections.ConfigDict()
+  c.streams.text = dict(batch_size=0, max_length=128, max_predictions=20, s2s_max_length=128,
+                        s2s_max_predictions=48, objectives=("mlm", "s2s"), mask_rate=0.15,
+                        infilling_rate=0.25, sources=[])
+  c.streams.image = dict(batch_size=0, sources=[])
+  c.streams.pair = dict(batch_size=0, max_length=40, max_predictions=8,
+                        s2s_max_predictions=40, objectives=("mlm", "s2s"), mask_rate=0.15,
+                        sources=[])
+  return c
+
+
+def default_synthetic_config(data_dir: str = "~/.cache/unimo_jax/tfds", size: str = "demo",
+                             tokenizer: str = "") -> ml_collections.ConfigDict:
+  """All three streams on synthetic_scenes (pairs / text / images), built locally on first use.
+
+  `size` picks the SCENES size preset (tiny, demo, ...): the TFDS config names are ``pairs``,
+  ``text``, ``images`` for demo and ``<kind>_<size>`` otherwise. Region sizes follow the
+  synthetic defaults (F 64, 48 shape-colour classes).
+  """
+  from data_pipelines.synthetic_scenes import generate  # pylint: disable=import-outside-toplevel
+  c = default_config()
+  c.tokenizer = tokenizer
+  c.image_size = generate.SceneOptions().image_size
+  c.region_feature_dim = generate.SceneOptions().feature_dim
+  c.num_region_classes = 48
+  c.num_regions = 4
+  c.num_negatives = 4
+
+  def src(kind):
+    name = generate.SceneOptions(kind=kind, size=size).name
+    return dict(name=f"synthetic_{kind}", kind="tfds", tfds_name=f"synthetic_scenes/{name}",
+                split="train", data_dir=data_dir, prepare=True, weight=1.0)
+
+  c.streams.text.batch_size = 32
+  c.streams.text.sources = [src("text")]
+  c.streams.image.batch_size = 32
+  c.streams.image.sources = [src("images")]
+  c.streams.pair.batch_size = 32
+  c.streams.pair.sources = [src("pairs")]
+  return c
+
+
+def _plain(x):
+  """ConfigDict / FrozenConfigDict / tuples of them -> plain dicts and lists."""
+  if isinstance(x, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    x = x.to_dict()
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def resolve_config(data_config) -> dict:
+  """`data_config` over `default_config()` as plain dicts (streams merged field by field)."""
+  out = _plain(default_config())
+  user = _plain(data_config)
+  for k, v in user.items():
+    if k == "streams":
+      for s, sv in v.items():
+        if s not in schema.STREAMS:
+          raise schema.SchemaError(f"unknown stream {s!r}; streams are {schema.STREAMS}")
+        out["streams"][s].update(sv)
+    else:
+      out[k] = v
+  return out
+
+
+def _fingerprint(cfg) -> str:
+  """Hash of what decides the batches (not parallelism or prefetch)."""
+  keep = {k: v for k, v in cfg.items() if k not in ("parallel_batches", "prefetch")}
+  return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class DataIterator:
+  """Numpy batches of the three streams, resumable exactly (see the module docstring)."""
+
+  def __init__(self, cfg: dict, streams: dict, *, process_index: int, process_count: int):
+    self.cfg, self.streams = cfg, streams
+    self.process_index, self.process_count = process_index, process_count
+    self.spec = schema.batch_spec(cfg, process_count)
+    self._fingerprint = _fingerprint(cfg)
+    self._dropped = {n: {} for st in streams.values() for n in st.names}
+    self._slots = {s: 0 for s in streams}  # next global slot of each stream
+    self._step = 0
+    self._it = None
+    self._start()
+    _LIVE.add(self)
+
+  # -- tf.data --------------------------------------------------------------------------------
+  def _start(self):
+    self.close()
+    parts = {s: st.dataset(self._slots[s], int(self.cfg.get("parallel_batches", 2)))
+             for s, st in self.streams.items()}
+    ds = tf.data.Dataset.zip(parts)
+    ds = ds.map(lambda d: {f"{s}/{k}": v for s, row in d.items() for k, v in row.items()})
+    ds = ds.prefetch(int(self.cfg.get("prefetch", 2)))
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+    public = {k for k in ds.element_spec if not k.split("/", 1)[1].startswith("_")}
+    got = {k: (tuple(ds.element_spec[k].shape), ds.element_spec[k].dtype.as_numpy_dtype)
+           for k in public}
+    for k, (shape, dtype) in self.spec.items():
+      if k not in got or got[k][0] != tuple(shape) or np.dtype(got[k][1]) != dtype:
+        raise schema.SchemaError(f"pipeline field {k!r}: expected {dtype.name}{list(shape)}, "
+                                 f"got {got.get(k)}")
+    if set(got) != set(self.spec):
+      raise schema.SchemaError(f"pipeline fields not in schema: {sorted(set(got) - set(self.spec))}")
+    self._it = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      raise StopIteration
+    raw = {k: v.numpy() for k, v in next(self._it).items()}
+    batch = {}
+    for k, v in raw.items():
+      stream, field = k.split("/", 1)
+      if not field.startswith("_"):
+        batch[k] = v
+    for s, st in self.streams.items():
+      self._count(st, raw[f"{s}/_source"], raw[f"{s}/_drops"], raw.get(f"{s}/_decode_failed"))
+      self._slots[s] += st.global_batch
+    self._step += 1
+    return batch
+
+  next = __next__
+
+  def _count(self, st, sources, drops, decode_failed):
+    for j, s in enumerate(sources):
+      counts = self._dropped[st.names[int(s)]]
+      for r in np.flatnonzero(drops[j]):
+        reason = schema.DROP_REASONS[r]
+        counts[reason] = counts.get(reason, 0) + int(drops[j][r])
+      if decode_failed is not None and decode_failed[j].any():
+        counts["undecodable_image"] = counts.get("undecodable_image", 0) + int(
+            decode_failed[j].sum())
+
+  # -- state ----------------------------------------------------------------------------------
+  @property
+  def step(self) -> int:
+    """Batches handed out since slot 0 of the current run (restored with the state)."""
+    return self._step
+
+  def get_state(self) -> dict:
+    """JSON-able position: next global slot per stream, step, this process's drop counts."""
+    return dict(version=STATE_VERSION, fingerprint=self._fingerprint, step=self._step,
+                slots=dict(self._slots),
+                dropped={n: dict(c) for n, c in self._dropped.items()})
+
+  def set_state(self, state: dict):
+    """Continues from `state` (same config: the batches an uninterrupted run would give)."""
+    if int(state.get("version", -1)) != STATE_VERSION:
+      raise ValueError(f"data state version {state.get('version')} != {STATE_VERSION}")
+    if state.get("fingerprint") != self._fingerprint:
+      # Allowed on purpose (e.g. a new global batch size after a topology change): the slots
+      # still say where each stream was, so no record is repeated or skipped.
+      tf.get_logger().warning("data config changed since this state was saved; batches "
+                              "continue from the saved slots but differ from the old run's")
+    slots = state["slots"]
+    missing = [s for s in self.streams if s not in slots]
+    if missing:
+      raise ValueError(f"data state has no position for stream(s) {missing}")
+    self._slots = {s: int(slots[s]) for s in self.streams}
+    self._step = int(state.get("step", 0))
+    self._dropped = {n: {} for n in self._dropped}
+    for n, c in state.get("dropped", {}).items():
+      self._dropped.setdefault(n, {}).update({r: int(v) for r, v in c.items()})
+    self._start()
+
+  def save(self, path: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(self.get_state(), f)
+    os.replace(tmp, path)
+
+  def restore(self, path: str):
+    with open(path) as f:
+      self.set_state(json.load(f))
+
+  def dropped_counts(self) -> dict:
+    """{source: {reason: count}}: records dropped while indexing (whole source, this process)
+    plus those met in the batches handed out so far (this process's rows)."""
+    out = {}
+    for st in self.streams.values():
+      for s, name in enumerate(st.names):
+        c = dict(st.sources[s].index_drops)
+        for r, v in self._dropped.get(name, {}).items():
+          c[r] = c.get(r, 0) + v
+        out[name] = c
+    return out
+
+  def close(self):
+    """Releases the tf.data iterator (do this before exit: see ENVIRONMENT.md's hang trap)."""
+    it, self._it = self._it, None
+    del it
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+@atexit.register
+def _close_all():
+  # Iterators over numpy_function datasets can hang interpreter exit if still alive.
+  for it in list(_LIVE):
+    it.close()
+
+
+def make_pipeline(data_config, *, process_index: int = 0, process_count: int = 1,
+                  tokenizer=None) -> DataIterator:
+  """The trainer's one entry: the ``data`` config section -> `DataIterator` at slot 0.
+
+  `tokenizer` overrides ``data.tokenizer`` (an object with the tokenizer interface). Raises
+  `schema.SchemaError` naming the source and the field when a source cannot feed its stream.
+  """
+  cfg = resolve_config(data_config)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  enabled = schema.enabled_streams(cfg)
+  if not enabled:
+    raise schema.SchemaError("no stream has a batch size and sources")
+  if tokenizer is None and any(s in enabled for s in ("text", "pair")):
+    if not cfg.get("tokenizer"):
+      raise ValueError("data.tokenizer is empty (a spec like 'sentencepiece:/path.model')")
+    from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
+    tokenizer = tokenizers.load_tokenizer(cfg["tokenizer"])
+  t0 = time.time()
+  streams = {s: Stream(s, cfg, tokenizer, process_index=process_index,
+                       process_count=process_count) for s in enabled}
+  it = DataIterator(cfg, streams, process_index=process_index, process_count=process_count)
+  tf.get_logger().info("data pipeline built in %.1fs", time.time() - t0)
+  return it

@@ -1,0 +1,255 @@
+"""One stream of one process: sources + mixture + row builder -> a tf.data dataset of batches.
+
+The dataset is ``range(0, inf)`` of step numbers mapped by ONE `tf.numpy_function` per step that
+builds this process's rows of that step in Python (a per-batch call: a per-row numpy_function
+costs ~100 us of overhead, a per-batch one a few us per row), then, in ``patches`` mode,
+unbatched so TensorFlow decodes and resizes every image in parallel (`images.safe_decode_image`)
+and batched again. Row j of step t of this process is global slot
+``base + t * B + process_index * b + j`` (B global, b = B / process_count rows per process), so
+the GLOBAL batch of a step is the same for any process count, and the processes read disjoint
+records at every step.
+
+Bad records: a row whose record raises `BadRecord` is rebuilt from replacement draws of the same
+source (`Mixture.replacement`, up to ``data.max_attempts``); every failure is reported in the
+row's internal ``_drops`` [num reasons] counts, so the iterator can count drops exactly for the
+batches it has handed out (a resume neither loses nor double-counts them). A row whose attempts
+all fail, or whose image fails to decode in TF, becomes a padding row (``row_valid`` False,
+weights 0).
+"""
+import collections
+import logging
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import images, schema
+from data_pipelines.examples import RowBuilder
+from data_pipelines.mixture import Mixture
+from data_pipelines.sources import BadRecord, load_neighbours, open_source
+
+_PROBE_RECORDS = 16
+_IMAGE_SLOTS = ("_image", "_image_ratio", "_image_present")
+
+
+def source_name(spec, stream: str, k: int) -> str:
+  return str(spec.get("name") or f"{stream}.{spec.get('kind', 'source')}{k}")
+
+
+class Stream:
+  """Python side of one stream in one process (see the module docstring)."""
+
+  def __init__(self, stream: str, cfg, tokenizer, *, process_index: int, process_count: int):
+    self.stream, self.cfg = stream, cfg
+    self.stream_id = schema.STREAM_IDS[stream]
+    self.seed = int(cfg["seed"])
+    scfg = cfg["streams"][stream]
+    self.global_batch = int(scfg["batch_size"])
+    self.local_batch = schema.local_batch_size(cfg, stream, process_count)
+    self.process_index = int(process_index)
+    self.max_attempts = max(1, int(cfg.get("max_attempts", 8)))
+    self.builder = RowBuilder(stream, cfg, tokenizer)
+    self.patches = cfg["visual_input"] == "patches" and stream != "text"
+    self.num_images = (1 + (self.builder.d["Ki"] if stream == "pair" else 0)) if self.patches else 0
+    self.sources, self.names, self.neighbours, weights = [], [], [], []
+    names = set()
+    for k, spec in enumerate(scfg["sources"]):
+      name = source_name(spec, stream, k)
+      if name in names:
+        raise schema.SchemaError(f"two sources of stream {stream} are named {name!r}")
+      names.add(name)
+      src = open_source(spec, name=name)
+      self.sources.append(src)
+      self.names.append(name)
+      self.neighbours.append(load_neighbours(spec["neighbours"]) if spec.get("neighbours")
+                             else {})
+      weights.append(float(spec.get("weight", 1.0)))
+    self.mixture = Mixture(weights, [len(s) for s in self.sources], seed=self.seed,
+                           stream_id=self.stream_id, period=int(cfg.get("mixture_period", 1000)))
+    self._lock = threading.Lock()
+    self._logged = set()
+    self.out_spec = self._out_spec()
+    for s in range(len(self.sources)):
+      self._probe(s)
+
+  # -- spec of the numpy_function's output ---------------------------------------------------
+  def _out_spec(self):
+    """Ordered {name: (row shape, dtype)}: schema fields (pixels replaced by image slots) plus
+    the internal ``_source`` and ``_drops``."""
+    spec = {}
+    for name, (shape, dtype) in schema.row_spec(self.stream, self.cfg).items():
+      if self.patches and name in ("pixels", "related_pixels"):
+        continue
+      spec[name] = (shape, dtype)
+    if self.patches:
+      spec["_image"] = ((self.num_images,), np.dtype(object))
+      spec["_image_ratio"] = ((self.num_images,), np.dtype(np.int32))
+      spec["_image_present"] = ((self.num_images,), np.dtype(bool))
+    spec["_source"] = ((), np.dtype(np.int32))
+    spec["_drops"] = ((len(schema.DROP_REASONS),), np.dtype(np.int32))
+    return spec
+
+  def _probe(self, s: int):
+    """Build-time check: source s can feed this stream and its rows match the schema."""
+    src, name = self.sources[s], self.names[s]
+    for field in self.builder.required_fields():
+      if field not in src.fields:
+        raise schema.SchemaError(
+            f"source {name!r} (stream {self.stream}) cannot provide field {field!r} "
+            f"(it provides {sorted(src.fields)})")
+    reasons = collections.Counter()
+    for i in range(min(len(src), _PROBE_RECORDS)):
+      try:
+        row = self._build(s, i, slot=-1 - i)
+      except BadRecord as e:
+        reasons[e.reason] += 1
+        continue
+      expected = {k: v for k, v in self.out_spec.items() if not k.startswith("_")}
+      got = {k: v for k, v in row.items() if not k.startswith("_")}
+      schema.check_row(got, expected, source=name, stream=self.stream)
+      return
+    raise schema.SchemaError(
+        f"source {name!r} (stream {self.stream}): none of its first {min(len(src), 16)} "
+        f"records gives a {self.stream} row (drop reasons {dict(reasons)})")
+
+  # -- rows and batches ---------------------------------------------------------------------
+  def _read(self, s: int, i: int):
+    try:
+      return self.sources[s].read(int(i))
+    except BadRecord:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # A reader failure other than the ones we classify (a new kind of broken file): count it
+      # and say once what it was, rather than ending the run on one record.
+      if s not in self._logged:
+        self._logged.add(s)
+        logging.warning("source %s: record %d unreadable: %r", self.names[s], i, e)
+      raise BadRecord("unreadable_record", repr(e)) from None
+
+  def _related(self, s: int, rec):
+    nb = self.neighbours[s].get(rec.get("key"))
+    if not nb:
+      return [], []
+    related = []
+    for key in nb[0][:self.builder.d["Ki"]]:
+      j = self.sources[s].find(key)
+      try:
+        related.append(None if j is None else self._read(s, j))
+      except BadRecord:
+        related.append(None)
+    return related, nb[1]
+
+  def _build(self, s: int, i: int, slot: int):
+    rec = self._read(s, i)
+    rng = np.random.default_rng([self.seed, self.stream_id, slot]) if slot >= 0 else (
+        np.random.default_rng([self.seed, self.stream_id, 0]))
+    related_images, related_texts = ([], [])
+    if self.stream == "pair":
+      related_images, related_texts = self._related(s, rec)
+    return self.builder.build(rec, rng, related_images, related_texts)
+
+  def row(self, slot: int, s: int, i: int):
+    """The row of global `slot` (record i of source s, or its replacements) + drop counts."""
+    drops = np.zeros(len(schema.DROP_REASONS), np.int32)
+    for attempt in range(self.max_attempts):
+      if attempt:
+        with self._lock:
+          i = self.mixture.replacement(slot, s, attempt)
+      try:
+        row = self._build(s, i, slot)
+        break
+      except BadRecord as e:
+        drops[schema.REASON_IDS[e.reason]] += 1
+    else:
+      row = self.builder.empty_row()
+    row["_source"] = np.int32(s)
+    row["_drops"] = drops
+    return row
+
+  def batch(self, base: int, step: int):
+    """This process's rows of `step` (slots counted from `base`) as arrays in `out_spec` order."""
+    first = int(base) + int(step) * self.global_batch + self.process_index * self.local_batch
+    slots = np.arange(first, first + self.local_batch, dtype=np.int64)
+    with self._lock:
+      srcs, recs = self.mixture.records(slots)
+    rows = [self.row(int(g), int(s), int(i)) for g, s, i in zip(slots, srcs, recs)]
+    out = []
+    for name, (shape, dtype) in self.out_spec.items():
+      if dtype == np.dtype(object):
+        out.append(np.asarray([list(r[name]) for r in rows], dtype=object).reshape(
+            (self.local_batch,) + shape))
+      else:
+        out.append(np.stack([np.asarray(r[name], dtype) for r in rows]).reshape(
+            (self.local_batch,) + shape))
+    return tuple(out)
+
+  # -- tf.data ------------------------------------------------------------------------------
+  def dataset(self, base: int, parallel_batches: int = 2) -> tf.data.Dataset:
+    """Batches of this stream from slot `base` on: dict {field: [b, ...]} (internal `_*` kept)."""
+    names = list(self.out_spec)
+    touts = [tf.string if d == np.dtype(object) else tf.as_dtype(d)
+             for _, d in self.out_spec.values()]
+
+    def py_batch(step):
+      return tf.numpy_function(lambda t: self.batch(base, int(t)), [step], touts,
+                               stateful=False, name=f"{self.stream}_rows")
+
+    def to_dict(*arrays):
+      out = {}
+      for name, a in zip(names, arrays):
+        shape = (self.local_batch,) + tuple(self.out_spec[name][0])
+        out[name] = tf.ensure_shape(a, shape)
+      return out
+
+    ds = tf.data.Dataset.range(0, np.iinfo(np.int64).max)
+    ds = ds.map(py_batch, num_parallel_calls=max(1, int(parallel_batches)), deterministic=True)
+    ds = ds.map(to_dict)
+    if self.patches:
+      # unbatch() segfaults on zero-size components in TF 2.21 (e.g. Ki = 0 related images):
+      # such fields hold no values, so they leave before and come back as zeros after.
+      empty = {k: (tuple(v.shape), v.dtype) for k, v in ds.element_spec.items()
+               if 0 in v.shape}
+      if self.stream == "pair" and self.num_images == 1:
+        size = self.builder.d["S"]
+        empty["related_pixels"] = ((self.local_batch, 0, size, size, 3), tf.float32)
+      ds = ds.map(lambda d: {k: v for k, v in d.items() if k not in empty})
+      ds = ds.unbatch().map(self._decode_row, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+      ds = ds.batch(self.local_batch, drop_remainder=True)
+      ds = ds.map(lambda d: {**d, **{k: tf.zeros(shape, dtype)
+                                     for k, (shape, dtype) in empty.items()}})
+    return ds
+
+  def _decode_row(self, row):
+    """TF: image slots -> pixels (+ related_pixels); a failed main image masks the row."""
+    cfg, size = self.cfg, self.builder.d["S"]
+    pix, ok = [], []
+    for k in range(self.num_images):
+      p, o = images.safe_decode_image(
+          row["_image"][k], row["_image_ratio"][k], row["_image_present"][k], image_size=size,
+          mean=cfg.get("pixel_mean", (0.5, 0.5, 0.5)), std=cfg.get("pixel_std", (0.5, 0.5, 0.5)))
+      pix.append(p)
+      ok.append(o)
+    out = {k: v for k, v in row.items() if k not in _IMAGE_SLOTS}
+    present = row["_image_present"]
+    ok = tf.stack(ok)
+    out["pixels"] = pix[0]
+    failed = present & ~ok
+    out["_decode_failed"] = tf.cast(failed, tf.int32)
+    valid = out["row_valid"] & ~failed[0]
+    if self.stream == "pair" and len(pix) > 1:  # Ki = 0: both are zero-size, added back later
+      out["related_pixels"] = tf.stack(pix[1:])
+      out["related_valid"] = out["related_valid"] & ok[1:]
+    return mask_invalid(out, valid)
+
+
+def mask_invalid(row, valid):
+  """Sets row_valid and zeroes every weight / validity flag of an invalid row (TF)."""
+  out = dict(row)
+  out["row_valid"] = valid
+  for k, v in row.items():
+    if k.endswith("_weights"):
+      out[k] = v * tf.cast(valid, v.dtype)
+    elif (k.endswith("_valid") or k == "visual_mask") and k != "row_valid":
+      out[k] = v & valid
+  return out
