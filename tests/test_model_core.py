@@ -248,11 +248,16 @@ def test_heads_match_numpy():
 
 def test_init_dropout_bf16_remat_and_logical_axes():
   cfg = ModelConfig.tiny()
-  variables = jax.jit(lambda k: init_variables(cfg, k))(jax.random.PRNGKey(5))
-  # every parameter carries logical axis names; init follows TruncatedNormal(0.02), LN = (1, 0)
-  boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert boxed and all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
-  params = nn.unbox(variables)["params"]
+  # every parameter carries logical axis names
+  boxed = jax.eval_shape(lambda: init_variables(cfg, jax.random.PRNGKey(0)))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  specs = nn.get_partition_spec(boxed)["params"]
+  assert specs["text_embed"]["word"] == jax.sharding.PartitionSpec("vocab", "embed")
+  assert specs["encoder"]["layer_0"]["attention"]["query"]["kernel"] == (
+      jax.sharding.PartitionSpec("embed", "heads", "kv"))
+  # init follows TruncatedNormal(0.02) (std 0.88 * 0.02, |x| <= 0.04); LayerNorm = (1, 0)
+  params = init_params(cfg, jax.random.PRNGKey(5))  # the same compiled init as model-info
   word = np.asarray(params["text_embed"]["word"])
   assert abs(word.std() - 0.02 * 0.88) < 2e-3 and np.abs(word).max() <= 0.04 + 1e-6
   np.testing.assert_array_equal(params["encoder"]["layer_0"]["mlp_norm"]["scale"], 1.0)

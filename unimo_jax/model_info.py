@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimo_jax.model import ModelConfig, Unimo, init_variables
+from unimo_jax.model import ModelConfig, Unimo, init_params, init_variables
 
 # component -> top-level parameter collections
 _COMPONENTS = (
@@ -107,8 +107,7 @@ def main(argv) -> int:
   rng = jax.random.PRNGKey(0)
   start = time.time()
   if tiny:
-    variables = jax.jit(lambda r: nn.unbox(init_variables(config, r)))(rng)
-    jax.block_until_ready(variables)
+    variables = {"params": jax.block_until_ready(init_params(config, rng))}
   else:
     variables = nn.unbox(jax.eval_shape(lambda: init_variables(config, rng)))
   print(f"\nparameters ({'initialised' if tiny else 'eval_shape'} in {time.time() - start:.2f}s)")
