@@ -8,9 +8,13 @@ Numerics follow UNIMO/RoBERTa: post-LN ``x = LN(x + Dropout(sublayer(x)))`` (``p
 to ``x = x + Dropout(sublayer(LN(x)))`` with a final LN), exact (erf) GELU, no dropout inside the
 FFN, ``q *= d**-0.5``, additive attention bias, softmax in float32 (or wider).
 
-Logical axis names on parameters: ``embed`` (H), ``heads`` (h), ``kv`` (d), ``mlp`` (M),
-``vocab`` (V); on activations ``batch``, ``length`` plus the above. The training job's rules map
-them to mesh axes; names absent from the rules are replicated.
+Logical axis names (every parameter is boxed with ``nn.with_logical_partitioning``):
+  parameters: ``embed`` (H), ``heads`` (h), ``kv`` (d), ``mlp`` (M, also the inner H of the
+  head transforms/poolers), ``vocab`` (V), ``region_feature`` (F, region input), ``patch``
+  (p*p*C, patch input); ``None`` for position rows, box (5), head outputs (F, C, projection).
+  activations (``nn.with_logical_constraint``): ``batch``, ``length``, ``embed``, ``heads``,
+  ``kv``, ``mlp``, ``vocab``.
+The training job's rules map them to mesh axes; names absent from the rules are replicated.
 """
 from typing import Any, Sequence
 

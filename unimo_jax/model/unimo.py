@@ -180,12 +180,15 @@ class Unimo(nn.Module):
     cache = decoding.cache_from_prefix(self.config, k, v, valid, text_count, max_decode_length)
     return dict(hidden=hidden), cache
 
-  def decode_step(self, ids, cache: dict):
+  def decode_step(self, ids, cache: dict, positions=None):
     """One token per row: ids [B] int -> (dict(logits [B, V] float32 for the NEXT token,
-    hidden [B, H]), updated cache). Eval mode (no dropout)."""
+    hidden [B, H]), updated cache). Eval mode (no dropout). ``positions`` [B] overrides the
+    cache's running text position (for layouts whose targets reuse source positions); the
+    running position still advances by one."""
     cfg = self.config
     index = cache["index"]
-    x = self.text_embed(ids[:, None], cache["position"][:, None], True)
+    pos = cache["position"] if positions is None else jnp.asarray(positions, jnp.int32)
+    x = self.text_embed(ids[:, None], pos[:, None], True)
     valid = jax.lax.dynamic_update_slice(
         cache["valid"], jnp.ones((ids.shape[0], 1), bool), (0, index))
     bias = masks.to_bias(valid[:, None, :], x.dtype)
