@@ -69,6 +69,24 @@ def select_data_state(saved: Mapping[str, Any] | None) -> Any:
       f"per-process states; it cannot be resumed on {jax.process_count()} processes")
 
 
+# Replicated arrays larger than this are written cooperatively by their replicas (orbax's
+# replica-parallel saving). Smaller ones are written whole by one replica: splitting them costs
+# an eagerly compiled slice per shape on the first save (11 s for a tiny model's 140 arrays on 8
+# CPU devices) and saves nothing.
+MIN_REPLICA_PARALLEL_BYTES = 16 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_BYTES)),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()),
+      (int, ocp.type_handlers.ScalarHandler()),
+      (float, ocp.type_handlers.ScalarHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
   """Saves and restores train states under ``WORKDIR/checkpoints``.
 
@@ -85,7 +103,16 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period or None, create=True,
         enable_async_checkpointing=async_save, save_interval_steps=1)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    handler = _state_handler()
+    registry.add("state", ocp.args.PyTreeSave, handler)
+    registry.add("state", ocp.args.PyTreeRestore, handler)
+    for item in ("data", "config"):
+      json_handler = ocp.JsonCheckpointHandler()
+      registry.add(item, ocp.args.JsonSave, json_handler)
+      registry.add(item, ocp.args.JsonRestore, json_handler)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=registry)
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> int | None:
@@ -111,7 +138,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data),
                               config=ocp.args.JsonSave(dict(config or {})))
     saved = self._manager.save(int(step), args=args, force=True)
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
@@ -141,7 +168,9 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract_state,
+                                                           restore_args=restore_args),
                               data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
     restored = self._manager.restore(int(step), args=args)
     logging.info("checkpoint: restored step %d from %s", step, self.directory)

@@ -1,0 +1,59 @@
+"""The demo: a tiny UNIMO pre-trained on synthetic_scenes (patches) on a CPU in minutes.
+
+  unimo-jax train --config experiments/configs/demo.py --workdir /tmp/unimo_demo
+  unimo-jax train --config experiments/configs/demo.py --workdir W --config.train.total_steps=50
+
+``get_config("smoke")`` shrinks it to a few steps on the tiny dataset (tests, CI).
+"""
+from experiments.configs import common
+from unimo_jax.train.config import default_config
+
+
+def get_config(arg: str | None = None):
+  c = default_config()
+  c.seed = 0
+  smoke = arg == "smoke"
+
+  # A 2-layer, H=64 model: every path of the real one at CPU cost.
+  m = c.model
+  m.vocab_size = 0                 # the tokenizer's
+  m.hidden_size = 64
+  m.num_layers = 2
+  m.num_heads = 4
+  m.mlp_dim = 256
+  m.max_positions = 130
+  m.roberta_positions = False
+  m.dropout_rate = 0.1
+  m.attention_dropout_rate = 0.1
+  m.dtype = "auto"
+  m.visual_input = "patches"
+  m.image_size = 64
+  m.patch_size = 8                 # 64 patches + [IMG]
+  m.projection_dim = 64
+
+  c.data = common.synthetic_data(
+      visual_input="patches", size="tiny" if smoke else "demo", image_size=64, patch_size=8,
+      batch_sizes=(8, 8, 8) if smoke else (32, 32, 32), text_length=64, caption_length=32)
+
+  o = c.objectives
+  o.text_mode = "alternate"
+  o.pair_text_mode = "alternate"
+
+  c.cmcl.implementation = "all_gather"
+
+  p = c.optimizer
+  p.learning_rate = 1e-3           # a tiny model from scratch tolerates a large rate
+  p.warmup_steps = 2 if smoke else 30
+  p.schedule = "linear"
+  p.end_lr_factor = 0.1
+  p.weight_decay = 0.01
+
+  t = c.train
+  t.total_steps = 4 if smoke else 600
+  t.log_every = 2 if smoke else 20
+  t.checkpoint_every = 2 if smoke else 200
+  t.keep_checkpoints = 2
+  t.max_nonfinite_steps = 5
+
+  c.mesh.data = -1
+  return c

@@ -1,0 +1,159 @@
+"""The training loop: exact resume, stop signals, the non-finite guard, metrics files.
+
+Every test here runs the same tiny text-only program (one compile, then persistent-cache hits).
+"""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+import train_util as tu
+from unimo_jax.train import checkpoint as ckpt_lib
+from unimo_jax.train import metrics as metrics_lib
+from unimo_jax.train import trainer
+
+
+def text_config():
+  c = tu.run_config(dropout=0.1)  # dropout on: resume must also replay the dropout masks
+  c.data.streams.image.batch_size = 0
+  c.data.streams.pair.batch_size = 0
+  c.objectives.text_mode = "mlm"
+  # One schedule for every test: total_steps is part of the compiled program, so equal values
+  # let every run reuse one compilation (runs are cut short with max_steps).
+  c.train.total_steps = 12
+  c.train.log_every = 1
+  c.train.checkpoint_every = 0
+  c.train.progress_bar = "off"
+  c.optimizer.warmup_steps = 2
+  c.optimizer.schedule = "linear"
+  return c
+
+
+def losses(workdir):
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def host_params(workdir, step=None):
+  params, _ = ckpt_lib.restore_params(workdir, step)
+  return jax.tree_util.tree_leaves_with_path(params)
+
+
+def test_resume_is_exact(tmp_path):
+  c = text_config()
+  straight = str(tmp_path / "straight")
+  r = trainer.train(c, straight, data=tu.batches(c), max_steps=6)
+  assert (r.first_step, r.last_step, r.stopped_by) == (0, 6, "max_steps")
+
+  split = str(tmp_path / "split")
+  r1 = trainer.train(c, split, data=tu.batches(c), max_steps=3)
+  assert (r1.last_step, r1.stopped_by, r1.checkpoint_step) == (3, "max_steps", 3)
+  # A new iterator at position 0: the checkpoint's data state moves it to batch 3.
+  r2 = trainer.train(c, split, data=tu.batches(c), max_steps=3)
+  assert (r2.first_step, r2.last_step) == (3, 6)
+
+  assert losses(straight) == losses(split)
+  assert sorted(losses(split)) == [1, 2, 3, 4, 5, 6]
+  a, b = host_params(straight), host_params(split)
+  assert [p for p, _ in a] == [p for p, _ in b]
+  for (path, x), (_, y) in zip(a, b):
+    np.testing.assert_array_equal(x, y, err_msg=str(path))
+  # Training changed the parameters (the comparison is not trivially true).
+  assert any(not np.array_equal(x, y) for (_, x), (_, y) in zip(
+      host_params(split, 3), host_params(split, 6)))
+
+
+class SignalAt:
+  """Wraps a batch iterator and sends this process ``signum`` when batch ``at`` is fetched."""
+
+  def __init__(self, it, at, signum=signal.SIGTERM):
+    self.it, self.at, self.signum, self.spec = it, at, signum, it.spec
+    self.count = 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.at:
+      os.kill(os.getpid(), self.signum)
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+  c = text_config()
+  wd = str(tmp_path)
+  before = signal.getsignal(signal.SIGTERM)
+  r = trainer.train(c, wd, data=SignalAt(tu.batches(c), at=3))
+  assert r.stopped_by == "signal" and r.last_step == 3 and r.checkpoint_step == 3
+  assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+  # The checkpoint restores and the run continues from it to the end.
+  r2 = trainer.train(c, wd, data=tu.batches(c), max_steps=2)
+  assert (r2.first_step, r2.last_step) == (3, 5)
+  with open(os.path.join(wd, "checkpoints", "3", "data", "metadata")) as f:
+    saved = json.load(f)
+  assert saved["states"][0]["position"] == 3
+
+
+class NaNAt:
+  """Makes the MLM weights NaN (so the loss is NaN) in the given 1-based batches."""
+
+  def __init__(self, it, bad):
+    self.it, self.bad, self.spec = it, set(bad), it.spec
+    self.count = 0
+
+  def __next__(self):
+    b = next(self.it)
+    self.count += 1
+    if self.count in self.bad:
+      b = dict(b)
+      b["text/mlm_weights"] = np.full_like(b["text/mlm_weights"], np.nan)
+    return b
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+  c = text_config()
+  c.train.max_nonfinite_steps = 3
+  c.train.checkpoint_every = 4
+  wd = str(tmp_path)
+  # Batch 2 is bad alone (skipped, run continues); batches 6.. are all bad: stop after 3.
+  data = NaNAt(tu.batches(c), bad=[2] + list(range(6, 13)))
+  with pytest.raises(trainer.NonFiniteError, match="not finite for 3 consecutive steps") as e:
+    trainer.train(c, wd, data=data)
+  assert "step 4" in str(e.value)  # the last good checkpoint is named
+  rows = metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+  by_step = {r["step"]: r for r in rows}
+  assert by_step[2]["nonfinite"] == 1.0 and by_step[3]["nonfinite"] == 0.0
+  assert by_step[3]["nonfinite_total"] == 1.0
+  # The checkpoint at step 4 is the last one and its parameters are finite.
+  assert ckpt_lib.latest_step(wd) == 4
+  for _, x in host_params(wd):
+    assert np.all(np.isfinite(x))
+
+
+def test_metrics_files_have_every_series(tmp_path):
+  c = text_config()
+  c.train.log_every = 2
+  wd = str(tmp_path)
+  trainer.train(c, wd, data=tu.batches(c), max_steps=2)
+  (row,) = metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+  for key in ("loss", "text_mlm/loss", "text_mlm/accuracy", "grad_norm", "learning_rate",
+              "steps_per_second", "examples_per_second/text", "tflops_per_device", "mfu",
+              "data_wait_share", "data/dropped_total", "nonfinite_total", "param_norm"):
+    assert key in row, key
+  assert row["step"] == 2 and 0 <= row["data_wait_share"] <= 1
+  assert os.listdir(os.path.join(wd, "tensorboard"))
+  with open(os.path.join(wd, "config.json")) as f:
+    assert json.load(f)["train"]["log_every"] == 2

@@ -1,0 +1,298 @@
+"""The run config: every field with its default and meaning, and its validation.
+
+Experiment files (``experiments/configs/*.py``) start from ``default_config()`` and change what
+they need; ``validate`` then rejects unknown keys (a typo in a config file would otherwise be
+silently ignored) and inconsistent values with ONE line naming the field, before anything is
+compiled. Sections:
+
+  seed          int: parameter init and dropout (step s uses fold_in(key(seed), s))
+  model         every ``unimo_jax.model.ModelConfig`` field (documented there); plus
+                ``vocab_size = 0`` (take the tokenizer's) and ``dtype = "auto"`` (bfloat16 on
+                TPU/GPU, float32 on CPU, where the step measured faster in float32)
+  data          the input pipeline's section (``data_pipelines.pipeline.default_config`` has every
+                field): sources, stream batch sizes (GLOBAL rows per step), lengths, Kp/Kn/Ki/Kt
+  objectives    which losses run and their weights (``unimo_jax.train.objectives``)
+  cmcl          the contrastive loss's assumptions (UNIMO's paper leaves them open; the defaults
+                are UNIMO-2's released choices)
+  optimizer     AdamW and its schedule (``unimo_jax.train.optimizer``)
+  train         loop, checkpoints, logging, non-finite guard, initialisation
+  mesh          device mesh sizes (one may be -1), ``unimo_jax.parallel``
+  axis_rules    logical axis -> mesh axes rules for parameters and activations
+  evaluation    evaluators run by ``unimo-jax evaluate`` and every ``train.eval_every`` steps
+                (owned by ``unimo_jax.evaluation``; free-form here)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+from unimo_jax import parallel
+from unimo_jax.train import objectives as obj_lib
+
+FREE_FORM = ("evaluation",)  # sections whose keys other modules validate
+
+
+class ConfigError(ValueError):
+  """A config problem, described in one line."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field of a run with its default (a tiny CPU-sized run on no data)."""
+  from unimo_jax.model import ModelConfig
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig.tiny()))
+
+  # The pipeline fills every data field the config leaves out from its own defaults.
+  c.data = ml_collections.ConfigDict()
+
+  o = c.objectives = ml_collections.ConfigDict()
+  # 'alternate' (UNIMO: MLM on even steps, seq2seq on odd) | 'both' | 'mlm' | 's2s'
+  o.text_mode = "alternate"        # text corpus: span MLM vs seq2seq infilling
+  o.pair_text_mode = "alternate"   # pairs: MLM on the caption vs captioning
+  o.weights = ml_collections.ConfigDict({name: 1.0 for name in obj_lib.OBJECTIVES})
+  o.label_smoothing = 0.0          # uniform label smoothing of MLM / seq2seq targets
+  o.mrp_regression_weight = 1.0    # masked region prediction: L2 feature regression term
+  o.mrp_class_weight = 1.0         # ... detector class term (regions only)
+  o.mrp_regression_reduction = "mean"  # 'sum' over F (the paper's ||.||^2) or 'mean' over F
+  o.mrp_soft_labels = True         # KL to the detector's class distribution (else CE on labels)
+  o.mrp_normalize_patches = True   # patches: regress per-patch normalised pixels (MAE)
+
+  m = c.cmcl = ml_collections.ConfigDict()
+  m.implementation = "all_gather"  # 'all_gather' | 'ring' (O(local x block) memory) | 'reference'
+  m.temperature_init = 0.07        # learnable tau, log-parameterised (UNIMO-2)
+  m.temperature_min = 0.001        # tau is clipped to [min, max]
+  m.temperature_max = 0.5
+  m.learn_temperature = True
+  m.use_positives = True           # paraphrase rewrites X+ as extra positive texts
+  m.use_related_texts = True       # retrieved related texts X_T as extra positive texts
+  m.use_negatives = True           # scene-graph / lexicon rewrites X- as hard negatives
+  m.use_related_images = True      # retrieved related images X_I as extra positive images
+
+  p = c.optimizer = ml_collections.ConfigDict()
+  p.learning_rate = 1e-4
+  p.warmup_steps = 10
+  p.schedule = "linear"            # 'linear' | 'cosine' | 'constant' after warmup
+  p.end_lr_factor = 0.0
+  p.b1 = 0.9
+  p.b2 = 0.98                      # UNIMO / RoBERTa
+  p.eps = 1e-6
+  p.weight_decay = 0.01            # decoupled; never on biases, LayerNorm or the temperature
+  p.clip_norm = 1.0                # global norm; 0 = off
+  p.grad_accum_steps = 1           # micro-batches per update (each stream's batch is split)
+
+  t = c.train = ml_collections.ConfigDict()
+  t.total_steps = 100
+  t.log_every = 10                 # metrics averaged over this many steps
+  t.checkpoint_every = 50          # 0 = only at the end and on a stop signal
+  t.keep_checkpoints = 3           # newest checkpoints kept
+  t.keep_period = 0                # also keep every step that is a multiple of this (0 = none)
+  t.async_checkpoints = True
+  t.max_nonfinite_steps = 5        # consecutive skipped (non-finite) updates before stopping
+  t.init_from = ""                 # a converted RoBERTa dir (``unimo-jax convert roberta``)
+  t.eval_every = 0                 # run config.evaluation every N steps (0 = never)
+  t.peak_flops_per_device = 0.0    # for MFU; 0 = the table in unimo_jax.train.flops
+  t.progress_bar = "auto"          # 'auto' (on a terminal) | 'on' | 'off'
+  t.compile_report = True          # log the compiled step's memory analysis before step 1
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.axis_rules = [[name, list(axes) if isinstance(axes, tuple) else axes]
+                  for name, axes in parallel.DEFAULT_RULES]
+  c.evaluation = ml_collections.ConfigDict()
+  return c
+
+
+# ------------------------------------------------------------------------------ validation
+def _fail(msg: str):
+  raise ConfigError(msg.replace("\n", " "))
+
+
+def _unknown_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
+  for key, value in cfg.items():
+    name = f"{prefix}{key}"
+    if key not in ref:
+      close = [k for k in ref if k.lower().startswith(str(key)[:3].lower())]
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      _fail(f"unknown config key {name!r}{hint}")
+    if isinstance(value, Mapping) and isinstance(ref[key], Mapping) and ref[key]:
+      _unknown_keys(value, ref[key], name + ".")
+
+
+def _plain(x):
+  if isinstance(x, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return x.to_dict()
+  return x
+
+
+def tokenizer_path_problem(spec: str) -> str | None:
+  """Why a tokenizer spec cannot be loaded (None if its files exist)."""
+  if not spec:
+    return "data.tokenizer is empty (a spec like 'sentencepiece:/path/x.model' or 'bpe:/dir')"
+  kind, _, path = spec.partition(":")
+  path = os.path.expanduser(path)
+  if kind == "sentencepiece":
+    if not os.path.isfile(path):
+      return f"data.tokenizer: {path} does not exist (train one with `unimo-jax tokenizer train`)"
+  elif kind == "bpe":
+    missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      return f"data.tokenizer: {path} lacks {', '.join(missing)}"
+  else:
+    return f"data.tokenizer: unknown kind {kind!r} in {spec!r} (sentencepiece:... or bpe:...)"
+  return None
+
+
+def resolved_data(config, data_defaults: Mapping | None = None) -> dict:
+  """The data section merged over the pipeline's defaults (plain dicts)."""
+  if data_defaults is None:
+    from data_pipelines import pipeline  # imports TensorFlow: only when actually validating
+    return pipeline.resolve_config(config.data)
+  out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in _plain(data_defaults).items()}
+  out["streams"] = {s: dict(v) for s, v in out.get("streams", {}).items()}
+  for k, v in _plain(config.data).items():
+    if k == "streams":
+      for s, sv in v.items():
+        out["streams"].setdefault(s, {}).update(sv)
+    else:
+      out[k] = v
+  return out
+
+
+def enabled_streams(data: Mapping) -> tuple[str, ...]:
+  return tuple(s for s in ("text", "image", "pair") if int(
+      data["streams"].get(s, {}).get("batch_size", 0)) > 0 and data["streams"][s].get("sources"))
+
+
+def validate(config, *, num_devices: int, process_count: int = 1,
+             data_defaults: Mapping | None = None, check_files: bool = True) -> dict:
+  """Checks a run config; raises ``ConfigError`` with one line on the first problem.
+
+  Args:
+    config: the run ConfigDict.
+    num_devices: devices of the whole run (all processes).
+    process_count: processes of the run.
+    data_defaults: the pipeline's default data config (default: imported from
+      ``data_pipelines.pipeline``).
+    check_files: check that the tokenizer and ``train.init_from`` exist.
+
+  Returns:
+    The resolved data section (plain dicts), for the caller's use.
+  """
+  from unimo_jax.model import ModelConfig
+  ref = default_config()
+  cfg = _plain(config)
+  for section in FREE_FORM:
+    ref[section] = ml_collections.ConfigDict()
+  ref_plain = _plain(ref)
+  data_ref = _plain(data_defaults) if data_defaults is not None else None
+  ref_plain["data"] = {}
+  _unknown_keys({k: v for k, v in cfg.items() if k not in FREE_FORM + ("data",)}, ref_plain, "")
+  data = resolved_data(config, data_defaults)
+  if data_ref is None:
+    from data_pipelines import pipeline
+    data_ref = _plain(pipeline.default_config())
+  for key in cfg.get("data", {}):
+    if key not in data_ref:
+      _fail(f"unknown config key 'data.{key}'")
+
+  # model
+  model = dict(cfg["model"])
+  if model.get("vocab_size", 0) == 0:
+    model["vocab_size"] = 1000  # placeholder for the structural checks; the tokenizer decides
+  if model.get("dtype") == "auto":
+    model["dtype"] = "float32"
+  try:
+    mcfg = ModelConfig.from_dict(model)
+  except (ValueError, TypeError) as e:
+    _fail(f"model: {e}")
+
+  # mesh and batch sizes
+  try:
+    shape = parallel.mesh_shape(dict(cfg["mesh"]), num_devices)
+  except ValueError as e:
+    _fail(f"{e} (config.mesh)")
+  dp = shape[0] * shape[1]
+  streams = enabled_streams(data)
+  if not streams:
+    _fail("data: no stream has a batch_size > 0 and sources")
+  k = int(cfg["optimizer"]["grad_accum_steps"])
+  if k < 1:
+    _fail(f"optimizer.grad_accum_steps must be >= 1, got {k}")
+  for s in streams:
+    b = int(data["streams"][s]["batch_size"])
+    if b % process_count:
+      _fail(f"data.streams.{s}.batch_size={b} is not divisible by the {process_count} processes")
+    if b % (dp * k):
+      _fail(f"data.streams.{s}.batch_size={b} is not divisible by {dp} data-parallel devices"
+            + (f" x {k} micro-batches" if k > 1 else "") + f" (mesh {dict(zip(parallel.MESH_AXES, shape))})")
+
+  # model <-> data consistency
+  keys = ("visual_input",) if mcfg.visual_input == "regions" else (
+      "visual_input", "image_size", "patch_size")
+  for key in keys:
+    if data.get(key) != model.get(key):
+      _fail(f"data.{key}={data.get(key)!r} differs from model.{key}={model.get(key)!r}")
+  if mcfg.visual_input == "regions":
+    for key in ("region_feature_dim", "num_region_classes"):
+      if int(data[key]) != int(model[key]):
+        _fail(f"data.{key}={data[key]} differs from model.{key}={model[key]}")
+  for s in streams:
+    sc = data["streams"][s]
+    for key in ("max_length", "s2s_max_length"):
+      if s != "image" and key in sc and int(sc[key]) > mcfg.max_text_length:
+        _fail(f"data.streams.{s}.{key}={sc[key]} exceeds the model's {mcfg.max_text_length} "
+              f"text positions (model.max_positions)")
+
+  # objectives, cmcl, optimizer, train
+  o = cfg["objectives"]
+  for key in ("text_mode", "pair_text_mode"):
+    if o[key] not in obj_lib.TEXT_MODES:
+      _fail(f"objectives.{key} must be one of {obj_lib.TEXT_MODES}, got {o[key]!r}")
+  for name, w in o["weights"].items():
+    if float(w) < 0:
+      _fail(f"objectives.weights.{name} must be >= 0, got {w}")
+  if o["mrp_regression_reduction"] not in ("sum", "mean"):
+    _fail("objectives.mrp_regression_reduction must be 'sum' or 'mean'")
+  run = obj_lib.all_active(ml_collections.ConfigDict(o), streams)
+  if not run:
+    _fail(f"no objective runs: every weighted objective's stream is off (streams: {streams})")
+  for s in streams:
+    objs = tuple(data["streams"][s].get("objectives", ("mlm", "s2s")))
+    for name in run:
+      need = {"text_mlm": ("text", "mlm"), "text_s2s": ("text", "s2s"),
+              "pair_mlm": ("pair", "mlm"), "pair_caption": ("pair", "s2s")}.get(name)
+      if need and need[0] == s and need[1] not in objs:
+        _fail(f"objective {name} runs but data.streams.{s}.objectives={objs} lacks {need[1]!r}")
+  m = cfg["cmcl"]
+  if m["implementation"] not in ("all_gather", "ring", "reference"):
+    _fail(f"cmcl.implementation must be all_gather|ring|reference, got {m['implementation']!r}")
+  if not 0 < m["temperature_min"] <= m["temperature_init"] <= m["temperature_max"]:
+    _fail("cmcl: need 0 < temperature_min <= temperature_init <= temperature_max")
+  p = cfg["optimizer"]
+  if p["schedule"] not in ("linear", "cosine", "constant"):
+    _fail(f"optimizer.schedule must be linear|cosine|constant, got {p['schedule']!r}")
+  if not p["learning_rate"] > 0:
+    _fail("optimizer.learning_rate must be > 0")
+  t = cfg["train"]
+  if int(t["total_steps"]) < 1:
+    _fail("train.total_steps must be >= 1")
+  if int(t["log_every"]) < 1:
+    _fail("train.log_every must be >= 1")
+  if t["progress_bar"] not in ("auto", "on", "off"):
+    _fail("train.progress_bar must be auto|on|off")
+  try:
+    parallel.rules_from_config(cfg["axis_rules"])
+  except ValueError as e:
+    _fail(f"axis_rules: {e}")
+
+  if check_files:
+    if any(s in streams for s in ("text", "pair")):
+      problem = tokenizer_path_problem(str(data.get("tokenizer", "")))
+      if problem:
+        _fail(problem)
+    if t["init_from"] and not os.path.exists(os.path.expanduser(t["init_from"])):
+      _fail(f"train.init_from: {t['init_from']} does not exist")
+  return data

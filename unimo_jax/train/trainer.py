@@ -1,0 +1,338 @@
+"""The training loop: ``train(config, workdir)`` from a fresh start or the workdir's latest checkpoint.
+
+Read top to bottom: workdir and logging / mesh / model / input pipeline / optimizer and state
+(restore, ``init_from`` or fresh) / compiled step / FLOPs / the loop (step, non-finite guard,
+metrics, checkpoints, stop signals, evaluation) / the end (final checkpoint and summary).
+
+The input is any iterator of per-process numpy batches with ``get_state()`` / ``set_state()``
+(``data_pipelines.pipeline.DataIterator``, or ``random_data.RandomBatches`` in tests); its state
+is saved with every checkpoint, so a resumed run sees exactly the batches an uninterrupted run
+would, and with the per-step dropout key ``fold_in(seed, step)`` computes exactly its updates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from unimo_jax import parallel
+from unimo_jax.model import ModelConfig
+from unimo_jax.train import checkpoint as ckpt_lib
+from unimo_jax.train import flops as flops_lib
+from unimo_jax.train import metrics as metrics_lib
+from unimo_jax.train import optimizer as opt_lib
+from unimo_jax.train import state as state_lib
+from unimo_jax.train import train_step as step_lib
+
+# Metrics shown on the console (the files get all of them).
+CONSOLE_KEYS = ("loss", "text_mlm/loss", "text_s2s/loss", "image_mrp/loss", "pair_cmcl/loss_i2t",
+                "pair_cmcl/accuracy_i2t", "pair_mlm/loss", "pair_caption/loss", "pair_mrp/loss",
+                "grad_norm", "steps_per_second", "mfu")
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped: too many consecutive non-finite steps."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run did (returned by ``train``)."""
+  first_step: int
+  last_step: int
+  stopped_by: str          # "done" | "signal" | "max_steps"
+  first_metrics: dict
+  last_metrics: dict
+  workdir: str
+  checkpoint_step: int | None
+  compile_seconds: float
+  train_seconds: float
+  flops_per_step: float
+
+
+def resolve_model_config(config, vocab_size: int | None = None) -> ModelConfig:
+  """``config.model`` -> ModelConfig, filling ``vocab_size = 0`` and ``dtype = "auto"``."""
+  fields = config.model.to_dict()
+  if fields.get("vocab_size", 0) == 0:
+    if not vocab_size:
+      raise ValueError("model.vocab_size is 0 (take the tokenizer's) but no tokenizer is known")
+    fields["vocab_size"] = int(vocab_size)
+  if fields.get("dtype") == "auto":
+    # bf16 with f32 accumulation is the fast path on TPU/GPU; on CPU the small-width step is
+    # dominated by elementwise work that bf16 does not speed up (measured: see README / report).
+    fields["dtype"] = "bfloat16" if jax.default_backend() in ("tpu", "gpu") else "float32"
+  return ModelConfig.from_dict(fields)
+
+
+def check_tokenizer(model_cfg: ModelConfig, tokenizer) -> None:
+  """The tokenizer and the model must agree on the vocabulary and every special id."""
+  pairs = [("vocab_size", tokenizer.vocab_size, model_cfg.vocab_size),
+           ("mask_id", tokenizer.mask_id, model_cfg.mask_token_id),
+           ("pad_id", tokenizer.pad_id, model_cfg.pad_id),
+           ("cls_id", tokenizer.cls_id, model_cfg.cls_id),
+           ("sep_id", tokenizer.sep_id, model_cfg.sep_id)]
+  for name, tok, mod in pairs:
+    if int(tok) != int(mod):
+      raise ValueError(f"tokenizer {name}={tok} but model {name}={mod} (config.model)")
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _batch_shapes(spec: Mapping[str, tuple], process_count: int) -> dict:
+  """Per-process ``{name: (shape, dtype)}`` -> global ``ShapeDtypeStruct``s."""
+  out = {}
+  for name, (shape, dtype) in spec.items():
+    shape = tuple(shape)
+    if shape:
+      shape = (shape[0] * process_count,) + shape[1:]
+    out[name] = jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+  return out
+
+
+def _stream_rows(shapes: Mapping[str, Any]) -> dict[str, int]:
+  return {k.split("/")[0]: v.shape[0] for k, v in shapes.items() if k.endswith("/row_valid")}
+
+
+def _dropped_metrics(data) -> dict[str, float]:
+  """Dropped records per source and reason, summed over processes."""
+  if not hasattr(data, "dropped_counts"):
+    return {}
+  per_process = ckpt_lib._gather_json(data.dropped_counts())  # pylint: disable=protected-access
+  out: dict[str, float] = {}
+  for counts in per_process:
+    for source, reasons in counts.items():
+      for reason, n in reasons.items():
+        key = f"data/dropped/{source}/{reason}"
+        out[key] = out.get(key, 0.0) + float(n)
+  out["data/dropped_total"] = float(sum(out.values()))
+  return out
+
+
+def _init_from(path: str, fresh_params: Any, shardings: Any) -> Any:
+  """Overlays a converted RoBERTa checkpoint on freshly initialised parameters."""
+  from unimo_jax.convert import roberta  # pylint: disable=import-outside-toplevel
+  _, loaded = roberta.load_converted(path)
+  host = jax.device_get(fresh_params)
+  merged_model, report = state_lib.merge_params(host["model"], loaded)
+  logging.info("init_from %s: %d tensors loaded, %d newly initialised (%s...), %d ignored",
+               path, len(report["loaded"]), len(report["initialised"]),
+               ", ".join(report["initialised"][:4]), len(report["ignored"]))
+  return jax.device_put(dict(host, model=merged_model), shardings.params)
+
+
+def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
+          stop: ckpt_lib.StopSignal | None = None, max_steps: int | None = None,
+          evaluate: Callable[[Any, int], Mapping[str, float]] | None = None) -> TrainResult:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+  Args:
+    config: a validated run config (``unimo_jax.train.config``).
+    workdir: checkpoints, TensorBoard events, ``metrics.jsonl`` and ``config.json`` go here.
+    data: an iterator of per-process numpy batches with ``get_state``/``set_state`` (default:
+      ``data_pipelines.pipeline.make_pipeline(config.data)``).
+    tokenizer: the tokenizer object (default: loaded from ``config.data.tokenizer`` when the
+      model's vocabulary size must come from it).
+    stop: the stop-request object (default: one handling SIGTERM/SIGINT during the loop).
+    max_steps: stop after this many steps of THIS call (a checkpoint is saved), e.g. to split a
+      run in tests; the schedule still follows ``train.total_steps``.
+    evaluate: ``(params, step) -> metrics`` run every ``train.eval_every`` steps.
+
+  Returns:
+    A ``TrainResult``. Raises ``NonFiniteError`` after ``train.max_nonfinite_steps``
+    consecutive non-finite steps (the last checkpoint is left as it was).
+  """
+  t_start = time.time()
+  tc = config.train
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # ---------------------------------------------------------------- mesh
+  mesh = parallel.make_mesh(dict(config.mesh))
+  rules = parallel.rules_from_config(config.axis_rules)
+  logging.info("mesh %s over %d devices (%d processes), %s", dict(mesh.shape), jax.device_count(),
+               jax.process_count(), jax.devices()[0].device_kind)
+
+  # ---------------------------------------------------------------- model and data
+  if data is None:
+    from data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
+    if tokenizer is None and config.data.get("tokenizer"):
+      from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
+      tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+    data = pipeline.make_pipeline(config.data, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), tokenizer=tokenizer)
+  model_cfg = resolve_model_config(config, getattr(tokenizer, "vocab_size", None))
+  if tokenizer is not None:
+    check_tokenizer(model_cfg, tokenizer)
+  shapes = _batch_shapes(data.spec, jax.process_count())
+  rows = _stream_rows(shapes)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(_config_json(config), f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+      f.write(model_cfg.to_json())
+
+  # ---------------------------------------------------------------- optimizer and state
+  tx, schedule = opt_lib.make_optimizer(config.optimizer, tc.total_steps)
+  init_params = step_lib.init_params_fn(model_cfg, config.cmcl.temperature_init)
+  rng = jax.random.key(int(config.seed))
+  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, rules, rng)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints or None,
+                                       keep_period=tc.keep_period or None,
+                                       async_save=tc.async_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_state, _ = checkpointer.restore(abstract, latest)
+    if data_state is not None and hasattr(data, "set_state"):
+      data.set_state(data_state)
+    logging.info("resumed from step %d in %s", latest, checkpointer.directory)
+  else:
+    state, _ = state_lib.create_train_state(init_params, tx, mesh, rules, rng)
+    if tc.init_from:
+      params = _init_from(tc.init_from, state.params, shardings)
+      state, _ = state_lib.create_train_state(init_params, tx, mesh, rules, rng, params=params)
+  n_params = state_lib.param_count(state.params)
+  logging.info("model: %s parameters (%s, compute %s)", f"{n_params:,}", model_cfg.visual_input,
+               model_cfg.dtype)
+
+  # ---------------------------------------------------------------- the step
+  step_fn = step_lib.make_train_step(model_cfg, config, tx, mesh, shardings, shapes, rules)
+  t0 = time.time()
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=parallel.batch_sharding(mesh) if v.shape
+                                            else parallel.replicated(mesh))
+                    for k, v in shapes.items()}
+  compiled = step_fn.lower(state, abstract_batch).compile()
+  compile_seconds = time.time() - t0
+  logging.info("compiled the train step in %.1fs", compile_seconds)
+  if tc.compile_report:
+    try:
+      mem = compiled.memory_analysis()
+      logging.info("step memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries "
+                   "%.1f MiB", mem.argument_size_in_bytes / 2**20,
+                   mem.output_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
+    except Exception as e:  # pylint: disable=broad-except  (not every backend reports it)
+      logging.info("no memory analysis on this backend (%s)", e)
+
+  flops = flops_lib.step_flops(model_cfg, config.objectives,
+                               {k: v.shape for k, v in shapes.items()}, config.cmcl)
+  peak = flops_lib.current_peak_flops(model_cfg.dtype, tc.peak_flops_per_device)
+  logging.info("analytic %.3g TFLOP per step; peak %.3g TFLOP/s per device", flops["train"] / 1e12,
+               peak / 1e12)
+
+  # ---------------------------------------------------------------- the loop
+  writer = metrics_lib.MetricWriter(workdir)
+  if int(state.step) == 0 and is_main:
+    writer.write_text(0, "config", "```\n" + json.dumps(_config_json(config), indent=2) + "\n```")
+  start = int(state.step)
+  end = tc.total_steps if max_steps is None else min(tc.total_steps, start + max_steps)
+  bar = metrics_lib.ProgressBar(tc.total_steps, start, force={"on": True, "off": False}.get(
+      tc.progress_bar)) if is_main else metrics_lib.ProgressBar(1, force=False)
+  acc = metrics_lib.MeanAccumulator()
+  own_stop = stop is None
+  stop = stop or ckpt_lib.StopSignal()
+  first_metrics: dict = {}
+  last_metrics: dict = {}
+  stopped_by = "done"
+  window_start, data_wait, window_steps = time.time(), 0.0, 0
+  prev = None  # metrics of the previous step, checked one step late (keeps one step in flight)
+  step = start
+
+  def save(step_now, state_now):
+    if checkpointer.save(step_now, state_now, data_state=getattr(data, "get_state", dict)(),
+                         config=_config_json(config)):
+      logging.info("checkpoint saved at step %d", step_now)
+
+  def check_nonfinite(m, at_step):
+    streak = int(m["nonfinite_streak"])
+    if streak and streak >= tc.max_nonfinite_steps:
+      good = checkpointer.latest_step()
+      raise NonFiniteError(
+          f"stopping at step {at_step}: loss or gradient not finite for {streak} consecutive "
+          f"steps (updates skipped); the last checkpoint ({'step ' + str(good) if good is not None else 'none'}) "
+          f"holds the last good state. Lower optimizer.learning_rate or check the data.")
+
+  if own_stop:
+    stop.__enter__()
+  t_loop = time.time()
+  try:
+    while step < end:
+      t_fetch = time.time()
+      host_batch = next(data)
+      data_wait += time.time() - t_fetch
+      batch = parallel.global_batch(host_batch, mesh)
+      state, m = compiled(state, batch)
+      step += 1
+      window_steps += 1
+      acc.add(m)
+      if prev is not None:
+        check_nonfinite(prev, step - 1)
+      prev = m
+
+      is_log = step % tc.log_every == 0 or step == end
+      if is_log:
+        check_nonfinite(m, step)
+        values = acc.result()
+        elapsed = time.time() - window_start
+        sps = window_steps / elapsed if elapsed > 0 else 0.0
+        values.update({
+            "learning_rate": float(schedule(step - 1)),
+            "steps_per_second": sps,
+            "data_wait_share": data_wait / elapsed if elapsed > 0 else 0.0,
+            "tflops_per_device": flops["train"] * sps / jax.device_count() / 1e12,
+            "mfu": flops_lib.mfu(flops["train"], sps, peak, jax.device_count()),
+            "nonfinite_total": float(state.nonfinite_total),
+        })
+        for s, n in rows.items():
+          values[f"examples_per_second/{s}"] = n * sps
+        values.update(_dropped_metrics(data))
+        writer.write_scalars(step, values)
+        if not first_metrics:
+          first_metrics = dict(values, step=step)
+        last_metrics = dict(values, step=step)
+        line = metrics_lib.format_metrics(values, [k for k in CONSOLE_KEYS if k in values])
+        if bar.enabled:
+          bar.update(step, line, force=True)
+        else:
+          logging.info("step %d/%d %s", step, tc.total_steps, line)
+        window_start, data_wait, window_steps = time.time(), 0.0, 0
+      else:
+        bar.update(step)
+
+      if tc.eval_every and evaluate is not None and step % tc.eval_every == 0:
+        results = dict(evaluate(state.params, step))
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+
+      if stop.should_stop():
+        stopped_by = "signal"
+        save(step, state)
+        logging.warning("stop requested: saved step %d, exiting", step)
+        break
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+        save(step, state)
+    else:
+      if prev is not None:
+        check_nonfinite(prev, step)
+      stopped_by = "done" if step >= tc.total_steps else "max_steps"
+      save(step, state)
+  finally:
+    if own_stop:
+      stop.__exit__(None, None, None)
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  train_seconds = time.time() - t_loop
+  logging.info("finished at step %d (%s) in %.1fs (total %.1fs)", step, stopped_by,
+               train_seconds, time.time() - t_start)
+  return TrainResult(first_step=start, last_step=step, stopped_by=stopped_by,
+                     first_metrics=first_metrics, last_metrics=last_metrics, workdir=workdir,
+                     checkpoint_step=ckpt_lib.latest_step(workdir),
+                     compile_seconds=compile_seconds, train_seconds=train_seconds,
+                     flops_per_step=flops["train"])
