@@ -76,6 +76,8 @@ def test_command_saved_format_and_merge_into_full_model(tmp_path):
   assert config == want_config and config.visual_input == "regions"
   jax.tree.map(np.testing.assert_array_equal, params, want)
   assert json.loads((out / "source.json").read_text())["num_params"] > 0
+  assert cli.main(["unimo-jax convert", "roberta", "--hf-dir", str(tmp_path / "missing"),
+                   "--out", str(out)]) == 2
 
   fresh = _zeros_like_model(config)
   merged, kept = roberta.merge_params(fresh, params)

@@ -4,6 +4,7 @@ Writes ``O/config.json`` (ModelConfig) and ``O/params.msgpack``; a training conf
 them with ``init_from=O`` (``unimo_jax.convert.roberta.load_converted`` + ``merge_params``).
 """
 import argparse
+import sys
 import time
 
 
@@ -43,4 +44,8 @@ def main(argv) -> int:
                    help="visual input recorded in the written config (default: patches)")
   rob.set_defaults(run=_roberta)
   args = parser.parse_args(argv[1:])
-  return args.run(args)
+  try:
+    return args.run(args)
+  except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+    print(f"{parser.prog} {args.source}: error: {e}", file=sys.stderr)
+    return 2
