@@ -7,12 +7,38 @@ imports TensorFlow.
 """
 import ml_collections
 
-# Where `unimo-jax prepare` builds TFDS datasets and tokenizers by default.
-CACHE = "~/.cache/unimo_jax"
-DEMO_TOKENIZER = f"sentencepiece:{CACHE}/tokenizers/synthetic_scenes.model"
+# Where the README's `unimo-jax prepare synthetic_scenes --data-dir ...` builds the demo data
+# (TFDS configs, the SentencePiece tokenizer, side files).
+DEMO_DATA_DIR = "~/.cache/unimo_jax/synthetic_scenes"
 
 
-def synthetic_source(kind: str, size: str = "demo", data_dir: str = f"{CACHE}/tfds",
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """``"smoke,data_dir=/x"`` -> ``{"smoke": True, "data_dir": "/x"}`` over ``defaults``.
+
+  Config files take one string argument (``--config file.py:ARG``); this reads flags and
+  key=value pairs from it, with the types of the defaults.
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, eq, value = part.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} unknown; expected {sorted(defaults)}")
+    kind = type(defaults[key])
+    out[key] = True if not eq else (value.lower() in ("1", "true", "yes") if kind is bool
+                                    else kind(value))
+  return out
+
+
+def synthetic_tokenizer(data_dir: str = DEMO_DATA_DIR, size: str = "demo",
+                        image_size: int = 64) -> str:
+  """The tokenizer `unimo-jax prepare synthetic_scenes` trains for these data."""
+  name = "pairs" + (f"_{size}" if size != "demo" else "") + (
+      f"_s{image_size}" if image_size != 64 else "")
+  model = "spm" if name == "pairs" else f"spm_{name}"
+  return f"sentencepiece:{data_dir}/tokenizer/{model}.model"
+
+
+def synthetic_source(kind: str, size: str = "demo", data_dir: str = DEMO_DATA_DIR,
                      image_size: int = 64, weight: float = 1.0) -> dict:
   """A synthetic_scenes TFDS source (built locally on first use: ``prepare=True``).
 
@@ -30,7 +56,7 @@ def synthetic_source(kind: str, size: str = "demo", data_dir: str = f"{CACHE}/tf
 
 def synthetic_data(*, visual_input: str = "patches", size: str = "demo", image_size: int = 64,
                    patch_size: int = 8, batch_sizes=(32, 32, 32), text_length: int = 64,
-                   caption_length: int = 32, tokenizer: str = DEMO_TOKENIZER
+                   caption_length: int = 32, data_dir: str = DEMO_DATA_DIR
                    ) -> ml_collections.ConfigDict:
   """All three streams on synthetic_scenes.
 
@@ -40,7 +66,7 @@ def synthetic_data(*, visual_input: str = "patches", size: str = "demo", image_s
   text_b, image_b, pair_b = batch_sizes
   d = ml_collections.ConfigDict()
   d.seed = 0
-  d.tokenizer = tokenizer
+  d.tokenizer = synthetic_tokenizer(data_dir, size, image_size)
   d.visual_input = visual_input
   d.image_size = image_size
   d.patch_size = patch_size
@@ -54,12 +80,12 @@ def synthetic_data(*, visual_input: str = "patches", size: str = "demo", image_s
   d.streams = ml_collections.ConfigDict()
   d.streams.text = dict(batch_size=text_b, max_length=text_length, max_predictions=12,
                         s2s_max_length=text_length, s2s_max_predictions=24,
-                        sources=[synthetic_source("text", size, image_size=image_size)])
+                        sources=[synthetic_source("text", size, data_dir, image_size)])
   d.streams.image = dict(batch_size=image_b,
-                         sources=[synthetic_source("images", size, image_size=image_size)])
+                         sources=[synthetic_source("images", size, data_dir, image_size)])
   d.streams.pair = dict(batch_size=pair_b, max_length=caption_length, max_predictions=6,
                         s2s_max_predictions=caption_length,
-                        sources=[synthetic_source("pairs", size, image_size=image_size)])
+                        sources=[synthetic_source("pairs", size, data_dir, image_size)])
   return d
 
 

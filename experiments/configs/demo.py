@@ -3,7 +3,9 @@
   unimo-jax train --config experiments/configs/demo.py --workdir /tmp/unimo_demo
   unimo-jax train --config experiments/configs/demo.py --workdir W --config.train.total_steps=50
 
-``get_config("smoke")`` shrinks it to a few steps on the tiny dataset (tests, CI).
+The data come from ``unimo-jax prepare synthetic_scenes --data-dir DIR`` (default DIR
+``~/.cache/unimo_jax/synthetic_scenes``). Config args (``demo.py:ARG``, comma-separated):
+``data_dir=DIR``, and ``smoke``: a few steps on the tiny dataset size (tests, CI).
 """
 from experiments.configs import common
 from unimo_jax.train.config import default_config
@@ -12,7 +14,8 @@ from unimo_jax.train.config import default_config
 def get_config(arg: str | None = None):
   c = default_config()
   c.seed = 0
-  smoke = arg == "smoke"
+  args = common.parse_arg(arg, smoke=False, data_dir=common.DEMO_DATA_DIR)
+  smoke = args["smoke"]
 
   # A 2-layer, H=64 model: every path of the real one at CPU cost.
   m = c.model
@@ -33,7 +36,8 @@ def get_config(arg: str | None = None):
 
   c.data = common.synthetic_data(
       visual_input="patches", size="tiny" if smoke else "demo", image_size=64, patch_size=8,
-      batch_sizes=(8, 8, 8) if smoke else (32, 32, 32), text_length=64, caption_length=32)
+      batch_sizes=(8, 8, 8) if smoke else (32, 32, 32), text_length=64, caption_length=32,
+      data_dir=args["data_dir"])
 
   o = c.objectives
   o.text_mode = "alternate"

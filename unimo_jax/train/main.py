@@ -1,0 +1,115 @@
+"""``unimo-jax train``: pre-train a UNIMO model from a config file.
+
+  unimo-jax train --config experiments/configs/demo.py --workdir /tmp/demo
+  unimo-jax train --config experiments/configs/base.py:/mnt/data --workdir DIR \\
+      --config.optimizer.learning_rate=5e-5 --config.mesh.fsdp=-1
+
+The config is an ml_collections Python file (``get_config(arg)``, the text after ``:`` is the
+arg); ``--config.<field>=<value>`` overrides any field (an unknown field is an error). A workdir
+holding checkpoints is resumed from its latest one. Multi-host: started on every host, with
+``jax.distributed`` set up from the environment (TPU pods, SLURM, Open MPI) or from
+``--coordinator_address`` / ``--num_processes`` / ``--process_id``.
+
+Exit codes: 0 done (or stopped cleanly by a signal after saving), 2 config error, 3 stopped by
+the non-finite guard.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def _flags() -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
+                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and metrics",
+                      flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes of a multi-host run", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index in a multi-host run",
+                       flag_values=fv)
+  flags.DEFINE_string("local_device_ids", None, "comma-separated local devices of this process",
+                      flag_values=fv)
+  flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning"], "console log level",
+                    flag_values=fv)
+  return fv
+
+
+def setup_logging(level: str = "info") -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.basicConfig(level=getattr(logging, level.upper()),
+                      format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S",
+                      stream=sys.stderr, force=True)
+  # orbax and absl log every save step at INFO: keep the console for training progress.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def summary(result, workdir: str) -> str:
+  """First vs last metrics and where the outputs are."""
+  first, last = result.first_metrics, result.last_metrics
+  lines = [f"trained steps {result.first_step} -> {result.last_step} ({result.stopped_by}) in "
+           f"{result.train_seconds:.0f}s (compile {result.compile_seconds:.0f}s)"]
+  keys = [k for k in last if (k == "loss" or k.endswith("/loss") or "accuracy" in k)
+          and k in first]
+  for k in sorted(keys, key=lambda k: (k != "loss", k)):
+    a, b = first.get(k), last.get(k)
+    if a is not None and b is not None:
+      lines.append(f"  {k:<28} {a:9.4f} (step {first['step']}) -> {b:9.4f} (step {last['step']})")
+  if "mfu" in last:
+    lines.append(f"  throughput: {last.get('steps_per_second', 0):.2f} steps/s, "
+                 f"{last.get('tflops_per_device', 0):.3g} TFLOP/s per device, "
+                 f"MFU {100 * last['mfu']:.1f}%")
+  lines.append(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+  lines.append(f"checkpoints: {os.path.join(workdir, 'checkpoints')} (latest step "
+               f"{result.checkpoint_step})")
+  lines.append(f"metrics:     {os.path.join(workdir, 'metrics.jsonl')}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  fv = _flags()
+  try:
+    fv(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    print(f"{argv[0]}: {e}", file=sys.stderr)
+    return 2
+  if fv.config is None or not fv.workdir:
+    print(f"{argv[0]}: --config and --workdir are required", file=sys.stderr)
+    return 2
+  setup_logging(fv.log_level)
+
+  from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
+  local_ids = ([int(i) for i in fv.local_device_ids.split(",")] if fv.local_device_ids else None)
+  parallel.initialize(fv.coordinator_address, fv.num_processes, fv.process_id, local_ids)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  config = fv.config
+  try:
+    config_lib.validate(config, num_devices=jax.device_count(),
+                        process_count=jax.process_count())
+  except config_lib.ConfigError as e:
+    print(f"{argv[0]}: config error: {e}", file=sys.stderr)
+    return 2
+  try:
+    result = trainer.train(config, fv.workdir)
+  except trainer.NonFiniteError as e:
+    print(f"{argv[0]}: {e}", file=sys.stderr)
+    return 3
+  except ValueError as e:  # tokenizer / model mismatches found after loading
+    print(f"{argv[0]}: {e}", file=sys.stderr)
+    return 2
+  if jax.process_index() == 0:
+    print(summary(result, os.path.abspath(os.path.expanduser(fv.workdir))))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(["unimo-jax train"] + sys.argv[1:]))
