@@ -26,18 +26,19 @@ def run(cfg, params, *args, method):
 
 
 def cached(cfg, params, tokens, **prefix):
-  """Prefill the prefix, then feed tokens [B, STEPS] one at a time through decode_step."""
+  """Prefill the prefix, then feed tokens [B, STEPS] one at a time through decode_step.
+  Returns logits [B, STEPS, V], hidden [B, STEPS, H] and the final cache."""
   model = Unimo(cfg)
 
   @jax.jit
   def go(p, tokens, prefix):
     _, cache = model.apply({"params": p}, STEPS, method=Unimo.prefill, **prefix)
-    logits, hidden = [], []
-    for t in range(tokens.shape[1]):
-      out, cache = model.apply({"params": p}, tokens[:, t], cache, method=Unimo.decode_step)
-      logits.append(out["logits"])
-      hidden.append(out["hidden"])
-    return jnp.stack(logits, 1), jnp.stack(hidden, 1), cache
+
+    def step(cache, token):  # a scan, as generation runs it inside a loop
+      out, cache = model.apply({"params": p}, token, cache, method=Unimo.decode_step)
+      return cache, (out["logits"], out["hidden"])
+    cache, (logits, hidden) = jax.lax.scan(step, cache, tokens.T)
+    return logits.swapaxes(0, 1), hidden.swapaxes(0, 1), cache
   return go(params, tokens, prefix)
 
 
@@ -118,11 +119,10 @@ def test_decoding_from_an_empty_cache_is_a_causal_lm():
 
   @jax.jit
   def decode(p, tokens):
-    cache, hidden = init_cache(cfg, 2, STEPS), []
-    for t in range(STEPS):
-      out, cache = model.apply({"params": p}, tokens[:, t], cache, method=Unimo.decode_step)
-      hidden.append(out["hidden"])
-    return jnp.stack(hidden, 1)
+    def step(cache, token):
+      out, cache = model.apply({"params": p}, token, cache, method=Unimo.decode_step)
+      return cache, out["hidden"]
+    return jax.lax.scan(step, init_cache(cfg, 2, STEPS), tokens.T)[1].swapaxes(0, 1)
   causal = masks.seq2seq(np.full((2, STEPS), 2))
   full = run(cfg, params, tokens, masks.to_bias(causal), method=Unimo.encode_text)
   np.testing.assert_allclose(decode(params, tokens), full["hidden"], atol=2e-5)
