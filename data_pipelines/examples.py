@@ -6,8 +6,11 @@
 ``_image_present`` [1 + Ki] bool: slot 0 the image itself, then the related images) and the TF
 stage of `pipeline` decodes them into ``pixels`` / ``related_pixels``.
 
-Every random choice of a row (caption, paraphrases, negatives, related items, text window, MLM,
-infilling, region/patch masks) draws from ONE generator that the caller seeds with
+Pairs: the caption is drawn among the record's captions; the others and any ``paraphrases`` are
+the positives X+ (`rewriting.paraphrase_positives`); the negatives X- are the record's
+``hard_negatives``, then side-file negatives (TF-IDF), then, if the source asks for them,
+word-level lexicon rewrites of the caption. Every random choice of a row (caption, paraphrases,
+negatives, related items, text window, MLM, infilling, region/patch masks) draws from ONE generator that the caller seeds with
 ``np.random.default_rng([seed, stream_id, slot])``, so a row is a pure function of
 (seed, stream, slot) and of the record the mixture puts there.
 
@@ -17,7 +20,7 @@ Region masking runs on the pixel boxes (IoU is scale free); patches use `patch_m
 """
 import numpy as np
 
-from data_pipelines import images, schema
+from data_pipelines import images, rewriting, schema
 from data_pipelines.sources.base import BadRecord, text_list
 from unimo_jax import masking
 
@@ -55,9 +58,9 @@ class TextCodec:
     for t in texts:
       if k == count:
         break
-      tok = np.asarray(self.tok.encode(t), np.int32)
-      if tok.size:
-        ids[k], _ = self.sequence(tok, length)
+      tok = self.tok.encode(t)[:max(0, length - 2)]
+      if len(tok):
+        ids[k, 0], ids[k, 1:1 + len(tok)], ids[k, 1 + len(tok)] = self.cls, tok, self.sep
         valid[k] = True
         k += 1
     return ids, valid
@@ -90,6 +93,13 @@ class RowBuilder:
     vis = ("image",) if self.visual == "patches" else ("regions",)
     return vis + (("captions",) if self.stream == "pair" else ())
 
+  def wanted_fields(self) -> set:
+    """Raw fields this stream reads when a source has them (required ones included)."""
+    if self.stream == "text":
+      return {"text"}
+    vis = {"image"} if self.visual == "patches" else {"regions", "image"}
+    return vis | ({"captions", "paraphrases", "hard_negatives"} if self.stream == "pair" else set())
+
   # -- text pieces --------------------------------------------------------------------------
   def _mlm(self, seq, ws, rng, prefix="mlm_"):
     out = masking.span_mlm(seq, ws, rng, vocab_size=self.codec.vocab_size,
@@ -108,23 +118,23 @@ class RowBuilder:
     if "text" not in rec:
       raise BadRecord("missing_field", "text")
     ids = self.codec.encode(rec["text"])
+    L, L2 = self.d["L"], self.d["L2"]
+    want = max(L - 2 if "mlm" in self.objectives else 0, L2 if "s2s" in self.objectives else 0)
+    if len(ids) > want:  # a long document: both objectives see one random window from a word
+      ws_all = np.asarray(self.codec.tok.word_starts(ids), bool)
+      starts = np.flatnonzero(ws_all[:len(ids) - want + 1])
+      start = int(starts[rng.integers(len(starts))]) if len(starts) else 0
+      ids = ids[start:start + want]
     row = {}
-    L = self.d["L"]
     if "mlm" in self.objectives:
-      window = ids
-      if len(ids) > L - 2:  # a long document: a random window starting at a word
-        ws_all = np.asarray(self.codec.tok.word_starts(ids), bool)
-        starts = np.flatnonzero(ws_all[:len(ids) - (L - 2) + 1])
-        start = int(starts[rng.integers(len(starts))]) if len(starts) else 0
-        window = ids[start:start + L - 2]
-      seq, ws = self.codec.sequence(window, L)
+      seq, ws = self.codec.sequence(ids, L)
       row.update(self._mlm(seq, ws, rng))
     if "s2s" in self.objectives:
-      # infilling cuts the text to what fits; cutting first bounds its work on long documents.
-      out = masking.infilling(ids[:self.d["L2"]], rng, max_length=self.d["L2"],
-                              max_predictions=self.d["P2"], bos_id=self.codec.cls,
-                              eos_id=self.codec.mask, pad_id=self.codec.pad,
-                              sep_id=self.codec.sep, rate=self.infill_rate)
+      # infilling cuts the text further to what its layout fits.
+      out = masking.infilling(ids[:L2], rng, max_length=L2, max_predictions=self.d["P2"],
+                              bos_id=self.codec.cls, eos_id=self.codec.mask,
+                              pad_id=self.codec.pad, sep_id=self.codec.sep,
+                              rate=self.infill_rate)
       row.update(self._s2s(out))
     return row
 
@@ -240,34 +250,45 @@ class RowBuilder:
     row["related_valid"] = valid
 
   # -- rows ---------------------------------------------------------------------------------
-  def build(self, rec, rng, related_images=(), related_texts=()):
-    """One row (dict) of this stream from raw record `rec`; raises BadRecord."""
+  def build(self, rec, rng, related_images=(), related_texts=(), extra_negatives=(),
+            lexicon_negatives=False):
+    """One row (dict) of this stream from raw record `rec`; raises BadRecord.
+
+    Pairs only: `extra_negatives` (e.g. TF-IDF-nearest captions of other images) follow the
+    record's own hard negatives; `lexicon_negatives` fills the remaining slots with word-level
+    rewrites of the caption (`rewriting.lexicon_rewrites`).
+    """
     row = {}
     if self.stream == "text":
       row.update(self._text_row(rec, rng))
     elif self.stream == "image":
       self._visual(rec, rng, row)
     else:
-      self._pair_row(rec, rng, row, related_images, related_texts)
+      self._pair_row(rec, rng, row, related_images, related_texts, extra_negatives,
+                     lexicon_negatives)
     row["row_valid"] = True
     return row
 
-  def _pair_row(self, rec, rng, row, related_images, related_texts):
+  def _pair_row(self, rec, rng, row, related_images, related_texts, extra_negatives,
+                lexicon_negatives):
     captions = rec.get("captions")
     if not captions:
       raise BadRecord("missing_field", "captions")
-    L = self.d["L"]
+    L, Kn = self.d["L"], self.d["Kn"]
     c = int(rng.integers(len(captions)))
     ids = self.codec.encode(captions[c], "caption")
     caption_ids, ws = self.codec.sequence(ids, L)
     row["caption_ids"] = caption_ids
     # Other captions of the image and supplied paraphrases are the positives X+.
-    pos = [t for j, t in enumerate(captions) if j != c] + list(rec.get("paraphrases", []))
-    pos = [pos[j] for j in rng.permutation(len(pos))] if pos else []
+    pos = rewriting.paraphrase_positives(captions, c, self.d["Kp"] + 2,
+                                         rec.get("paraphrases", ()), rng)
     row["positive_ids"], row["positive_valid"] = self.codec.texts(pos, self.d["Kp"], L)
     neg = list(rec.get("hard_negatives", []))
     neg = [neg[j] for j in rng.permutation(len(neg))] if neg else []
-    row["negative_ids"], row["negative_valid"] = self.codec.texts(neg, self.d["Kn"], L)
+    neg += [t for t in extra_negatives if t not in neg]
+    if lexicon_negatives and len(neg) < Kn:
+      neg += [t for t, _ in rewriting.lexicon_rewrites(captions[c], rng, Kn - len(neg))]
+    row["negative_ids"], row["negative_valid"] = self.codec.texts(neg, Kn, L)
     texts = text_list(list(related_texts), "related texts")
     row["related_text_ids"], row["related_text_valid"] = self.codec.texts(
         texts, self.d["Kt"], L)

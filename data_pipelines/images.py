@@ -7,9 +7,9 @@ Two halves:
   to choose a JPEG decode ratio for large images. PNG chunk CRCs are verified, so a damaged PNG
   is caught here; JPEG has no checksums (only its markers are checked).
 - `decode_image(data, ratio_index, ...)` (TensorFlow ops, used inside a tf.data map): decodes
-  already-decoded pixels wrapped by `encode_raw` (TFDS Tensor images), and
   JPEG (grayscale, RGB, CMYK/YCCK: libjpeg converts), PNG (gray, palette, RGBA, 16-bit), GIF
-  (first frame), BMP and WebP to RGB uint8, resizes to ``[S, S, 3]`` with antialiasing and
+  (first frame), BMP, WebP, and pixels that arrive already decoded (TFDS Tensor images, wrapped
+  by `encode_raw`) to RGB uint8, resizes to ``[S, S, 3]`` with antialiasing and
   normalises ``(x / 255 - mean) / std``. A large JPEG is decoded at 1/2, 1/4 or 1/8 scale by
   libjpeg (DCT scaling) when the result is still at least S on its short side, which makes a
   4000x3000 photo cost about what a 500x375 one does. Alpha is dropped (as PIL's convert('RGB')).

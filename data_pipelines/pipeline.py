@@ -182,7 +182,11 @@ class DataIterator:
     parts = {s: st.dataset(self._slots[s], int(self.cfg.get("parallel_batches", 2)))
              for s, st in self.streams.items()}
     ds = tf.data.Dataset.zip(parts)
-    ds = ds.map(lambda d: {f"{s}/{k}": v for s, row in d.items() for k, v in row.items()})
+
+    def flatten(d):
+      return {f"{s}/{k}": v for s, row in d.items() for k, v in row.items()}
+
+    ds = ds.map(flatten)
     ds = ds.prefetch(int(self.cfg.get("prefetch", 2)))
     options = tf.data.Options()
     options.deterministic = True

@@ -18,12 +18,13 @@ weights 0).
 """
 import collections
 import logging
+import os
 import threading
 
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines import images, schema
+from data_pipelines import images, rewriting, schema
 from data_pipelines.examples import RowBuilder
 from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, load_neighbours, open_source
@@ -52,6 +53,7 @@ class Stream:
     self.patches = cfg["visual_input"] == "patches" and stream != "text"
     self.num_images = (1 + (self.builder.d["Ki"] if stream == "pair" else 0)) if self.patches else 0
     self.sources, self.names, self.neighbours, weights = [], [], [], []
+    self.tfidf, self.lexicon = [], []  # per source: {example id: negatives}, rewrite flag
     names = set()
     for k, spec in enumerate(scfg["sources"]):
       name = source_name(spec, stream, k)
@@ -59,10 +61,16 @@ class Stream:
         raise schema.SchemaError(f"two sources of stream {stream} are named {name!r}")
       names.add(name)
       src = open_source(spec, name=name)
+      src.restrict(self.builder.wanted_fields())
       self.sources.append(src)
       self.names.append(name)
       self.neighbours.append(load_neighbours(spec["neighbours"]) if spec.get("neighbours")
                              else {})
+      if self.neighbours[-1]:
+        src.find("")  # builds the key index now rather than inside the first batch
+      self.tfidf.append(rewriting.load_tfidf_side_file(os.path.expanduser(
+          spec["tfidf_negatives"])) if spec.get("tfidf_negatives") else {})
+      self.lexicon.append(bool(spec.get("lexicon_negatives", False)))
       weights.append(float(spec.get("weight", 1.0)))
     self.mixture = Mixture(weights, [len(s) for s in self.sources], seed=self.seed,
                            stream_id=self.stream_id, period=int(cfg.get("mixture_period", 1000)))
@@ -143,10 +151,13 @@ class Stream:
     rec = self._read(s, i)
     rng = np.random.default_rng([self.seed, self.stream_id, slot]) if slot >= 0 else (
         np.random.default_rng([self.seed, self.stream_id, 0]))
-    related_images, related_texts = ([], [])
-    if self.stream == "pair":
-      related_images, related_texts = self._related(s, rec)
-    return self.builder.build(rec, rng, related_images, related_texts)
+    if self.stream != "pair":
+      return self.builder.build(rec, rng)
+    related_images, related_texts = self._related(s, rec)
+    key = rec.get("key", "")
+    extra = self.tfidf[s].get(int(key), ()) if self.tfidf[s] and key.isdigit() else ()
+    return self.builder.build(rec, rng, related_images, related_texts, extra_negatives=extra,
+                              lexicon_negatives=self.lexicon[s])
 
   def row(self, slot: int, s: int, i: int):
     """The row of global `slot` (record i of source s, or its replacements) + drop counts."""
@@ -190,9 +201,12 @@ class Stream:
     touts = [tf.string if d == np.dtype(object) else tf.as_dtype(d)
              for _, d in self.out_spec.values()]
 
+    def rows_of_step(step):
+      return self.batch(base, int(step))
+
     def py_batch(step):
-      return tf.numpy_function(lambda t: self.batch(base, int(t)), [step], touts,
-                               stateful=False, name=f"{self.stream}_rows")
+      return tf.numpy_function(rows_of_step, [step], touts, stateful=False,
+                               name=f"{self.stream}_rows")
 
     def to_dict(*arrays):
       out = {}
@@ -212,12 +226,18 @@ class Stream:
       if self.stream == "pair" and self.num_images == 1:
         size = self.builder.d["S"]
         empty["related_pixels"] = ((self.local_batch, 0, size, size, 3), tf.float32)
-      ds = ds.map(lambda d: {k: v for k, v in d.items() if k not in empty})
+
+      def drop_empty(d):
+        return {k: v for k, v in d.items() if k not in empty}
+
+      def restore_empty(d):
+        return {**d, **{k: tf.zeros(shape, dtype) for k, (shape, dtype) in empty.items()}}
+
+      ds = ds.map(drop_empty)
       ds = ds.unbatch().map(self._decode_row, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
       ds = ds.batch(self.local_batch, drop_remainder=True)
-      ds = ds.map(lambda d: {**d, **{k: tf.zeros(shape, dtype)
-                                     for k, (shape, dtype) in empty.items()}})
+      ds = ds.map(restore_empty)
     return ds
 
   def _decode_row(self, row):

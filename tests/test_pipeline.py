@@ -385,3 +385,32 @@ def test_synthetic_scenes_default_config(tmp_path):
     assert it.dropped_counts() == {n: {} for n in ("synthetic_text", "synthetic_images",
                                                   "synthetic_pairs")}
     it.close()
+
+
+def test_side_file_and_lexicon_negatives(tmp_path):
+  rng = np.random.default_rng(5)
+  (tmp_path / "img").mkdir()
+  with open(tmp_path / "p.jsonl", "w") as f:
+    for i in range(4):
+      (tmp_path / "img" / f"{i}.png").write_bytes(fx.image_bytes(fx.random_pixels(rng, S, S)))
+      f.write(json.dumps(dict(key=i, image=f"{i}.png",
+                              captions=["a red circle left of a blue square"])) + "\n")
+  with open(tmp_path / "tfidf.jsonl", "w") as f:
+    for i in range(4):
+      f.write(json.dumps(dict(id=i, negatives=[f"{'two ' * (i + 1)}shapes"], scores=[0.5])) + "\n")
+  src = dict(name="p", kind="jsonl", path=str(tmp_path / "p.jsonl"), image_dir=str(tmp_path / "img"),
+             tfidf_negatives=str(tmp_path / "tfidf.jsonl"), lexicon_negatives=True)
+  it = _single_stream("pair", [src], 4, 1, num_negatives=3)
+  b = next(it)
+  caption = b["pair/caption_ids"][0]
+  side = {f"{'two ' * (i + 1)}shapes" for i in range(4)}
+  firsts = set()
+  for r in range(4):
+    firsts.add(_words(b["pair/negative_ids"][r, 0]))  # the side file's negative comes first
+    assert b["pair/negative_valid"][r].all()
+    for k in (1, 2):  # lexicon rewrites: the caption with one word or phrase replaced
+      neg = b["pair/negative_ids"][r, k]
+      assert neg.tobytes() != caption.tobytes()
+      assert abs(int((neg != TOK.pad_id).sum()) - int((caption != TOK.pad_id).sum())) <= 2
+  assert firsts == side  # one epoch of 4 records: each record's own side-file negative
+  it.close()

@@ -12,6 +12,9 @@ A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   regions     {kind: region_npz | region_tsv, path}: region features joined by image key (needed
               with visual_input "regions" when the source has no regions of its own)
   neighbours  JSON lines side file of related images / texts (see `base.load_neighbours`)
+  tfidf_negatives    pairs: side file of TF-IDF-nearest captions of other images, keyed by the
+                     numeric example id (`rewriting.write_tfidf_side_file`, `unimo-jax prepare`)
+  lexicon_negatives  pairs: fill missing hard negatives with word-level rewrites of the caption
 """
 from data_pipelines.sources.base import BadRecord, Source, load_neighbours
 from data_pipelines.sources.files import (CocoCaptionsSource, ImageFolderSource, JsonlSource,

@@ -54,6 +54,10 @@ class Source:
   def read(self, i: int) -> dict:
     raise TypeError(f"{type(self).__name__} does not define read")
 
+  def restrict(self, fields):
+    """Hint: only these raw fields will be used (a source may then skip decoding the rest)."""
+    del fields
+
   def key(self, i: int) -> str:
     """The key of record i (cheap for file-backed sources; subclasses override)."""
     return self.read(i)["key"]

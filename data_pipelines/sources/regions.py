@@ -106,6 +106,9 @@ class RegionJoin(base.Source):
   def key(self, i):
     return self._source.key(i)
 
+  def restrict(self, fields):
+    self._source.restrict(set(fields) - {"regions"})
+
   def find(self, key):
     return self._source.find(key)
 

@@ -78,7 +78,7 @@ class TfdsSource(base.Source):
     if "tfrecord" not in fmt:
       raise ValueError(f"source {name!r}: {tfds_name} is stored as {fmt}; this reader needs "
                        "TFRecord (prepare it with file_format='tfrecord')")
-    self._features = self._builder.info.features
+    self._all_features = self._features = self._builder.info.features
     self._decoders = {k: tfds.decode.SkipDecoding() for k, f in self._features.items()
                       if isinstance(f, tfds.features.Image)}
     self._map = dict(field_map or {})
@@ -103,6 +103,19 @@ class TfdsSource(base.Source):
 
   def __len__(self):
     return len(self._offset)
+
+  def restrict(self, fields):
+    """Decodes only the features behind `fields` (plus the key): numpy decoding of unused
+    features (scene graphs, QA, ...) costs more than the rest of building a row."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    top = set(self._all_features.keys())
+    keep = {self._map.get(raw, raw).split("/")[0] for raw in set(fields) | {"key"}}
+    keep |= {k.split("/")[0] for k in _KEY_CANDIDATES} | {"caption"}
+    if "key" in self._map:
+      keep.add(self._map["key"].split("/")[0])
+    keep &= top
+    self._features = tfds.features.FeaturesDict({k: self._all_features[k] for k in sorted(keep)})
+    self._decoders = {k: d for k, d in self._decoders.items() if k in keep}
 
   def read(self, i):
     data = self._reader.read(self._files[self._file_id[i]], int(self._offset[i]),

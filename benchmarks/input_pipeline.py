@@ -1,0 +1,151 @@
+"""Input pipeline throughput: examples/s of each stream and of the mixed demo pipeline.
+
+  python benchmarks/input_pipeline.py [--size demo] [--visual patches,regions] [--batches 40]
+      [--runs 3] [--tokenizer sentencepiece:/x.model] [--train_steps 12]
+
+On synthetic_scenes (built under --data_dir on first use) with the demo's per-step sizes, for
+each visual input it prints, as the median of --runs timed runs of --batches batches (after a
+warm-up):
+  - each stream alone through tf.data (rows/s), and the Python row builder alone (rows/s: the
+    share of the work that tokenisation, masking and reading take);
+  - the mixed three-stream pipeline (rows/s over all streams, and steps/s).
+With --train_steps > 0 it also trains the demo model on random schema batches for that many
+steps and prints the ratio of the pipeline's steps/s to the train step's (> 1: the input keeps
+up). Without --tokenizer it trains a SentencePiece model on the synthetic corpus first.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_pipelines import pipeline, schema  # noqa: E402
+from data_pipelines import tokenizers  # noqa: E402
+from data_pipelines.sources import open_source  # noqa: E402
+
+DEMO_BATCH = 32  # rows per stream per step (experiments/configs/demo.py)
+
+
+def build_tokenizer(cfg, workdir: str, vocab_size: int):
+  """SentencePiece trained on the synthetic text corpus and captions (as the demo does)."""
+  sentences = []
+  for s in ("text", "pair"):
+    src = open_source(cfg.streams[s].sources[0], name=s)
+    for i in range(min(len(src), 4000)):
+      rec = src.read(i)
+      sentences += [rec["text"]] if "text" in rec else list(rec.get("captions", []))
+  prefix = os.path.join(workdir, "synthetic_spm")
+  return tokenizers.load_tokenizer("sentencepiece:" + tokenizers.train_sentencepiece(
+      sentences, prefix, vocab_size, fit_vocab=True))
+
+
+def time_iterator(it, batches: int, runs: int):
+  """Median seconds per batch over `runs` runs of `batches` batches (after 3 warm-up ones)."""
+  for _ in range(3):
+    next(it)
+  per_batch = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    per_batch.append((time.perf_counter() - t) / batches)
+  return statistics.median(per_batch)
+
+
+def time_python_rows(stream, batches: int, runs: int):
+  """Median seconds per batch of the Python row builder alone (no tf.data)."""
+  stream.batch(0, 0)
+  per_batch = []
+  for r in range(runs):
+    t = time.perf_counter()
+    for step in range(batches):
+      stream.batch(0, 1 + r * batches + step)
+    per_batch.append((time.perf_counter() - t) / batches)
+  return statistics.median(per_batch)
+
+
+def only(cfg, stream):
+  c = cfg.copy_and_resolve_references()
+  for s in schema.STREAMS:
+    if s != stream:
+      c.streams[s].batch_size = 0
+  return c
+
+
+def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
+  """Steps/s of the demo train step on random schema batches (the input pipeline left out)."""
+  from experiments.configs import demo  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import random_data, trainer  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  config = demo.get_config()
+  config.data = data_cfg
+  config.model.vocab_size = tokenizer.vocab_size
+  config.model.visual_input = data_cfg.visual_input
+  config.train.total_steps = steps
+  config.train.log_every = max(2, steps // 2)
+  config.train.checkpoint_every = 10 ** 9
+  spec = schema.batch_spec(pipeline.resolve_config(data_cfg))
+  data = random_data.RandomBatches(spec, tokenizer.vocab_size)
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer.train(config, workdir, data=data, tokenizer=tokenizer)
+    rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return [r["steps_per_second"] for r in rows if "steps_per_second" in r][-1]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", default="demo", help="synthetic_scenes size preset")
+  p.add_argument("--data_dir", default="~/.cache/unimo_jax/tfds")
+  p.add_argument("--visual", default="patches,regions")
+  p.add_argument("--batch", type=int, default=DEMO_BATCH, help="rows per stream per step")
+  p.add_argument("--batches", type=int, default=40)
+  p.add_argument("--runs", type=int, default=3)
+  p.add_argument("--tokenizer", default="", help="spec; default: train one on the corpus")
+  p.add_argument("--vocab_size", type=int, default=2000)
+  p.add_argument("--train_steps", type=int, default=0,
+                 help="also time this many demo train steps (compiles the model)")
+  args = p.parse_args(argv)
+
+  base = pipeline.default_synthetic_config(data_dir=args.data_dir, size=args.size)
+  for s in schema.STREAMS:
+    base.streams[s].batch_size = args.batch
+  base.streams.text.max_length = base.streams.text.s2s_max_length = 64
+  base.streams.text.max_predictions, base.streams.text.s2s_max_predictions = 12, 24
+  base.streams.pair.max_length = base.streams.pair.s2s_max_predictions = 32
+  base.streams.pair.max_predictions = 6
+  base.num_related_images = base.num_related_texts = 0
+  with tempfile.TemporaryDirectory() as tmp:
+    tok = (tokenizers.load_tokenizer(args.tokenizer) if args.tokenizer
+           else build_tokenizer(base, tmp, args.vocab_size))
+  print(f"synthetic_scenes/{args.size}, {args.batch} rows per stream per step, tokenizer "
+        f"vocab {tok.vocab_size}; median of {args.runs} runs x {args.batches} batches")
+  for vis in args.visual.split(","):
+    cfg = base.copy_and_resolve_references()
+    cfg.visual_input = vis
+    print(f"\n[{vis}]")
+    print(f"  {'stream':<8} {'tf.data rows/s':>15} {'python rows/s':>15}")
+    for s in schema.STREAMS:
+      it = pipeline.make_pipeline(only(cfg, s), tokenizer=tok)
+      sec = time_iterator(it, args.batches, args.runs)
+      py = time_python_rows(it.streams[s], max(5, args.batches // 4), args.runs)
+      it.close()
+      print(f"  {s:<8} {args.batch / sec:>15,.0f} {args.batch / py:>15,.0f}")
+    it = pipeline.make_pipeline(cfg, tokenizer=tok)
+    sec = time_iterator(it, args.batches, args.runs)
+    it.close()
+    rows = args.batch * len(schema.STREAMS)
+    print(f"  {'mixed':<8} {rows / sec:>15,.0f}   ({1 / sec:.1f} steps/s of {rows} rows)")
+    if args.train_steps > 0:
+      train_sps = train_steps_per_second(cfg, tok, args.train_steps)
+      print(f"  demo train step: {train_sps:.2f} steps/s; input/train ratio "
+            f"{(1 / sec) / train_sps:.1f}x")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
