@@ -99,25 +99,32 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def default_synthetic_config(data_dir: str = "~/.cache/unimo_jax/tfds", size: str = "demo",
-                             tokenizer: str = "") -> ml_collections.ConfigDict:
+                             tokenizer: str | None = None) -> ml_collections.ConfigDict:
   """All three streams on synthetic_scenes (pairs / text / images), built locally on first use.
 
   `size` picks the SCENES size preset (tiny, demo, ...): the TFDS config names are ``pairs``,
   ``text``, ``images`` for demo and ``<kind>_<size>`` otherwise. Region sizes follow the
-  synthetic defaults (F 64, 48 shape-colour classes).
+  synthetic defaults (F 64, 48 shape-colour classes, at most 3 objects). The tokenizer and the
+  pairs' TF-IDF negatives default to what ``unimo-jax prepare synthetic_scenes --data-dir
+  DATA_DIR`` writes (a missing side file just means no TF-IDF negatives).
   """
+  from data_pipelines import rewriting  # pylint: disable=import-outside-toplevel
   from data_pipelines.synthetic_scenes import generate  # pylint: disable=import-outside-toplevel
   c = default_config()
+  names = {k: generate.SceneOptions(kind=k, size=size).name for k in generate.KINDS}
+  if tokenizer is None:
+    spm = "spm" if names["pairs"] == "pairs" else f"spm_{names['pairs']}"
+    tokenizer = f"sentencepiece:{os.path.join(data_dir, 'tokenizer', spm)}.model"
   c.tokenizer = tokenizer
   c.image_size = generate.SceneOptions().image_size
   c.region_feature_dim = generate.SceneOptions().feature_dim
   c.num_region_classes = 48
   c.num_regions = 4
   c.num_negatives = 4
+  c.num_related_images = c.num_related_texts = 0  # no neighbours file for synthetic scenes
 
   def src(kind):
-    name = generate.SceneOptions(kind=kind, size=size).name
-    return dict(name=f"synthetic_{kind}", kind="tfds", tfds_name=f"synthetic_scenes/{name}",
+    return dict(name=f"synthetic_{kind}", kind="tfds", tfds_name=f"synthetic_scenes/{names[kind]}",
                 split="train", data_dir=data_dir, prepare=True, weight=1.0)
 
   c.streams.text.batch_size = 32
@@ -125,7 +132,8 @@ def default_synthetic_config(data_dir: str = "~/.cache/unimo_jax/tfds", size: st
   c.streams.image.batch_size = 32
   c.streams.image.sources = [src("images")]
   c.streams.pair.batch_size = 32
-  c.streams.pair.sources = [src("pairs")]
+  c.streams.pair.sources = [dict(src("pairs"), tfidf_negatives=rewriting.tfidf_side_path(
+      data_dir, f"synthetic_scenes/{names['pairs']}", "train"))]
   return c
 
 
@@ -322,7 +330,13 @@ def make_pipeline(data_config, *, process_index: int = 0, process_count: int = 1
     if not cfg.get("tokenizer"):
       raise ValueError("data.tokenizer is empty (a spec like 'sentencepiece:/path.model')")
     from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
-    tokenizer = tokenizers.load_tokenizer(cfg["tokenizer"])
+    kind, sep, path = cfg["tokenizer"].partition(":")
+    spec = f"{kind}:{os.path.expanduser(path)}" if sep else os.path.expanduser(kind)
+    try:
+      tokenizer = tokenizers.load_tokenizer(spec)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise ValueError(f"data.tokenizer {cfg['tokenizer']!r} cannot be loaded ({e}); for "
+                       "synthetic_scenes run `unimo-jax prepare synthetic_scenes`") from e
   t0 = time.time()
   streams = {s: Stream(s, cfg, tokenizer, process_index=process_index,
                        process_count=process_count) for s in enabled}

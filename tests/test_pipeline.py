@@ -372,12 +372,14 @@ def test_mixture_is_stratified_and_epochs_cover_every_record():
 
 
 def test_synthetic_scenes_default_config(tmp_path):
+  # What `unimo-jax prepare synthetic_scenes` builds: TFDS configs, tokenizer, side files.
+  from data_pipelines import prepare
+  prepare.prepare_synthetic(str(tmp_path), size="tiny")
   c = pipeline.default_synthetic_config(data_dir=str(tmp_path), size="tiny")
   c.streams.text.batch_size = c.streams.image.batch_size = c.streams.pair.batch_size = 4
-  c.num_related_images = c.num_related_texts = 0
   for vis in ("patches", "regions"):
     c.visual_input = vis
-    it = pipeline.make_pipeline(c, tokenizer=TOK)
+    it = pipeline.make_pipeline(c)
     b = next(it)
     schema.check_batch(b, schema.batch_spec(it.cfg))
     assert b["pair/negative_valid"].any() and b["pair/positive_valid"].any()

@@ -6,7 +6,8 @@ A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   weight      mixture weight within its stream (default 1.0)
   path        file, directory, glob or list of them (every kind but tfds)
   tfds_name   e.g. "coco_captions/2017" or "synthetic_scenes/pairs" (kind tfds); split, data_dir,
-              prepare (build first: only for builders that need no download)
+              prepare (build first: only for builders that need no download; with several
+              processes, prepare once beforehand, e.g. `unimo-jax prepare`, as they would race)
   image_dir   images of a coco / jsonl source
   field_map   {raw key: feature/json key}, for tfds and jsonl
   regions     {kind: region_npz | region_tsv, path}: region features joined by image key (needed
