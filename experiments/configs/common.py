@@ -5,11 +5,13 @@ big_vision and the flax examples; ``unimo_jax.train.config.default_config`` docu
 These helpers build only the ``data`` section, with plain values, so loading a config never
 imports TensorFlow.
 """
+import os
+
 import ml_collections
 
 # Where the README's `unimo-jax prepare synthetic_scenes --data-dir ...` builds the demo data
 # (TFDS configs, the SentencePiece tokenizer, side files).
-DEMO_DATA_DIR = "~/.cache/unimo_jax/synthetic_scenes"
+DEMO_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "unimo_jax", "synthetic_scenes")
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:
@@ -32,6 +34,7 @@ def parse_arg(arg: str | None, **defaults) -> dict:
 def synthetic_tokenizer(data_dir: str = DEMO_DATA_DIR, size: str = "demo",
                         image_size: int = 64) -> str:
   """The tokenizer `unimo-jax prepare synthetic_scenes` trains for these data."""
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
   name = "pairs" + (f"_{size}" if size != "demo" else "") + (
       f"_s{image_size}" if image_size != 64 else "")
   model = "spm" if name == "pairs" else f"spm_{name}"
@@ -45,6 +48,7 @@ def synthetic_source(kind: str, size: str = "demo", data_dir: str = DEMO_DATA_DI
   kind: "pairs" | "text" | "images"; the TFDS config name is the kind for the demo defaults and
   ``<kind>_<size>`` (plus ``_s<image_size>``) otherwise, as ``SceneOptions.name``.
   """
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
   name = kind
   if size != "demo":
     name += f"_{size}"

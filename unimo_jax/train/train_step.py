@@ -20,7 +20,6 @@ stop; a finite step resets the streak.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -163,11 +162,14 @@ class UnimoObjectives:
       target = visual.patch_targets(batch[f"{stream}/pixels"], cfg.patch_size,
                                     normalize=self.obj.mrp_normalize_patches)
       probs = classes = None
-    return visual.region_prediction_loss(
+    loss, metrics = visual.region_prediction_loss(
         heads["features"], target, heads.get("class_logits"), _region_mask(batch, stream, cfg),
         classes=classes, class_probs=probs, regression_weight=self.obj.mrp_regression_weight,
         class_weight=self.obj.mrp_class_weight,
         regression_reduction=self.obj.mrp_regression_reduction)
+    if cfg.visual_input != "regions":  # patches have no classes: drop the constant-0 metrics
+      metrics = {k: v for k, v in metrics.items() if not k.startswith("class_")}
+    return loss, metrics
 
   def image_mrp(self, params, batch, rng, det):
     vis = _visual(batch, "image", self.model_cfg)
@@ -275,8 +277,10 @@ class UnimoObjectives:
     weights = obj_lib.weights(self.obj)
     total = jnp.zeros((), jnp.float32)
     metrics = {}
-    for i, name in enumerate(names):
-      key = jax.random.fold_in(rng, i) if rng is not None else None
+    for name in names:
+      # Keyed by the objective, not its position, so regrouping objectives keeps the masks.
+      key = (jax.random.fold_in(rng, obj_lib.OBJECTIVES.index(name)) if rng is not None
+             else None)
       loss, m = getattr(self, name)(params, batch, key, deterministic)
       s = scales[name]
       total = total + weights[name] * loss * s
@@ -317,60 +321,72 @@ def make_train_step(model_cfg: ModelConfig, config: Any, tx: optax.GradientTrans
   streams = sorted({k.split("/")[0] for k in batch_shapes})
   phases = obj_lib.num_phases(config.objectives)
   plans = [obj_lib.active(config.objectives, streams, p) for p in range(phases)]
-  every = sorted(set().union(*map(set, plans)))
+  every = tuple(o for o in obj_lib.OBJECTIVES if any(o in plan for plan in plans))
+  # Objectives of every phase are computed once, outside the switch; only the alternating
+  # ones live in its branches (the switch compiles every branch).
+  common = tuple(o for o in every if all(o in plan for plan in plans))
+  alternating = [tuple(o for o in plan if o not in common) for plan in plans]
   k = int(config.optimizer.grad_accum_steps)
   base_key = jax.random.key(int(config.seed))
 
-  def grads_for(names, params, batch, rng):
-    """Gradients and metrics of the objectives ``names`` over the k micro-batches."""
-    totals = objective_counts(batch, model_cfg, names)
-
-    def micro(params, mb, rng):
-      counts = objective_counts(mb, model_cfg, names)
-      scales = {n: jnp.where(totals[n] > 0, counts[n] / jnp.maximum(totals[n], 1.0), 0.0)
-                for n in names}
-      return objectives(params, mb, rng, names, scales)
-
-    grad_fn = jax.value_and_grad(micro, has_aux=True)
-    if k == 1:
-      (loss, metrics), grads = grad_fn(params, batch, rng)
-    else:
-      mbs = _micro_batches(batch, k, mesh)
-
-      def body(carry, xs):
-        mb, j = xs
-        (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, j))
-        acc_l, acc_m, acc_g = carry
-        return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
-
-      (l0, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), rng)
-      zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-      init = (jnp.zeros((), jnp.float32), zeros(m0), zeros(g0))
-      (loss, metrics, grads), _ = jax.lax.scan(body, init, (mbs, jnp.arange(k)))
-    # Every phase reports the metrics of every objective (NaN where it did not run), so the
-    # branches of lax.switch return the same structure. All metrics are f32 scalars.
-    full = {key: v.astype(jnp.float32) for key, v in metrics.items()}
-    for name in every:
-      if name not in names:
-        for key in metric_names(name, params, batch):
-          full[key] = jnp.full((), jnp.nan, jnp.float32)
-    return loss, full, grads
-
   def metric_names(name, params, batch):
-    one = jax.tree.map(lambda x: x[: x.shape[0] // k] if x.ndim else x, batch)
     _, m = jax.eval_shape(
         lambda p, b: objectives(p, b, None, (name,), {name: jnp.float32(1)}, deterministic=True),
-        params, one)
+        params, batch)
     return list(m)
+
+  def loss_fn(params, mb, rng, phase, totals):
+    """Loss and metrics of one (micro-)batch: common objectives + this phase's others."""
+    counts = objective_counts(mb, model_cfg, every)
+    scales = {n: jnp.where(totals[n] > 0, counts[n] / jnp.maximum(totals[n], 1.0), 0.0)
+              for n in every}
+    loss, metrics = objectives(params, mb, rng, common, scales)
+    metrics = {key: v.astype(jnp.float32) for key, v in metrics.items()}
+    if phases > 1 and any(alternating):
+      # Each branch reports the metrics of every alternating objective, NaN where it did not
+      # run, so that both branches return the same structure.
+      names = {n: metric_names(n, params, mb) for plan in alternating for n in plan}
+
+      def branch(plan):
+        def run(params, mb, rng, scales):
+          l, m = objectives(params, mb, rng, plan, scales)
+          out = {key: jnp.full((), jnp.nan, jnp.float32) for n in names if n not in plan
+                 for key in names[n]}
+          out.update({key: v.astype(jnp.float32) for key, v in m.items()})
+          return l, out
+        return run
+
+      alt_loss, alt_metrics = jax.lax.switch(phase, [branch(p) for p in alternating], params, mb,
+                                             rng, scales)
+      loss = loss + alt_loss
+      metrics.update(alt_metrics)
+    return loss, metrics
+
+  def grads_and_metrics(params, batch, rng, phase):
+    """Gradients and metrics over the k micro-batches, normalised by whole-batch counts."""
+    totals = objective_counts(batch, model_cfg, every)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+      (loss, metrics), grads = grad_fn(params, batch, rng, phase, totals)
+      return loss, metrics, grads
+    mbs = _micro_batches(batch, k, mesh)
+
+    def body(carry, xs):
+      mb, j = xs
+      (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, j), phase, totals)
+      acc_l, acc_m, acc_g = carry
+      return (acc_l + l, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
+
+    (_, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), rng, phase,
+                                 totals)
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+    init = (jnp.zeros((), jnp.float32), zeros(m0), zeros(g0))
+    (loss, metrics, grads), _ = jax.lax.scan(body, init, (mbs, jnp.arange(k)))
+    return loss, metrics, grads
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(base_key, state.step)
-    if phases == 1:
-      loss, metrics, grads = grads_for(plans[0], state.params, batch, rng)
-    else:
-      branches = [functools.partial(grads_for, plan) for plan in plans]
-      loss, metrics, grads = jax.lax.switch(state.step % phases, branches, state.params, batch,
-                                            rng)
+    loss, metrics, grads = grads_and_metrics(state.params, batch, rng, state.step % phases)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
