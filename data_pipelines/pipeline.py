@@ -19,8 +19,8 @@ changes, and it cannot save the Python readers (tar, TSV, npz, tokenisers) that 
 `tf.data.Dataset.sample_from_datasets` is not used for the same reason: its selector is a
 stateful random stream (resuming it means replaying every earlier choice, and each component's
 offset depends on all of them); `Mixture` gives the same weighted mixture with exact per-period
-proportions, computable for any slot directly. There is one batch and one prefetch, after the
-three streams are joined; no per-source buffers.
+proportions, computable for any slot directly. A stream's rows are mixed before they are
+batched (no per-source pipelines or buffers), and one prefetch follows the join of the streams.
 
 Config (``data`` section; `default_config()` has every field with its default):
   seed                 int, data seed (mixture, record order, masking)

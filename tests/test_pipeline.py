@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from data_pipelines import images, pipeline, schema
+from data_pipelines import pipeline, schema
 from data_pipelines.mixture import Mixture, mixture_counts, permute
 import data_fixtures as fx
 
