@@ -126,3 +126,15 @@ def test_initialize_single_process_is_noop():
   assert parallel.initialize(env={}) == "single"
   with pytest.raises(ValueError, match="num_processes"):
     parallel.initialize(coordinator_address="127.0.0.1:1", env={})
+
+
+def test_fsdp_fallback_shards_large_arrays_the_rules_leave_replicated():
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  big = (1024, 256)
+  assert parallel.with_fsdp_fallback(P(), big, mesh) == P("fsdp")
+  assert parallel.with_fsdp_fallback(P(), (1001, 256), mesh) == P(None, "fsdp")
+  assert parallel.with_fsdp_fallback(P("fsdp"), big, mesh) == P("fsdp")  # already sharded
+  assert parallel.with_fsdp_fallback(P(), (8, 8), mesh) == P()  # small: left alone
+  assert parallel.with_fsdp_fallback(P(), (1023, 255), mesh) == P()  # nothing divisible
+  mesh1 = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  assert parallel.with_fsdp_fallback(P(), big, mesh1) == P()

@@ -196,19 +196,53 @@ def unbox(tree: Any) -> Any:
                                 is_leaf=_is_partitioned)
 
 
+# Arrays at least this large that the rules leave unsharded over `fsdp` get their largest
+# divisible free dimension sharded over it (ZeRO-3 must not keep big heads replicated just
+# because their logical names map elsewhere, e.g. a projection whose input is labelled "mlp").
+FSDP_FALLBACK_MIN_SIZE = 2**16
+
+
+def with_fsdp_fallback(spec: P, shape: Sequence[int], mesh: Mesh,
+                       min_size: int = FSDP_FALLBACK_MIN_SIZE) -> P:
+  """Adds ``fsdp`` to the largest unsharded dimension divisible by its size, if the array is
+  large and ``spec`` does not use ``fsdp`` yet."""
+  size = mesh.shape.get("fsdp", 1)
+  if size <= 1 or math.prod(shape) < min_size:
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for e in entries if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  if "fsdp" in used:
+    return spec
+  free = [i for i, e in enumerate(entries) if e is None and shape[i] % size == 0]
+  if not free:
+    return spec
+  best = max(free, key=lambda i: shape[i])
+  entries[best] = "fsdp"
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries)
+
+
 def tree_shardings(abstract: Any, logical: Any, mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   fsdp_min_size: int | None = FSDP_FALLBACK_MIN_SIZE) -> Any:
   """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given their logical names.
 
   Args:
     abstract: tree with ``.shape`` leaves.
     logical: tree of the same structure with a tuple of logical names (or None) per leaf.
+    mesh, rules: the mesh and logical-axis rules.
+    fsdp_min_size: see ``with_fsdp_fallback`` (None turns the fallback off).
   """
   flat, treedef = jax.tree_util.tree_flatten(abstract)
   flat_logical = treedef.flatten_up_to(logical)
-  return treedef.unflatten([
-      NamedSharding(mesh, logical_to_spec(names, np.shape(x), mesh, rules))
-      for x, names in zip(flat, flat_logical)])
+  out = []
+  for x, names in zip(flat, flat_logical):
+    spec = logical_to_spec(names, np.shape(x), mesh, rules)
+    if fsdp_min_size is not None:
+      spec = with_fsdp_fallback(spec, np.shape(x), mesh, fsdp_min_size)
+    out.append(NamedSharding(mesh, spec))
+  return treedef.unflatten(out)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -54,8 +54,15 @@ def synthetic_source(kind: str, size: str = "demo", data_dir: str = DEMO_DATA_DI
     name += f"_{size}"
   if image_size != 64:
     name += f"_s{image_size}"
-  return dict(name=f"synthetic_{kind}", kind="tfds", tfds_name=f"synthetic_scenes/{name}",
+  spec = dict(name=f"synthetic_{kind}", kind="tfds", tfds_name=f"synthetic_scenes/{name}",
               split="train", data_dir=data_dir, prepare=True, weight=weight)
+  if kind == "pairs":
+    # TF-IDF-nearest captions of other scenes: extra sentence-level hard negatives (UNIMO's
+    # retrieval rewriting), written by `unimo-jax prepare`; a missing file means none.
+    from data_pipelines import rewriting  # pylint: disable=import-outside-toplevel (no TF)
+    spec["tfidf_negatives"] = rewriting.tfidf_side_path(data_dir, f"synthetic_scenes/{name}",
+                                                        "train")
+  return spec
 
 
 def synthetic_data(*, visual_input: str = "patches", size: str = "demo", image_size: int = 64,

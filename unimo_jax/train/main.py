@@ -23,10 +23,12 @@ from absl import flags
 from ml_collections import config_flags
 
 
-def _flags() -> flags.FlagValues:
+def _flags(argv: list[str]) -> flags.FlagValues:
   fv = flags.FlagValues()
+  # sys_argv: config_flags finds the --config.x=y overrides in this list (default sys.argv,
+  # which is not what the `unimo-jax` dispatcher or a test passes).
   config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
-                                  flag_values=fv, lock_config=True)
+                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
   flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and metrics",
                       flag_values=fv)
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)",
@@ -73,7 +75,7 @@ def summary(result, workdir: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-  fv = _flags()
+  fv = _flags(argv)
   try:
     fv(argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:

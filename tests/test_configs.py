@@ -1,0 +1,172 @@
+"""Experiment configs: they load, validate, build and shard; bad configs fail in one line."""
+import io
+import os
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from data_pipelines import pipeline, schema
+from unimo_jax import parallel
+from unimo_jax.train import config as config_lib
+from unimo_jax.train import main as main_lib
+from unimo_jax.train import optimizer as opt_lib
+from unimo_jax.train import state as state_lib
+from unimo_jax.train import sweep as sweep_lib
+from unimo_jax.train import train_step as step_lib
+from unimo_jax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
+
+
+def load(name, *overrides):
+  """Loads a config file the way `unimo-jax train` does (config_flags, with overrides)."""
+  argv = ["prog", f"--config={os.path.join(CONFIGS, name)}"] + [f"--config.{o}" for o in overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+@pytest.mark.parametrize("name", ["demo.py", "demo.py:smoke", "demo_regions.py", "base.py",
+                                  "large.py:/mnt/data"])
+def test_configs_validate(name):
+  c = load(name)
+  data = config_lib.validate(c, num_devices=8, check_files=False)
+  assert schema.enabled_streams(data) == ("text", "image", "pair")
+
+
+def test_overrides_reach_nested_fields():
+  c = load("demo.py", "optimizer.learning_rate=0.5", "data.streams.text.batch_size=16",
+           "cmcl.use_negatives=False")
+  assert c.optimizer.learning_rate == 0.5 and c.data.streams.text.batch_size == 16
+  assert c.cmcl.use_negatives is False
+
+
+def _cli(*args, tmp):
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    rc = main_lib.main(["unimo-jax train", "--workdir", str(tmp)] + list(args))
+  return rc, err.getvalue().strip()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config.optimizer.learnig_rate=1"], "learnig_rate"),
+    (["--config.data.streams.pair.batch_size=12"], "batch_size=12 is not divisible by 8"),
+    (["--config.mesh.data=16"], "uses 16 devices, but there are 8"),
+    (["--config.optimizer.grad_accum_steps=3"], "x 3 micro-batches"),
+    (["--config.cmcl.implementation=dense"], "cmcl.implementation"),
+    (["--config.data.tokenizer=sentencepiece:/nonexistent/spm.model"], "does not exist"),
+    (["--config.model.hidden_size=66"], "divisible by num_heads"),
+])
+def test_cli_rejects_bad_configs_in_one_line(tmp_path, args, fragment):
+  rc, err = _cli("--config", os.path.join(CONFIGS, "demo.py"), *args, tmp=tmp_path)
+  assert rc == 2 and fragment in err, err
+  assert len(err.splitlines()) == 1, err
+  assert not os.path.exists(tmp_path / "checkpoints")  # failed before any work
+
+
+def test_unknown_key_in_a_config_file(tmp_path):
+  path = tmp_path / "typo.py"
+  path.write_text("from experiments.configs import demo\n"
+                  "def get_config(arg=None):\n"
+                  "  c = demo.get_config(arg)\n"
+                  "  c.train.chekpoint_every = 5\n"
+                  "  return c\n")
+  rc, err = _cli("--config", str(path), tmp=tmp_path)
+  assert rc == 2 and "unknown config key 'train.chekpoint_every'" in err, err
+
+
+def _expected_params(m, d):
+  """UNIMO parameter count written from the architecture (UNIMO.md), regions input."""
+  H, M, V, P, F, C, L = (m.hidden_size, m.mlp_dim, m.vocab_size, m.max_positions,
+                         m.region_feature_dim, m.num_region_classes, m.num_layers)
+  text = V * H + P * H + 2 * H
+  regions = F * H + H + 5 * H + H + 2 * H
+  layer = 4 * (H * H + H) + (H * M + M) + (M * H + H) + 2 * 2 * H
+  lm_head = H * H + H + 2 * H + V
+  transform = H * H + H + 2 * H
+  region_heads = transform + H * F + F + transform + H * C + C
+  projections = 2 * (H * H + H + H * d + d)
+  return text + regions + L * layer + lm_head + region_heads + projections + 1  # + log tau
+
+
+@pytest.mark.parametrize("name, millions", [("base.py", 132), ("large.py", 366)])
+def test_paper_configs_build_sharded_on_8_devices(name, millions):
+  c = load(name)
+  config_lib.validate(c, num_devices=8, check_files=False)
+  mcfg = trainer.resolve_model_config(c)
+  mesh = parallel.make_mesh(dict(c.mesh))
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  tx, _ = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
+  init = step_lib.init_params_fn(mcfg, c.cmcl.temperature_init)
+  abstract, shardings = state_lib.state_shardings(init, tx, mesh, parallel.rules_from_config(
+      c.axis_rules), jax.random.key(0))
+  n = state_lib.param_count(abstract.params)
+  assert n == _expected_params(mcfg, mcfg.projection_dim)
+  assert round(n / 1e6) == millions
+  # Every large parameter (and its Adam moments) is split over the 8 devices.
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract.params):
+    if np.prod(leaf.shape) >= 2**18:
+      shard = leaf.sharding.shard_shape(leaf.shape)
+      assert np.prod(shard) * 8 == np.prod(leaf.shape), jax.tree_util.keystr(path)
+  mu = abstract.opt_state[1][0].mu["model"]["text_embed"]["word"]
+  assert mu.sharding.shard_shape(mu.shape)[1] == mcfg.hidden_size // 8
+
+
+def test_base_step_traces_at_full_size():
+  """The whole base train step (every objective, batch 512/256/512, 512 tokens, 100 regions)
+  traces with the config's shardings on 8 devices (abstractly: nothing is allocated)."""
+  c = load("base.py")
+  data = config_lib.validate(c, num_devices=8, check_files=False)
+  mcfg = trainer.resolve_model_config(c)
+  mesh = parallel.make_mesh(dict(c.mesh))
+  rules = parallel.rules_from_config(c.axis_rules)
+  tx, _ = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
+  init = step_lib.init_params_fn(mcfg, c.cmcl.temperature_init)
+  abstract, shardings = state_lib.state_shardings(init, tx, mesh, rules, jax.random.key(0))
+  shapes = trainer._batch_shapes(schema.batch_spec(data), 1)
+  step = step_lib.make_train_step(mcfg, c, tx, mesh, shardings, shapes, rules)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in shapes.items()}
+  with step_lib.mesh_context(mesh, rules):
+    new_state, metrics = jax.eval_shape(step.jitted, abstract, batch)
+  assert new_state.params["model"]["encoder"].keys() == abstract.params["model"][
+      "encoder"].keys()
+  assert {"loss", "pair_cmcl/loss_i2t", "text_mlm/loss", "pair_mrp/class_accuracy"} <= set(
+      metrics)
+
+
+def test_sweeps_expand_to_valid_trials():
+  for name in sorted(os.listdir(os.path.join(ROOT, "experiments", "sweeps"))):
+    if not name.endswith(".py") or name.startswith("__"):
+      continue
+    config_path, trials = sweep_lib.load_sweep(os.path.join(ROOT, "experiments", "sweeps", name))
+    cmds = sweep_lib.commands(config_path, trials, "/tmp/sweep")
+    assert len({w for w, _ in cmds}) == len(cmds)  # one workdir per trial
+    for _, argv in cmds:
+      overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+      c = load(os.path.relpath(os.path.join(ROOT, config_path), CONFIGS), *overrides)
+      config_lib.validate(c, num_devices=8, check_files=False)
+
+
+def test_sweep_product_and_names():
+  trials = sweep_lib.product({"a.x": [1, 2]}, {"b.y": [0.5, 0.25], "b.z": [True, False]})
+  assert trials == [{"a.x": 1, "b.y": 0.5, "b.z": True}, {"a.x": 1, "b.y": 0.25, "b.z": False},
+                    {"a.x": 2, "b.y": 0.5, "b.z": True}, {"a.x": 2, "b.y": 0.25, "b.z": False}]
+  assert sweep_lib.trial_name(3, {"a.x": 1, "b.y": 0.5}) == "03_x=1_y=0.5"
+  assert sweep_lib.format_value((1, 2)) == "(1,2)"
+  with pytest.raises(ValueError, match="differ in length"):
+    sweep_lib.product({"a": [1], "b": [1, 2]})
+
+
+def test_pipeline_defaults_cover_the_data_keys():
+  """Every data key a config sets is one the pipeline knows (validated the same way)."""
+  ref = pipeline.default_config()
+  for name in ("demo.py", "base.py"):
+    for key in load(name).data:
+      assert key in ref, key
