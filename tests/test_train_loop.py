@@ -157,3 +157,30 @@ def test_metrics_files_have_every_series(tmp_path):
   assert os.listdir(os.path.join(wd, "tensorboard"))
   with open(os.path.join(wd, "config.json")) as f:
     assert json.load(f)["train"]["log_every"] == 2
+
+
+def test_init_from_a_converted_checkpoint(tmp_path):
+  from unimo_jax.convert import roberta  # pylint: disable=import-outside-toplevel
+  c = text_config()
+  mcfg = tu.model_config(c)
+  # A "converted RoBERTa": the text path only, with recognisable values.
+  from unimo_jax.model import init_params  # pylint: disable=import-outside-toplevel
+  full = jax.tree.map(np.asarray, init_params(mcfg, jax.random.key(7)))
+  text = {k: jax.tree.map(lambda x: np.full_like(x, 0.25), full[k])
+          for k in ("text_embed", "encoder", "lm_head")}
+  roberta.save(str(tmp_path / "roberta"), mcfg, text)
+  c.train.init_from = str(tmp_path / "roberta")
+  wd = str(tmp_path / "run")
+  trainer.train(c, wd, data=tu.batches(c), max_steps=0)  # saves the initial state (step 0)
+  params, step = ckpt_lib.restore_params(wd)
+  assert step == 0
+  for k in ("text_embed", "encoder", "lm_head"):
+    for x in jax.tree_util.tree_leaves(params["model"][k]):
+      np.testing.assert_array_equal(x, 0.25)
+  for k in ("patch_embed", "region_head", "text_projection"):
+    assert not all(np.all(x == 0.25) for x in jax.tree_util.tree_leaves(params["model"][k]))
+  # A converted model of another shape is refused by name.
+  roberta.save(str(tmp_path / "other"), mcfg.replace(max_positions=30), text)
+  c.train.init_from = str(tmp_path / "other")
+  with pytest.raises(ValueError, match="max_positions=30"):
+    trainer.train(c, str(tmp_path / "run2"), data=tu.batches(c), max_steps=0)

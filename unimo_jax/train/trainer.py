@@ -115,10 +115,22 @@ def _dropped_metrics(data) -> dict[str, float]:
   return out
 
 
-def _init_from(path: str, fresh_params: Any, shardings: Any) -> Any:
-  """Overlays a converted RoBERTa checkpoint on freshly initialised parameters."""
+# ModelConfig fields a converted checkpoint and the run must share (shapes alone do not show a
+# different position layout or normalisation order).
+INIT_FROM_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
+                    "max_positions", "roberta_positions", "pre_ln", "pad_id")
+
+
+def _init_from(path: str, fresh_params: Any, shardings: Any, model_cfg: ModelConfig) -> Any:
+  """Overlays a converted RoBERTa checkpoint (``unimo-jax convert roberta``) on freshly
+  initialised parameters: the text embeddings, encoder and LM head come from it, the visual
+  embeddings, region heads, CMCL projections and temperature keep their initialisation."""
   from unimo_jax.convert import roberta  # pylint: disable=import-outside-toplevel
-  _, loaded = roberta.load_converted(path)
+  loaded_cfg, loaded = roberta.load_converted(os.path.expanduser(path))
+  for field in INIT_FROM_FIELDS:
+    if getattr(loaded_cfg, field) != getattr(model_cfg, field):
+      raise ValueError(f"train.init_from: {path} has {field}={getattr(loaded_cfg, field)!r}, "
+                       f"config.model has {getattr(model_cfg, field)!r}")
   host = jax.device_get(fresh_params)
   merged_model, report = state_lib.merge_params(host["model"], loaded)
   logging.info("init_from %s: %d tensors loaded, %d newly initialised (%s...), %d ignored",
@@ -196,7 +208,7 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
   else:
     state, _ = state_lib.create_train_state(init_params, tx, mesh, rules, rng)
     if tc.init_from:
-      params = _init_from(tc.init_from, state.params, shardings)
+      params = _init_from(tc.init_from, state.params, shardings, model_cfg)
       state, _ = state_lib.create_train_state(init_params, tx, mesh, rules, rng, params=params)
   n_params = state_lib.param_count(state.params)
   logging.info("model: %s parameters (%s, compute %s)", f"{n_params:,}", model_cfg.visual_input,
