@@ -166,3 +166,8 @@ def test_regions_input_end_to_end(run_dir):
   res = ev.run(init_params(cfg, jax.random.key(0)), data, meta)
   assert res["pairs"]["i2t_r@1"][1] == 6
   assert np.isfinite(res["metrics"]["caption_nll"]) and np.isfinite(res["metrics"]["t2i_r@5"])
+
+
+def test_evaluate_command_errors_are_one_line(tmp_path, capsys):
+  assert cli.main(["unimo-jax", "evaluate", "--workdir", str(tmp_path / "missing")]) == 2
+  assert "no such workdir" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Sequence
 
@@ -213,8 +214,15 @@ def main(argv) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   steps = [s.strip() for s in args.step.split(",") if s.strip()]
   splits = [s.strip() for s in args.split.split(",") if s.strip()] or None
-  results = evaluate_workdir(args.workdir, steps, splits, args.limit, args.batch_size,
-                             figures=not args.no_figures)
+  if not os.path.isdir(os.path.expanduser(args.workdir)):
+    print(f"{argv[0]}: no such workdir {args.workdir}", file=sys.stderr)
+    return 2
+  try:
+    results = evaluate_workdir(args.workdir, steps, splits, args.limit, args.batch_size,
+                               figures=not args.no_figures)
+  except (FileNotFoundError, ValueError) as e:  # no checkpoint / config problems: one line
+    print(f"{argv[0]}: {e}", file=sys.stderr)
+    return 2
   if jax.process_index() == 0:
     print(report_lib.results_table(results["evaluations"]))
     print(f"report: {results['report_path']}")
