@@ -184,3 +184,21 @@ def test_init_from_a_converted_checkpoint(tmp_path):
   c.train.init_from = str(tmp_path / "other")
   with pytest.raises(ValueError, match="max_positions=30"):
     trainer.train(c, str(tmp_path / "run2"), data=tu.batches(c), max_steps=0)
+
+
+def test_evaluators_run_every_n_steps(tmp_path):
+  c = text_config()
+  c.train.eval_every = 2
+  calls = []
+
+  def evaluate(params, step):
+    calls.append((step, sorted(params)))
+    return {"validation/R@1_i2t": 0.5 * step, "skipped": "not a number"}
+
+  wd = str(tmp_path)
+  trainer.train(c, wd, data=tu.batches(c), max_steps=4, evaluate=evaluate)
+  assert calls == [(2, ["cmcl", "model"]), (4, ["cmcl", "model"])]
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+          if "eval/validation/R@1_i2t" in r]
+  assert [(r["step"], r["eval/validation/R@1_i2t"]) for r in rows] == [(2, 1.0), (4, 2.0)]
+  assert all("eval/seconds" in r for r in rows)

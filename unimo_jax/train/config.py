@@ -19,7 +19,8 @@ compiled. Sections:
   mesh          device mesh sizes (one may be -1), ``unimo_jax.parallel``
   axis_rules    logical axis -> mesh axes rules for parameters and activations
   evaluation    evaluators run by ``unimo-jax evaluate`` and every ``train.eval_every`` steps
-                (owned by ``unimo_jax.evaluation``; free-form here)
+                (owned by ``unimo_jax.evaluation``; free-form here); the loop evaluates the
+                splits ``evaluation.train_splits`` (default ``("validation",)``)
 """
 from __future__ import annotations
 

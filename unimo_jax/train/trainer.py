@@ -239,6 +239,14 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
   logging.info("analytic %.3g TFLOP per step; peak %.3g TFLOP/s per device", flops["train"] / 1e12,
                peak / 1e12)
 
+  # ---------------------------------------------------------------- evaluators
+  if tc.eval_every and evaluate is None:
+    from unimo_jax.evaluation import main as eval_main  # pylint: disable=import-outside-toplevel
+    if tokenizer is None:
+      tokenizer = eval_main.load_tokenizer(config)
+    splits = list(config.evaluation.get("train_splits", ("validation",)))
+    evaluate = eval_main.make_train_evaluator(config, model_cfg, mesh, tokenizer, splits)
+
   # ---------------------------------------------------------------- the loop
   writer = metrics_lib.MetricWriter(workdir)
   if int(state.step) == 0 and is_main:
@@ -319,8 +327,15 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
         bar.update(step)
 
       if tc.eval_every and evaluate is not None and step % tc.eval_every == 0:
-        results = dict(evaluate(state.params, step))
+        t_eval = time.time()
+        results = {k: float(v) for k, v in dict(evaluate(state.params, step)).items()
+                   if isinstance(v, (int, float, np.number))}
+        results["seconds"] = time.time() - t_eval
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        logging.info("eval at step %d: %s", step, metrics_lib.format_metrics(
+            {k: v for k, v in results.items() if "R@1" in k or "accuracy" in k or k == "seconds"},
+            max_items=8))
+        window_start = time.time()  # evaluation time is not training throughput
 
       if stop.should_stop():
         stopped_by = "signal"

@@ -1,0 +1,110 @@
+"""Train-step speed of a config on the devices present: step time, TFLOP/s, MFU.
+
+  python benchmarks/train_step.py --config experiments/configs/base.py [--steps 10]
+      [--batch 64,32,64] [--layers 12] [--dtype auto|float32|bfloat16]
+
+Runs the real UNIMO train step (every objective of the config) on random schema batches (no
+TensorFlow, no data files), after one compile, and prints: compile time; median step time;
+the analytic FLOPs per step (``unimo_jax.train.flops``) beside XLA's own count of the compiled
+step (``cost_analysis``), and their ratio; achieved TFLOP/s per device and MFU against the peak
+table. ``--batch`` sets the GLOBAL (text, image, pair) rows per step.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from data_pipelines import schema  # noqa: E402  (numpy only)
+from unimo_jax import parallel  # noqa: E402
+from unimo_jax.train import flops as flops_lib  # noqa: E402
+from unimo_jax.train import optimizer as opt_lib  # noqa: E402
+from unimo_jax.train import random_data  # noqa: E402
+from unimo_jax.train import state as state_lib  # noqa: E402
+from unimo_jax.train import train_step as step_lib  # noqa: E402
+from unimo_jax.train import trainer  # noqa: E402
+
+
+def load_config(path: str):
+  path, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="experiments/configs/base.py")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--batch", default="", help="global text,image,pair rows per step")
+  p.add_argument("--layers", type=int, default=0, help="override model.num_layers")
+  p.add_argument("--dtype", default="auto")
+  p.add_argument("--json", default="", help="also write the results to this file")
+  a = p.parse_args()
+
+  c = load_config(a.config)
+  c.model.dtype = a.dtype
+  if a.layers:
+    c.model.num_layers = a.layers
+  if a.batch:
+    for s, b in zip(("text", "image", "pair"), a.batch.split(",")):
+      c.data.streams[s].batch_size = int(b)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  data = c.data.to_dict()
+  spec = schema.batch_spec(data)
+  model_cfg = trainer.resolve_model_config(c, 50265)
+  mesh = parallel.make_mesh(dict(c.mesh))
+  rules = parallel.rules_from_config(c.axis_rules)
+  tx, _ = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
+  init = step_lib.init_params_fn(model_cfg, c.cmcl.temperature_init)
+  state, shardings = state_lib.create_train_state(init, tx, mesh, rules, jax.random.key(0))
+  shapes = trainer._batch_shapes(spec, 1)  # pylint: disable=protected-access
+  step = step_lib.make_train_step(model_cfg, c, tx, mesh, shardings, shapes, rules)
+  batches = random_data.RandomBatches(spec, model_cfg.vocab_size)
+  batch = parallel.global_batch(next(batches), mesh)
+
+  t0 = time.time()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.time() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+  times = []
+  for _ in range(a.steps + 2):
+    batch = parallel.global_batch(next(batches), mesh)
+    t = time.time()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.time() - t)
+  step_s = statistics.median(times[2:])
+  analytic = flops_lib.step_flops(model_cfg, c.objectives, {k: v.shape for k, v in shapes.items()},
+                                  c.cmcl)["train"]
+  peak = flops_lib.current_peak_flops(model_cfg.dtype)
+  n = jax.device_count()
+  out = dict(
+      device=jax.devices()[0].device_kind, devices=n, dtype=model_cfg.dtype,
+      layers=model_cfg.num_layers, hidden=model_cfg.hidden_size,
+      batch={s: data["streams"][s]["batch_size"] for s in ("text", "image", "pair")},
+      params=state_lib.param_count(state.params), compile_seconds=round(compile_s, 1),
+      step_seconds=round(step_s, 4), analytic_tflop_per_step=analytic / 1e12,
+      xla_tflop_per_step=xla_flops * n / 1e12 if xla_flops else None,
+      analytic_over_xla=analytic / (xla_flops * n) if xla_flops else None,
+      tflops_per_device=analytic / step_s / n / 1e12,
+      mfu=flops_lib.mfu(analytic, 1.0 / step_s, peak, n), peak_tflops_per_device=peak / 1e12,
+      loss=float(m["loss"]))
+  print(json.dumps(out, indent=2))
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
