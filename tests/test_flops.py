@@ -103,11 +103,13 @@ def test_step_flops_alternation_averages_phases():
             "text/s2s_positions": (8, 10), "text/row_valid": (8,)}
   enc = lambda b, l: flops_lib.encoder_flops(b, l, cfg.hidden_size, cfg.mlp_dim, cfg.num_layers)
   mlm = enc(8, 32) + flops_lib.lm_head_flops(8, 5, cfg.hidden_size, cfg.vocab_size)
-  s2s = enc(8, 40) + flops_lib.lm_head_flops(8, 10, cfg.hidden_size, cfg.vocab_size)
+  # Both objectives' rows are padded to the longer text (40) and slot count (10).
+  padded = enc(8, 40) + flops_lib.lm_head_flops(8, 10, cfg.hidden_size, cfg.vocab_size)
   alt = flops_lib.step_flops(cfg, _objectives(), shapes)
-  assert alt["train"] == pytest.approx(3 * (mlm + s2s) / 2)
+  assert alt["train"] == pytest.approx(3 * padded)
+  assert alt["text_mlm"] == pytest.approx(3 * padded / 2)  # half the steps each
   both = flops_lib.step_flops(cfg, _objectives(text_mode="both"), shapes)
-  assert both["train"] == pytest.approx(3 * (mlm + s2s))
+  assert both["train"] == pytest.approx(3 * 2 * padded)
   off = flops_lib.step_flops(cfg, _objectives(text_mode="both", text_s2s=0.0), shapes)
   assert off["train"] == pytest.approx(3 * mlm) and "text_s2s" not in off
 
@@ -127,3 +129,31 @@ def test_peak_table_and_mfu():
   np.testing.assert_allclose(flops_lib.mfu(1e12, 2.0, 1e12, 4), 0.5)
   assert flops_lib.mfu(1e12, 2.0, 0.0, 4) == 0.0
   assert flops_lib.current_peak_flops() == 440e9 / jax.local_device_count()
+
+
+@pytest.mark.parametrize("visual_input, text_mode", [("patches", "alternate"),
+                                                     ("regions", "both")])
+def test_step_forward_matches_the_objectives_jaxpr(visual_input, text_mode):
+  """The analytic forward count of each step phase equals the matmul FLOPs of the objectives
+  the train step differentiates (every merged pass, head and CMCL similarity matrix)."""
+  import train_util as tu  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import unimo_objectives  # pylint: disable=import-outside-toplevel
+  c = tu.run_config(visual_input)
+  c.objectives.text_mode = text_mode
+  c.cmcl.implementation = "reference"
+  mcfg = tu.model_config(c)
+  params = jax.eval_shape(lambda: {"model": init_params(mcfg, jax.random.key(0)),
+                                   "cmcl": {"log_temperature": jnp.zeros(())}})
+  shapes = tu.global_shapes(c)
+  streams = ("text", "image", "pair")
+  every = obj_lib.all_active(c.objectives, streams)
+  objectives = unimo_objectives.UnimoObjectives(mcfg, c, mesh=None)
+  scales = {n: jnp.float32(1) for n in every}
+  for phase in range(obj_lib.num_phases(c.objectives)):
+    got = jaxpr_matmul_flops(
+        lambda p, b: objectives(p, b, None, every, scales, phase, deterministic=True)[0],
+        params, shapes)
+    expected = sum(flops_lib.forward_flops(mcfg, c.objectives,
+                                           {k: v.shape for k, v in shapes.items()}, phase,
+                                           c.cmcl).values())
+    assert got == expected, (phase, got, expected)

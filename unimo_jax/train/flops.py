@@ -15,8 +15,8 @@ them: the LM head ``2 B P (H*H + H*V)`` at P predicted positions, region heads
 ``2 B N (H*H + H*F') [+ 2 B N (H*H + H*C)]``, CMCL projections ``2 B (H*H + H*d)``, and the CMCL
 similarity matrices ``2 * rows * columns * d`` per direction.
 
-The step's forward passes mirror ``train_step`` through ``objectives.active``; a test checks
-this count against the dot products in the step's own jaxpr.
+The count mirrors ``unimo_objectives`` (which rows each pass holds, padded to which length) through
+``objectives.active``; a test checks it against the dot products in the objectives' own jaxpr.
 """
 from __future__ import annotations
 
@@ -147,42 +147,62 @@ def forward_flops(model: Any, objectives_cfg: Any, shapes: Mapping[str, tuple], 
   H, M, layers, V = model.hidden_size, model.mlp_dim, model.num_layers, model.vocab_size
   enc = lambda b, l: encoder_flops(b, l, H, M, layers)
   streams = {k.split("/")[0] for k in shapes}
+  run = obj_lib.active(objectives_cfg, streams, phase)
+  every = obj_lib.all_active(objectives_cfg, streams)
   out: dict[str, float] = {}
-  for name in obj_lib.active(objectives_cfg, streams, phase):
-    if name == "text_mlm":
-      b, l = shapes["text/mlm_ids"]
-      out[name] = enc(b, l) + lm_head_flops(b, shapes["text/mlm_positions"][1], H, V)
-    elif name == "text_s2s":
-      b, l = shapes["text/s2s_ids"]
-      out[name] = enc(b, l) + lm_head_flops(b, shapes["text/s2s_positions"][1], H, V)
-    elif name in ("image_mrp", "pair_mrp", "pair_mlm", "pair_caption"):
-      stream = name.split("_")[0]
-      b = shapes[f"{stream}/row_valid"][0]
-      n, r = _visual_tokens(model, shapes, stream)
-      text = 0 if stream == "image" else shapes[
-          {"pair_mrp": "pair/caption_ids", "pair_mlm": "pair/mlm_ids",
-           "pair_caption": "pair/s2s_ids"}[name]][1]
-      f = visual_embed_flops(b, model, r) + enc(b, 1 + n + text)
-      if name.endswith("mrp"):
-        f += region_heads_flops(b, n, model)
-      else:
-        p = shapes["pair/mlm_positions" if name == "pair_mlm" else "pair/s2s_positions"][1]
-        f += lm_head_flops(b, p, H, V)
-      out[name] = f
-    elif name == "pair_cmcl":
-      b, l = shapes["pair/caption_ids"]
-      n, r = _visual_tokens(model, shapes, "pair")
-      texts = 1 + sum(_k(shapes, f) for f, flag in (
-          ("pair/positive_ids", "use_positives"), ("pair/related_text_ids", "use_related_texts"),
-          ("pair/negative_ids", "use_negatives")) if cmcl_cfg is None or cmcl_cfg[flag])
-      use_images = cmcl_cfg is None or cmcl_cfg["use_related_images"]
-      images = 1 + (_k(shapes, "pair/related_valid") if use_images else 0)
-      f = enc(b * texts, l) + projection_flops(b * texts, model)
-      f += visual_embed_flops(b * images, model, r) + enc(b * images, 1 + n)
-      f += projection_flops(b * images, model)
-      # similarity matrices: B anchors against every column, in both directions
-      f += 2 * b * (b * texts) * model.projection_dim + 2 * b * (b * images) * model.projection_dim
-      out[name] = f
+
+  # Language rows of a stream are padded to the longest text and slot count of the stream's
+  # language objectives (see unimo_objectives); alternating objectives share one set of rows.
+  fields = {"text_mlm": ("text/mlm_ids", "text/mlm_positions"),
+            "text_s2s": ("text/s2s_ids", "text/s2s_positions"),
+            "pair_mlm": ("pair/mlm_ids", "pair/mlm_positions"),
+            "pair_caption": ("pair/s2s_ids", "pair/s2s_positions")}
+
+  def padded(names, extra_length=0):
+    present = [n for n in every if n in names]
+    if not present:
+      return 0, 0
+    length = max([shapes[fields[n][0]][1] for n in present] + [extra_length])
+    return length, max(shapes[fields[n][1]][1] for n in present)
+
+  text_l, text_p = padded(("text_mlm", "text_s2s"))
+  for name in ("text_mlm", "text_s2s"):
+    if name in run:
+      b = shapes["text/row_valid"][0]
+      out[name] = enc(b, text_l) + lm_head_flops(b, text_p, H, V)
+
+  if "pair/row_valid" in shapes:
+    b = shapes["pair/row_valid"][0]
+    n, r = _visual_tokens(model, shapes, "pair")
+    pair_l, pair_p = padded(("pair_mlm", "pair_caption"),
+                            shapes["pair/caption_ids"][1] if "pair_mrp" in every else 0)
+    joint = lambda: visual_embed_flops(b, model, r) + enc(b, 1 + n + pair_l)
+    for name in ("pair_mlm", "pair_caption"):
+      if name in run:
+        out[name] = joint() + lm_head_flops(b, pair_p, H, V)
+    if "pair_mrp" in run:
+      out["pair_mrp"] = joint() + region_heads_flops(b, n, model)
+
+  if "image_mrp" in run:
+    b = shapes["image/row_valid"][0]
+    n, r = _visual_tokens(model, shapes, "image")
+    out["image_mrp"] = (visual_embed_flops(b, model, r) + enc(b, 1 + n)
+                        + region_heads_flops(b, n, model))
+
+  if "pair_cmcl" in run:
+    b, l = shapes["pair/caption_ids"]
+    n, r = _visual_tokens(model, shapes, "pair")
+    texts = 1 + sum(_k(shapes, f) for f, flag in (
+        ("pair/positive_ids", "use_positives"), ("pair/related_text_ids", "use_related_texts"),
+        ("pair/negative_ids", "use_negatives")) if cmcl_cfg is None or cmcl_cfg[flag])
+    use_images = cmcl_cfg is None or cmcl_cfg["use_related_images"]
+    images = 1 + (_k(shapes, "pair/related_valid") if use_images else 0)
+    f = enc(b * texts, l) + projection_flops(b * texts, model)
+    f += visual_embed_flops(b * images, model, r) + enc(b * images, 1 + n)
+    f += projection_flops(b * images, model)
+    # similarity matrices: B anchors against every column, in both directions
+    f += 2 * b * (b * texts) * model.projection_dim + 2 * b * (b * images) * model.projection_dim
+    out["pair_cmcl"] = f
   return out
 
 

@@ -67,6 +67,8 @@ def summary(result, workdir: str) -> str:
     lines.append(f"  throughput: {last.get('steps_per_second', 0):.2f} steps/s, "
                  f"{last.get('tflops_per_device', 0):.3g} TFLOP/s per device, "
                  f"MFU {100 * last['mfu']:.1f}%")
+  if result.goodput:
+    lines.append("  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.goodput.items()))
   lines.append(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
   lines.append(f"checkpoints: {os.path.join(workdir, 'checkpoints')} (latest step "
                f"{result.checkpoint_step})")

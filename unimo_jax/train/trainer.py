@@ -53,6 +53,7 @@ class TrainResult:
   compile_seconds: float
   train_seconds: float
   flops_per_step: float
+  goodput: dict = dataclasses.field(default_factory=dict)  # seconds by activity
 
 
 def resolve_model_config(config, vocab_size: int | None = None) -> ModelConfig:
@@ -173,6 +174,7 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
                jax.process_count(), jax.devices()[0].device_kind)
 
   # ---------------------------------------------------------------- model and data
+  own_data = data is None
   if data is None:
     from data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
     if tokenizer is None and config.data.get("tokenizer"):
@@ -265,10 +267,14 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
   prev = None  # metrics of the previous step, checked one step late (keeps one step in flight)
   step = start
 
+  goodput = {"compile": compile_seconds, "data_wait": 0.0, "checkpoint": 0.0, "eval": 0.0}
+
   def save(step_now, state_now):
+    t_save = time.time()
     if checkpointer.save(step_now, state_now, data_state=getattr(data, "get_state", dict)(),
                          config=_config_json(config)):
       logging.info("checkpoint saved at step %d", step_now)
+    goodput["checkpoint"] += time.time() - t_save
 
   def check_nonfinite(m, at_step):
     streak = int(m["nonfinite_streak"])
@@ -287,6 +293,7 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
       t_fetch = time.time()
       host_batch = next(data)
       data_wait += time.time() - t_fetch
+      goodput["data_wait"] += time.time() - t_fetch
       batch = parallel.global_batch(host_batch, mesh)
       state, m = compiled(state, batch)
       step += 1
@@ -331,6 +338,7 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
         results = {k: float(v) for k, v in dict(evaluate(state.params, step)).items()
                    if isinstance(v, (int, float, np.number))}
         results["seconds"] = time.time() - t_eval
+        goodput["eval"] += results["seconds"]
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
         logging.info("eval at step %d: %s", step, metrics_lib.format_metrics(
             {k: v for k, v in results.items() if "R@1" in k or "accuracy" in k or k == "seconds"},
@@ -352,14 +360,19 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
   finally:
     if own_stop:
       stop.__exit__(None, None, None)
+    if own_data and hasattr(data, "close"):
+      data.close()  # a live tf.data iterator can hang interpreter exit (ENVIRONMENT.md)
     bar.close()
     checkpointer.close()
     writer.close()
   train_seconds = time.time() - t_loop
   logging.info("finished at step %d (%s) in %.1fs (total %.1fs)", step, stopped_by,
                train_seconds, time.time() - t_start)
+  # Where the time went (MaxText's goodput split): the rest of the loop is the steps.
+  goodput["steps"] = train_seconds - goodput["data_wait"] - goodput["checkpoint"] - goodput["eval"]
+  logging.info("time: %s", ", ".join(f"{k} {v:.1f}s" for k, v in goodput.items()))
   return TrainResult(first_step=start, last_step=step, stopped_by=stopped_by,
                      first_metrics=first_metrics, last_metrics=last_metrics, workdir=workdir,
                      checkpoint_step=ckpt_lib.latest_step(workdir),
                      compile_seconds=compile_seconds, train_seconds=train_seconds,
-                     flops_per_step=flops["train"])
+                     flops_per_step=flops["train"], goodput=goodput)
