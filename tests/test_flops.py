@@ -157,3 +157,14 @@ def test_step_forward_matches_the_objectives_jaxpr(visual_input, text_mode):
                                            {k: v.shape for k, v in shapes.items()}, phase,
                                            c.cmcl).values())
     assert got == expected, (phase, got, expected)
+
+
+def test_alternation_with_one_objective_off_runs_the_other_every_step():
+  c = _objectives(text_s2s=0.0, pair_mlm=0.0)
+  streams = ("text", "image", "pair")
+  assert obj_lib.num_phases(c) == 1
+  assert obj_lib.active(c, streams, 0) == ("text_mlm", "image_mrp", "pair_cmcl", "pair_caption",
+                                           "pair_mrp")
+  c = _objectives(text_s2s=0.0)
+  assert obj_lib.num_phases(c) == 2  # the pair stream still alternates
+  assert "text_mlm" in obj_lib.active(c, streams, 1)

@@ -14,7 +14,8 @@ UNIMO trains every kind of data at once, one stream per kind:
 UNIMO alternates its two language objectives rather than running both on every batch. The
 config decides per stream (``objectives.text_mode`` / ``objectives.pair_text_mode``):
 
-  'alternate'  phase 0 (even steps) runs MLM, phase 1 (odd steps) seq2seq   (UNIMO)
+  'alternate'  phase 0 (even steps) runs MLM, phase 1 (odd steps) seq2seq   (UNIMO); if one of
+               the two has weight 0 the other runs every step
   'both'       both every step
   'mlm' / 's2s'  only one of them
 
@@ -37,9 +38,11 @@ def weights(cfg: Any) -> dict[str, float]:
   return {name: float(cfg.weights[name]) for name in OBJECTIVES}
 
 
-def _language(mode: str, phase: int, mlm: str, s2s: str) -> set[str]:
+def _language(mode: str, phase: int, mlm: str, s2s: str, w: dict) -> set[str]:
   if mode not in TEXT_MODES:
     raise ValueError(f"text mode must be one of {TEXT_MODES}, got {mode!r}")
+  if mode == "alternate" and not (w[mlm] > 0 and w[s2s] > 0):
+    mode = "both"  # one of the two is off: nothing to alternate with, the other runs every step
   if mode == "both":
     return {mlm, s2s}
   if mode == "mlm":
@@ -50,8 +53,11 @@ def _language(mode: str, phase: int, mlm: str, s2s: str) -> set[str]:
 
 
 def num_phases(cfg: Any) -> int:
-  """2 when a language objective alternates, else 1."""
-  return 2 if "alternate" in (cfg.text_mode, cfg.pair_text_mode) else 1
+  """2 when a stream's two language objectives alternate (both weighted), else 1."""
+  w = weights(cfg)
+  alternates = [(cfg.text_mode, "text_mlm", "text_s2s"),
+                (cfg.pair_text_mode, "pair_mlm", "pair_caption")]
+  return 2 if any(m == "alternate" and w[a] > 0 and w[b] > 0 for m, a, b in alternates) else 1
 
 
 def phase_of_step(step: int, cfg: Any) -> int:
@@ -69,8 +75,8 @@ def active(cfg: Any, streams: Iterable[str], phase: int) -> tuple[str, ...]:
   streams = set(streams)
   w = weights(cfg)
   run = {"image_mrp", "pair_cmcl", "pair_mrp"}
-  run |= _language(cfg.text_mode, phase, "text_mlm", "text_s2s")
-  run |= _language(cfg.pair_text_mode, phase, "pair_mlm", "pair_caption")
+  run |= _language(cfg.text_mode, phase, "text_mlm", "text_s2s", w)
+  run |= _language(cfg.pair_text_mode, phase, "pair_mlm", "pair_caption", w)
   return tuple(o for o in OBJECTIVES if o in run and w[o] > 0 and STREAM_OF[o] in streams)
 
 

@@ -191,6 +191,8 @@ class UnimoObjectives:
     length = max(r["ids"].shape[1] for r in rows.values())
     slots = max(r["slots"].shape[1] for r in rows.values())
     rows = {n: self._pad_rows(r, length, slots, n_visual) for n, r in rows.items()}
+    # `names` hold only weighted objectives (objectives.active), so two present means both
+    # alternate; a lone one runs every step.
     if mode == "alternate" and len(present) == 2:
       first = phase == 0
       a, b = rows[present[0]], rows[present[1]]
