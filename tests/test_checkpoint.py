@@ -92,6 +92,9 @@ def test_select_data_state():
   # Saved by 2 processes, restored by 1: identical positions are reusable ...
   assert ckpt_lib.select_data_state({"process_count": 2, "states": [{"p": 3}, {"p": 3}]}) == {
       "p": 3}
+  # ... per-process bookkeeping (drop counts) is left behind ...
+  assert ckpt_lib.select_data_state({"process_count": 2, "states": [
+      {"p": 3, "dropped": {"a": 1}}, {"p": 3, "dropped": {"a": 2}}]}) == {"p": 3}
   # ... different per-process positions are not.
   with pytest.raises(ValueError, match="2 processes"):
     ckpt_lib.select_data_state({"process_count": 2, "states": [{"p": 3}, {"p": 4}]})

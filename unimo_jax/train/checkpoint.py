@@ -50,20 +50,32 @@ def _gather_json(obj: Any) -> list[Any]:
   return [json.loads(bytes(r[:n]).decode("utf-8")) for r, n in zip(rows, sizes)]
 
 
+# Keys of a data state that are this process's own bookkeeping, not its position (the
+# pipeline's per-process counts of dropped records).
+PER_PROCESS_KEYS = ("dropped",)
+
+
+def _position(state: Any) -> Any:
+  if isinstance(state, Mapping):
+    return {k: v for k, v in state.items() if k not in PER_PROCESS_KEYS}
+  return state
+
+
 def select_data_state(saved: Mapping[str, Any] | None) -> Any:
   """This process's data position from a saved ``{"process_count", "states"}`` record.
 
   With the same process count each process takes its own entry. With a different count the
   positions can only be reused when they are identical (a pipeline whose position is global,
-  e.g. index-based); otherwise restoring would silently read the wrong shards, so it raises.
+  e.g. index-based); per-process bookkeeping (``PER_PROCESS_KEYS``) is then dropped and starts
+  over. Different positions would silently read the wrong shards, so that raises.
   """
   if not saved:
     return None
   states = saved["states"]
   if saved["process_count"] == jax.process_count():
     return states[jax.process_index()]
-  if all(s == states[0] for s in states):
-    return states[0]
+  if all(_position(s) == _position(states[0]) for s in states):
+    return _position(states[0])
   raise ValueError(
       f"checkpoint data position was saved by {saved['process_count']} processes with different "
       f"per-process states; it cannot be resumed on {jax.process_count()} processes")
