@@ -50,6 +50,7 @@ def setup_logging(level: str = "info") -> None:
                       stream=sys.stderr, force=True)
   # orbax and absl log every save step at INFO: keep the console for training progress.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" on every start
 
 
 def summary(result, workdir: str) -> str:
@@ -57,8 +58,7 @@ def summary(result, workdir: str) -> str:
   first, last = result.first_metrics, result.last_metrics
   lines = [f"trained steps {result.first_step} -> {result.last_step} ({result.stopped_by}) in "
            f"{result.train_seconds:.0f}s (compile {result.compile_seconds:.0f}s)"]
-  keys = [k for k in last if (k == "loss" or k.endswith("/loss") or "accuracy" in k)
-          and k in first]
+  keys = [k for k in last if (k == "loss" or "/loss" in k or "accuracy" in k) and k in first]
   for k in sorted(keys, key=lambda k: (k != "loss", k)):
     a, b = first.get(k), last.get(k)
     if a is not None and b is not None:
