@@ -109,8 +109,26 @@ def np_patch_embed(pixels, params, cfg):
                for i in range(0, s, ps) for j in range(0, s, ps)]
     rows.append(np.stack(patches))
   e = np_dense(np.stack(rows), p["patch"])
-  x = np.concatenate([e.mean(1, keepdims=True), e], 1) + p["position"][None]
+  if cfg.patch_positions == "sincos2d":
+    position = np.concatenate([p["img_position"], np_sincos_2d(s // ps, cfg.hidden_size)])
+  else:
+    position = p["position"]
+  x = np.concatenate([e.mean(1, keepdims=True), e], 1) + position[None]
   return np_ln(x, p["norm"])
+
+
+def np_sincos_2d(grid, width, temperature=10000.0):
+  """MAE's get_2d_sincos_pos_embed, element by element: patch (row r, column c) gets
+  [sin(c w_k), cos(c w_k), sin(r w_k), cos(r w_k)] over k < width/4, w_k = T^(-k/(width/4-1))."""
+  q = width // 4
+  out = np.zeros((grid * grid, width))
+  for r in range(grid):
+    for c in range(grid):
+      for k in range(q):
+        w = temperature ** (-k / (q - 1))
+        out[r * grid + c, [k, q + k, 2 * q + k, 3 * q + k]] = (
+            np.sin(c * w), np.cos(c * w), np.sin(r * w), np.cos(r * w))
+  return out
 
 
 # ----------------------------------------------------------------- fixtures
@@ -186,6 +204,26 @@ def test_patch_embedding_shapes_and_img_mean():
   np.testing.assert_allclose(emb, np_patch_embed(pixels, params, cfg), atol=ATOL)
   with pytest.raises(ValueError, match="pixels must be"):
     run(cfg, params, {"pixels": pixels[:, :16]}, method=Unimo.embed_visual)
+
+
+def test_sincos2d_patch_positions_match_numpy_and_see_where_a_patch_is():
+  cfg = ModelConfig.tiny(patch_positions="sincos2d")
+  params = random_params(cfg, 3)
+  assert "position" not in params["patch_embed"]
+  assert params["patch_embed"]["img_position"].shape == (1, cfg.hidden_size)
+  rng = np.random.default_rng(3)
+  pixels = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  emb, _ = run(cfg, params, {"pixels": pixels}, method=Unimo.embed_visual)
+  np.testing.assert_allclose(emb, np_patch_embed(pixels, params, cfg), atol=ATOL)
+  # The same patch contents one grid column to the right: each token's position term moves.
+  shifted = np.roll(pixels, cfg.patch_size, axis=2)
+  moved, _ = run(cfg, params, {"pixels": shifted}, method=Unimo.embed_visual)
+  np.testing.assert_allclose(moved, np_patch_embed(shifted, params, cfg), atol=ATOL)
+  assert np.abs(np.asarray(moved)[:, 1:2] - np.asarray(emb)[:, 4:5]).max() > 0.1
+  with pytest.raises(ValueError, match="patch_positions"):
+    ModelConfig.tiny(patch_positions="sincos")
+  with pytest.raises(ValueError, match="divisible by 4"):
+    ModelConfig.tiny(patch_positions="sincos2d", hidden_size=34, num_heads=2)
 
 
 def test_padding_invariance_text_pair_and_regions():

@@ -49,6 +49,10 @@ class ModelConfig:
     image_size, patch_size, num_channels: patch input; ``(image_size/patch_size)**2`` patches.
     image_token: "mean" (the [IMG] slot is the mean patch embedding, as UNIMO's mean region
       feature) or "learned" (a learned [IMG] vector, patches only).
+    patch_positions: "learned" (a trained table of 1+N rows) or "sincos2d" (fixed 2-D sine-cosine
+      table of the patch grid, MAE / big_vision ``posemb="sincos2d"``, plus one learned [IMG]
+      row). A learned table starts at ``init_std``; the projection of a p*p*C pixel vector starts
+      ~sqrt(p*p*C) larger, so from scratch the fixed table makes the patch grid visible at once.
     region_feature_dim, num_region_classes: detector feature width F (2048) and classes C (1601).
   CMCL:
     projection_dim: width of the L2-normalised image/text embeddings (after the ReLU pooler).
@@ -82,6 +86,7 @@ class ModelConfig:
   patch_size: int = 16
   num_channels: int = 3
   image_token: str = "mean"
+  patch_positions: str = "learned"
   region_feature_dim: int = 2048
   num_region_classes: int = 1601
   # cmcl
@@ -178,6 +183,10 @@ class ModelConfig:
     need(self.image_token in ("mean", "learned"), "image_token", "must be 'mean' or 'learned'")
     need(self.image_token == "mean" or self.visual_input == "patches", "image_token",
          "'learned' is for patches; the regions [IMG] slot is the mean feature (UNIMO)")
+    need(self.patch_positions in ("learned", "sincos2d"), "patch_positions",
+         "must be 'learned' or 'sincos2d'")
+    need(self.patch_positions == "learned" or self.hidden_size % 4 == 0, "patch_positions",
+         f"'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
     need(self.image_size % self.patch_size == 0, "image_size",
          f"must be a multiple of patch_size={self.patch_size}")
     for f in ("pad_id", "cls_id", "sep_id", "unk_id"):

@@ -6,8 +6,10 @@
 - Regions (UNIMO): ``fc(F->H)(feature) + fc(5->H)(box)``, LN, dropout, no positions. Slot 0 is
   [IMG]: the mean feature of the kept (valid, unmasked) regions with box ``[0, 0, 1, 1, 1]``.
 - Patches (ViT): ``fc(p*p*C -> H)`` of each non-overlapping patch (= a stride-p convolution) plus a
-  learned position table of ``1 + N`` rows (row 0 for [IMG]); slot 0 is the mean of the kept
-  patch embeddings (or a learned vector with ``image_token="learned"``).
+  learned position table of ``1 + N`` rows (row 0 for [IMG]), or with
+  ``patch_positions="sincos2d"`` a fixed 2-D sine-cosine table of the patch grid and one learned
+  [IMG] row; slot 0 is the mean of the kept patch embeddings (or a learned vector with
+  ``image_token="learned"``).
 
 Masked-region prediction zeroes the masked regions' features / patches' pixels (``visual_mask``
 1 = masked) before the projection, and keeps them out of the [IMG] mean so it leaks nothing.
@@ -34,6 +36,22 @@ def patchify(pixels, patch_size: int):
   g, g2 = s // patch_size, s2 // patch_size
   x = pixels.reshape(b, g, patch_size, g2, patch_size, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, g * g2, patch_size * patch_size * c)
+
+
+def sincos_2d(grid: int, width: int, temperature: float = 10_000.0):
+  """Fixed position table [grid*grid, width] of a row-major patch grid (MAE, big_vision).
+
+  Each quarter of the width is sin(x w), cos(x w), sin(y w), cos(y w) with x the column, y the
+  row and w = temperature^(-k / (width/4 - 1)), k = 0..width/4-1.
+  """
+  if width % 4:
+    raise ValueError(f"sincos2d positions need hidden_size divisible by 4, got {width}")
+  y, x = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing="ij")
+  quarter = width // 4
+  omega = 1.0 / temperature ** (jnp.arange(quarter) / max(quarter - 1, 1))
+  xw = x.reshape(-1, 1) * omega[None]
+  yw = y.reshape(-1, 1) * omega[None]
+  return jnp.concatenate([jnp.sin(xw), jnp.cos(xw), jnp.sin(yw), jnp.cos(yw)], axis=1)
 
 
 def _input_dtype(config: ModelConfig):
@@ -129,8 +147,15 @@ class PatchEmbedding(nn.Module):
       token = self.param("image_token", kernel_init(cfg, ("embed",)), (cfg.hidden_size,),
                          cfg.weight_dtype)
       img = jnp.broadcast_to(token.astype(x.dtype), (b, 1, cfg.hidden_size))
-    position = self.param("position", kernel_init(cfg, (None, "embed")),
-                          (1 + n, cfg.hidden_size), cfg.weight_dtype)
+    if cfg.patch_positions == "sincos2d":
+      img_position = self.param("img_position", kernel_init(cfg, (None, "embed")),
+                                (1, cfg.hidden_size), cfg.weight_dtype)
+      grid = cfg.image_size // cfg.patch_size
+      position = jnp.concatenate([img_position.astype(jnp.float32),
+                                  sincos_2d(grid, cfg.hidden_size)], axis=0)
+    else:
+      position = self.param("position", kernel_init(cfg, (None, "embed")),
+                            (1 + n, cfg.hidden_size), cfg.weight_dtype)
     x = jnp.concatenate([img, x], axis=1) + position.astype(x.dtype)[None]
     x = layer_norm(cfg, "norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
