@@ -66,11 +66,13 @@ def synthetic_source(kind: str, size: str = "demo", data_dir: str = DEMO_DATA_DI
 
 
 def synthetic_data(*, visual_input: str = "patches", size: str = "demo", image_size: int = 64,
-                   patch_size: int = 8, batch_sizes=(32, 32, 32), text_length: int = 64,
-                   caption_length: int = 32, data_dir: str = DEMO_DATA_DIR
-                   ) -> ml_collections.ConfigDict:
+                   input_size: int | None = None, patch_size: int = 8,
+                   batch_sizes=(32, 32, 32), text_length: int = 64, caption_length: int = 32,
+                   data_dir: str = DEMO_DATA_DIR) -> ml_collections.ConfigDict:
   """All three streams on synthetic_scenes.
 
+  image_size: the side of the prepared scenes (which TFDS config is read); input_size: the side
+  the pipeline resizes them to for the model (default: image_size).
   batch_sizes: GLOBAL (text, image, pair) rows per step. The synthetic regions have F=64
   features and 48 shape-colour classes; scenes hold at most 3 objects (4 region slots).
   """
@@ -79,7 +81,7 @@ def synthetic_data(*, visual_input: str = "patches", size: str = "demo", image_s
   d.seed = 0
   d.tokenizer = synthetic_tokenizer(data_dir, size, image_size)
   d.visual_input = visual_input
-  d.image_size = image_size
+  d.image_size = input_size or image_size
   d.patch_size = patch_size
   d.num_regions = 4
   d.region_feature_dim = 64
