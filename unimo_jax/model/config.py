@@ -52,7 +52,8 @@ class ModelConfig:
     patch_positions: "learned" (a trained table of 1+N rows) or "sincos2d" (fixed 2-D sine-cosine
       table of the patch grid, MAE / big_vision ``posemb="sincos2d"``, plus one learned [IMG]
       row). A learned table starts at ``init_std``; the projection of a p*p*C pixel vector starts
-      ~sqrt(p*p*C) larger, so from scratch the fixed table makes the patch grid visible at once.
+      ``sqrt(p*p*C) * pixel rms`` times larger, so from scratch the fixed table (entries in
+      [-1, 1]) makes the patch grid visible at once.
     region_feature_dim, num_region_classes: detector feature width F (2048) and classes C (1601).
   CMCL:
     projection_dim: width of the L2-normalised image/text embeddings (after the ReLU pooler).
