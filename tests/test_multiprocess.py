@@ -5,8 +5,6 @@ batch, the CMCL loss gathers its columns across both processes, and the orbax ch
 written cooperatively. The test compares the losses of every step and the final parameters.
 """
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -78,15 +76,10 @@ def worker(process_id: int, port: int, workdir: str) -> None:
   trainer.train(c, workdir, data=data)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
+  import multiprocess_util  # pylint: disable=import-outside-toplevel
   import train_util as tu  # pylint: disable=import-outside-toplevel
   from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from unimo_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
@@ -97,17 +90,7 @@ def test_two_processes_equal_one(tmp_path):
   trainer.train(c, one, data=tu.batches(c))
 
   two = str(tmp_path / "two")
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE),
-                                         os.environ.get("PYTHONPATH", "")]))
-  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), two], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
+  multiprocess_util.run_workers(__file__, two)
 
   rows_one = metrics_lib.read_jsonl(os.path.join(one, "metrics.jsonl"))
   rows_two = metrics_lib.read_jsonl(os.path.join(two, "metrics.jsonl"))

@@ -10,8 +10,6 @@ with exact counts, retrieval ranks and the generated captions.
 """
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -63,36 +61,14 @@ def worker(process_id: int, port: int, out_dir: str) -> None:
     json.dump(summary, f)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_evaluation_on_two_processes_equals_one(tmp_path):
+  import multiprocess_util  # pylint: disable=import-outside-toplevel
   import test_eval_runner as ter  # pylint: disable=import-outside-toplevel
   one = evaluate()
   assert one["process_count"] == 1 and one["device_count"] == 8
 
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE),
-                                         os.environ.get("PYTHONPATH", "")]))
-  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=900)[0])
-  finally:
-    for p in procs:  # a worker stuck in a collective must not outlive the test
-      if p.poll() is None:
-        p.kill()
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+  multiprocess_util.run_workers(__file__, str(tmp_path))
 
   # Every real row counted once: the counts are the split's, not a process's share or double.
   n_captions = int(ter._split(_tiny_config())[0]["caption_valid"].sum())  # pylint: disable=protected-access
