@@ -118,7 +118,7 @@ def np_patch_embed(pixels, params, cfg):
 
 
 def np_sincos_2d(grid, width, temperature=10000.0):
-  """MAE's get_2d_sincos_pos_embed, element by element: patch (row r, column c) gets
+  """big_vision's posemb_sincos_2d, element by element: patch (row r, column c) gets
   [sin(c w_k), cos(c w_k), sin(r w_k), cos(r w_k)] over k < width/4, w_k = T^(-k/(width/4-1))."""
   q = width // 4
   out = np.zeros((grid * grid, width))

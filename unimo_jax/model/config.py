@@ -50,7 +50,7 @@ class ModelConfig:
     image_token: "mean" (the [IMG] slot is the mean patch embedding, as UNIMO's mean region
       feature) or "learned" (a learned [IMG] vector, patches only).
     patch_positions: "learned" (a trained table of 1+N rows) or "sincos2d" (fixed 2-D sine-cosine
-      table of the patch grid, MAE / big_vision ``posemb="sincos2d"``, plus one learned [IMG]
+      table of the patch grid as big_vision's ``posemb="sincos2d"``, plus one learned [IMG]
       row). A learned table starts at ``init_std``; the projection of a p*p*C pixel vector starts
       ``sqrt(p*p*C) * pixel rms`` times larger, so from scratch the fixed table (entries in
       [-1, 1]) makes the patch grid visible at once.

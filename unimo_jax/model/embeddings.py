@@ -39,7 +39,7 @@ def patchify(pixels, patch_size: int):
 
 
 def sincos_2d(grid: int, width: int, temperature: float = 10_000.0):
-  """Fixed position table [grid*grid, width] of a row-major patch grid (MAE, big_vision).
+  """Fixed position table [grid*grid, width] of a row-major patch grid (big_vision's sincos2d).
 
   Each quarter of the width is sin(x w), cos(x w), sin(y w), cos(y w) with x the column, y the
   row and w = temperature^(-k / (width/4 - 1)), k = 0..width/4-1.
