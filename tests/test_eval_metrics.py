@@ -147,3 +147,84 @@ def test_evaluation_modules_do_not_import_tensorflow():
           "sys.exit(any(m.split('.')[0] == 'tensorflow' for m in sys.modules))\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated caption strings (templated captions)
+# ---------------------------------------------------------------------------------------------
+
+def _templated_split(classes=3, per_class=4, seed=0):
+  """Images of `classes` classes, each captioned by the same two template strings of its class;
+  a perfect model: every image and every caption of class k embeds to the unit vector e_k."""
+  rng = np.random.default_rng(seed)
+  labels = rng.permutation(np.repeat(np.arange(classes), per_class))
+  templates = ("a scan of {}", "an image showing {}")
+  captions = [[t.format(f"class {k}") for t in templates] for k in labels]
+  image_emb = np.eye(classes, dtype=np.float32)[labels]
+  caption_emb = np.repeat(image_emb[:, None, :], len(templates), axis=1)
+  strings = sorted({c for caps in captions for c in caps})
+  keys = np.asarray([[strings.index(c) for c in caps] for caps in captions])
+  return labels, captions, image_emb, caption_emb, keys
+
+
+def test_a_perfect_model_scores_recall_one_on_templated_captions():
+  labels, _, img, cap, keys = _templated_split()
+  valid = np.ones(keys.shape, bool)
+  rows = np.arange(len(labels))
+  pairs, art = retrieval.split_retrieval(img, cap, valid, rows, ks=(1, 5), caption_keys=keys)
+  assert pairs["i2t_r@1"] == (12.0, 12.0)
+  # One query per distinct text (3 classes x 2 templates); each owns the 4 images of its class.
+  assert pairs["t2i_r@1"] == (6.0, 6.0)
+  assert pairs["i2t_chance_r@1"] == pytest.approx((2 / 6, 1.0))
+  assert pairs["t2i_chance_r@1"] == pytest.approx((4 / 12, 1.0))
+  # Without deduplication the copies of the right caption owned by other images tie with it
+  # (ties count against the model): the failure the deduplication removes.
+  flat, owner = retrieval.flatten_captions(valid)
+  plain = retrieval.recall_metrics(img, cap[flat[:, 0], flat[:, 1]], owner, ks=(1,))
+  assert plain["i2t_r@1"][0] == 0.0
+  # The figure's ranking is the metric's: every shown rank-1 candidate is correct.
+  assert art["top5_correct"][:, 0].all()
+  assert (art["i2t_ranks"] == 0).all()
+
+
+def test_equal_token_ids_are_one_candidate_without_string_keys():
+  labels, _, img, cap, keys = _templated_split()
+  ids = keys[:, :, None] * np.ones((1, 1, 4), np.int64)  # equal strings -> equal ids
+  pairs, _ = retrieval.split_retrieval(img, cap, np.ones(keys.shape, bool),
+                                       np.arange(len(labels)), ks=(1,), caption_ids=ids)
+  assert pairs["i2t_r@1"] == (12.0, 12.0) and pairs["t2i_r@1"] == (6.0, 6.0)
+
+
+def test_dedupe_owner_union_hand_case():
+  # Texts: "a" (images 0, 2), "b" (image 1), "a" again (image 0: a repeat within one image).
+  first, own_t, own_i = retrieval.dedupe_texts(np.array([0, 1, 2, 0]), np.array([7, 3, 7, 7]))
+  np.testing.assert_array_equal(first, [0, 1])
+  assert sorted(zip(own_t.tolist(), own_i.tolist())) == [(0, 0), (0, 2), (1, 1)]
+
+
+def test_ties_between_distinct_texts_still_count_against_the_model():
+  # Two distinct strings with equal scores for image 0: the wrong one ranks first.
+  img = np.array([[1.0, 0.0]], np.float32)
+  txt = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+  out = retrieval.recall_metrics(img, txt, np.array([0, 0]), ks=(1,),
+                                 text_keys=np.array([0, 1]))
+  assert out["i2t_r@1"] == (1.0, 1.0)  # both are image 0's: a hit
+  img2 = np.eye(2, dtype=np.float32)
+  ranks, order, correct = retrieval.hit_ranks(img2, txt, np.array([0, 1]), np.array([0, 1]),
+                                              top=[0], k=2)
+  np.testing.assert_array_equal(ranks, [1, 1])   # tied wrong candidate above the right one
+  np.testing.assert_array_equal(order, [[1, 0]])  # the figure shows the same order
+  np.testing.assert_array_equal(correct, [[False, True]])
+
+
+def test_figure_order_matches_the_ranks_on_random_scores():
+  rng = np.random.default_rng(1)
+  img = rng.normal(size=(20, 6)).astype(np.float32)
+  txt = np.round(rng.normal(size=(50, 6)), 1).astype(np.float32)
+  owner = rng.integers(0, 20, size=50)
+  ranks, order, correct = retrieval.hit_ranks(img, txt, owner, np.arange(50), block=7,
+                                              top=range(20), k=50)
+  # rank r means r wrong candidates come before the first correct one in the shown order.
+  first_hit = np.argmax(correct, axis=1)
+  np.testing.assert_array_equal(first_hit[correct.any(axis=1)],
+                                ranks[correct.any(axis=1)])

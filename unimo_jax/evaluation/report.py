@@ -168,15 +168,18 @@ def _show_image(ax, pixels, mean, std):
 
 
 def retrieval_grid(out_png: str, pixels, rows, top5, caption_rows, caption_slots, captions,
-                   mean=(0.5,) * 3, std=(0.5,) * 3) -> bool:
+                   mean=(0.5,) * 3, std=(0.5,) * 3, correct=None) -> bool:
   """Each query image with its five best captions; correct captions are marked ``[v]``.
 
   Args:
     pixels: [N, S, S, 3] normalised pixels of the split (None: text only).
     rows: the query images (rows of the split).
-    top5: [len(rows), 5] indices of their best captions among all T captions.
-    caption_rows, caption_slots: [T] the split row and caption slot of each caption.
+    top5: [len(rows), 5] indices of their best candidates among all M candidates, in the
+      metric's order (``retrieval.hit_ranks``: ties rank wrong candidates first).
+    caption_rows, caption_slots: [M] the split row and caption slot of each candidate.
     captions: the split's caption strings, ``captions[row][slot]``.
+    correct: [len(rows), 5] bool, whether each shown candidate is a caption of the query
+      (a deduplicated text counts for every image it captions); default: its row is the query.
   """
   if not len(rows):
     return False
@@ -184,7 +187,7 @@ def retrieval_grid(out_png: str, pixels, rows, top5, caption_rows, caption_slots
   n = len(rows)
   fig, axes = plt.subplots(n, 2, figsize=(10, 1.9 * n), squeeze=False,
                            gridspec_kw=dict(width_ratios=[1, 3.6]))
-  for (ax_img, ax_txt), row, best in zip(axes, rows, top5):
+  for q, ((ax_img, ax_txt), row, best) in enumerate(zip(axes, rows, top5)):
     if pixels is not None:
       _show_image(ax_img, pixels[row], mean, std)
     else:
@@ -192,7 +195,7 @@ def retrieval_grid(out_png: str, pixels, rows, top5, caption_rows, caption_slots
     ax_txt.axis("off")
     for j, t in enumerate(best):
       r, slot = int(caption_rows[t]), int(caption_slots[t])
-      ok = r == row
+      ok = bool(correct[q][j]) if correct is not None else r == row
       text = textwrap.shorten(captions[r][slot], 90)
       ax_txt.text(0.0, 0.9 - 0.2 * j, f"{'[v]' if ok else '[ ]'} {j + 1}. {text}",
                   fontsize=8, color="green" if ok else "black", transform=ax_txt.transAxes,
@@ -241,8 +244,10 @@ def split_figures(workdir: str, split: str, result: Mapping, data: Mapping, meta
     ret = art["retrieval"]
     rows = [int(r) for r in ret["query_rows"][:examples]]
     name = f"retrieval_{safe}.png"
+    correct = ret.get("top5_correct")
     if retrieval_grid(os.path.join(workdir, name), pixels, rows, ret["top5"][:len(rows)],
-                      ret["caption_rows"], ret["caption_slots"], meta["captions"], mean, std):
+                      ret["caption_rows"], ret["caption_slots"], meta["captions"], mean, std,
+                      correct=None if correct is None else correct[:len(rows)]):
       out["retrieval"] = name
   if art.get("captions"):
     name = f"captions_{safe}.png"
@@ -266,7 +271,8 @@ def write_report(workdir: str, results: Mapping, figures: Mapping[str, Mapping[s
     lines += ["## Results", "", results_table(evals), ""]
     lines += ["Recall@K: a query is a hit when a correct item is among its K best-scored "
               "candidates (ties count against the model; every caption of the split is a "
-              "candidate). Hard-negative accuracy: share of (true caption, rewritten negative) "
+              "candidate; identical caption strings are one candidate, a hit for every image they "
+              "caption). Hard-negative accuracy: share of (true caption, rewritten negative) "
               "pairs where the negative scores lower for the image.", ""]
     kinds = sorted({k for e in evals for k in e["metrics"] if k.startswith("hard_negative_acc/")})
     if kinds:

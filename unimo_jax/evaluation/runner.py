@@ -36,7 +36,7 @@ EVALUATORS = ("retrieval", "hard_negatives", "captioning", "language")
 _EMBED_KEYS = retrieval.VISUAL_KEYS + ("caption_ids", "negative_ids")
 _LANGUAGE_PREFIXES = ("mlm_", "s2s_", "cap_")
 # Keys of the ``evaluation`` config section read by ``main`` rather than by the runner.
-_MAIN_KEYS = {"splits", "limit"}
+_MAIN_KEYS = {"splits", "limit", "sources", "allow_train_source"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,17 +232,13 @@ class Evaluator:
       timings["embed_s"] = time.time() - t0
       cap_valid = np.asarray(data["caption_valid"])[emb["index"]]
       if "retrieval" in evaluators:
-        flat, owner = retrieval.flatten_captions(cap_valid)
-        text_emb = emb["caption"][flat[:, 0], flat[:, 1]]
-        rec = retrieval.recall_metrics(emb["image"], text_emb, owner, self.settings.ks)
-        ranks = rec.pop("ranks")
+        # Equal caption strings are one candidate owned by all their images (retrieval.py).
+        keys, ids = data.get("caption_key"), data.get("caption_ids")
+        rec, art["retrieval"] = retrieval.split_retrieval(
+            emb["image"], emb["caption"], cap_valid, emb["index"], self.settings.ks,
+            caption_keys=None if keys is None else np.asarray(keys)[emb["index"]],
+            caption_ids=None if ids is None else np.asarray(ids)[emb["index"]])
         pairs.update(rec)
-        queries = np.arange(min(8, len(emb["index"])))
-        # In split-row terms: query rows, and the (row, slot) of every flat caption.
-        art["retrieval"] = dict(
-            query_rows=emb["index"][queries], caption_rows=emb["index"][flat[:, 0]],
-            caption_slots=flat[:, 1], i2t_ranks=ranks["i2t"], t2i_ranks=ranks["t2i"],
-            top5=retrieval.top_captions(emb["image"], text_emb, queries, 5))
       if "hard_negatives" in evaluators and "negative" in emb:
         kinds = data.get("negative_kind")
         pairs.update(hard_negatives.hard_negative_sums(
