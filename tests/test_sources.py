@@ -206,3 +206,59 @@ def test_unknown_kind_and_missing_path_are_errors(tmp_path):
     open_source(dict(kind="text"), name="x")
   with pytest.raises(ValueError, match="no files"):
     open_source(dict(kind="text", path=str(tmp_path / "none*.txt")), name="x")
+
+
+def _tar(path, members):
+  import io
+  import tarfile
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_caption_merge_removes_repeats_and_keeps_json_captions(tmp_path):
+  import json
+  rng = np.random.default_rng(5)
+  jpg = fx.image_bytes(fx.random_pixels(rng, 8, 8), "JPEG")
+  _tar(tmp_path / "m.tar", [
+      ("a.jpg", jpg), ("a.txt", b"a cat"),
+      ("a.json", json.dumps({"captions": ["a cat", "a dog", "a dog"]}).encode()),
+      # an empty .txt beside a .json with captions: the record keeps the .json's captions
+      ("b.jpg", jpg), ("b.txt", b"  \n"),
+      ("b.json", json.dumps({"captions": ["one", "two", "three", "four", "five"]}).encode()),
+      # an empty .txt alone: a pair stream has no caption, an image stream needs none
+      ("c.jpg", jpg), ("c.txt", b""),
+      ("d.jpg", jpg), ("d.txt", b"\xff\xfe"), ("d.cls", b"3"),
+  ])
+  spec = dict(kind="webdataset", path=str(tmp_path / "m.tar"))
+  pairs = open_source(spec, name="p")
+  pairs.restrict({"image", "captions", "paraphrases", "hard_negatives"})
+  good, bad = _read_all(pairs)
+  assert good["a"]["captions"] == ["a cat", "a dog"]
+  assert good["b"]["captions"] == ["one", "two", "three", "four", "five"]
+  assert sorted(bad) == ["empty_text", "non_utf8_text"]
+  image_only = open_source(spec, name="i")
+  image_only.restrict({"image"})
+  good, bad = _read_all(image_only)
+  assert sorted(good) == ["a", "b", "c", "d"] and not bad
+  assert all(set(r) == {"key", "keys", "image"} for r in good.values())
+  labelled = open_source(spec, name="l")
+  labelled.restrict({"image", "label"})
+  assert labelled.read(3)["label"] == "3"
+
+
+def test_jsonl_empty_text_drops_only_text_rows_and_captions_are_unique(tmp_path):
+  import json
+  (tmp_path / "p.jsonl").write_text(json.dumps(
+      {"key": "k", "text": " ", "captions": ["x y", "x y", "z"], "label": "cat"}) + "\n")
+  spec = dict(kind="jsonl", path=str(tmp_path / "p.jsonl"))
+  pairs = open_source(spec, name="p")
+  pairs.restrict({"captions"})
+  rec = pairs.read(0)
+  assert rec["captions"] == ["x y", "z"] and rec["label"] == "cat" and "text" not in rec
+  text = open_source(spec, name="t")
+  text.restrict({"text"})
+  with pytest.raises(BadRecord, match="empty_text"):
+    text.read(0)

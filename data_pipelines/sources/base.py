@@ -12,7 +12,9 @@ Raw records are plain dicts (the same keys for every kind of source):
   keys           list of str, every name a region store may file this image under
   text           str (text corpora)
   image          bytes: encoded (jpeg/png/gif/bmp/webp) or `images.encode_raw` pixels
-  captions       list of str (pairs); paraphrases, hard_negatives: list of str (optional)
+  captions       list of str (pairs), without repeats; paraphrases, hard_negatives: list of
+                 str (optional)
+  label          str or int: the record's class (optional: zero-shot classification)
   regions        dict(boxes [n,4] f32 pixels x1y1x2y2, features [n,F] f32, optional classes [n]
                  int, optional class_probs [n,C] f32, optional width/height of the image)
 """
@@ -45,6 +47,7 @@ class Source:
   def __init__(self, name: str):
     self.name = name
     self.index_drops = {}  # reason -> count, found while indexing
+    self.wanted = None  # raw fields the stream reads (None: all); see `restrict`
     self._key_index = None
     self._lock = threading.Lock()
 
@@ -55,8 +58,12 @@ class Source:
     raise TypeError(f"{type(self).__name__} does not define read")
 
   def restrict(self, fields):
-    """Hint: only these raw fields will be used (a source may then skip decoding the rest)."""
-    del fields
+    """Only these raw fields will be used: a source then skips decoding the rest, and a broken
+    field the stream never reads (an empty caption for the image stream) drops nothing."""
+    self.wanted = frozenset(fields)
+
+  def wants(self, field: str) -> bool:
+    return self.wanted is None or field in self.wanted
 
   def key(self, i: int) -> str:
     """The key of record i (cheap for file-backed sources; subclasses override)."""
@@ -164,6 +171,11 @@ def text_list(values, what: str) -> list:
       if e.reason != "empty_text":
         raise
   return out
+
+
+def unique_texts(texts) -> list:
+  """The texts without repeats, in first-seen order (a caption given in .txt and .json once)."""
+  return list(dict.fromkeys(texts))
 
 
 def parse_json_object(raw: bytes, what: str) -> dict:

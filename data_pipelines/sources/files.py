@@ -78,14 +78,15 @@ class JsonlSource(_LineSource):
 
   ``text`` (corpus), ``captions`` (list) or ``caption`` (str), ``paraphrases``,
   ``hard_negatives``, ``image`` (a path, relative to `image_dir`), ``key`` (or ``id``,
-  ``image_id``). A record may carry any subset; the stream decides what it needs.
+  ``image_id``), ``label`` (a class name or index). A record may carry any subset; the stream
+  decides what it needs (fields it does not read are not decoded, so they drop nothing).
   """
 
   def __init__(self, name, path, *, image_dir=None, field_map=None):
     super().__init__(name, path)
     self._image_dir = image_dir
     self._map = dict(field_map or {})
-    self.fields = frozenset({"text", "captions", "paraphrases", "hard_negatives"}
+    self.fields = frozenset({"text", "captions", "paraphrases", "hard_negatives", "label"}
                             | ({"image"} if image_dir is not None else set()))
 
   def _get(self, obj, raw_name, *alternatives):
@@ -100,7 +101,7 @@ class JsonlSource(_LineSource):
     rec = dict(key=str(key) if key is not None else self._default_key(i))
     rec["keys"] = [rec["key"]]
     text = self._get(obj, "text")
-    if text is not None:
+    if text is not None and self.wants("text"):  # an empty text drops only text-stream rows
       rec["text"] = base.decode_text(text if isinstance(text, str) else str(text))
     captions = self._get(obj, "captions")
     if captions is None:
@@ -108,10 +109,15 @@ class JsonlSource(_LineSource):
     for raw_name, value in (("captions", captions),
                             ("paraphrases", self._get(obj, "paraphrases")),
                             ("hard_negatives", self._get(obj, "hard_negatives"))):
-      if value is not None:
+      if value is not None and self.wants(raw_name):
         rec[raw_name] = base.text_list(value, raw_name)
+    if "captions" in rec:
+      rec["captions"] = base.unique_texts(rec["captions"])
+    label = self._get(obj, "label")
+    if label is not None:
+      rec["label"] = label
     image = self._get(obj, "image")
-    if image is not None and self._image_dir is not None:
+    if image is not None and self._image_dir is not None and self.wants("image"):
       path = os.path.join(self._image_dir, str(image))
       rec["keys"] += [base.stem(path), str(image)]
       try:
@@ -184,9 +190,11 @@ class CocoCaptionsSource(base.Source):
   def read(self, i):
     img, caps = self._images[i]
     rec = dict(key=self.key(i), keys=[self.key(i), str(img["id"]), img["file_name"]])
-    rec["captions"] = base.text_list(caps, "captions")
-    if not rec["captions"]:
+    rec["captions"] = base.unique_texts(base.text_list(caps, "captions"))
+    if not rec["captions"] and self.wants("captions"):
       raise base.BadRecord("empty_text", "captions")
+    if not self.wants("image"):
+      return rec
     try:
       with open(os.path.join(self._image_dir, img["file_name"]), "rb") as f:
         rec["image"] = f.read()

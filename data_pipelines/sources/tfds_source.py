@@ -97,7 +97,8 @@ class TfdsSource(base.Source):
     self._reader = base.FileReader()
     top = set(self._features.keys())
     self.fields = frozenset(
-        raw for raw in ("text", "image", "captions", "paraphrases", "hard_negatives", "regions")
+        raw for raw in ("text", "image", "captions", "paraphrases", "hard_negatives", "regions",
+                        "label")
         if self._map.get(raw, raw).split("/")[0] in top
         or (raw == "captions" and "caption" in top))
 
@@ -108,6 +109,7 @@ class TfdsSource(base.Source):
     """Decodes only the features behind `fields` (plus the key): numpy decoding of unused
     features (scene graphs, QA, ...) costs more than the rest of building a row."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self.wanted = frozenset(fields)
     top = set(self._all_features.keys())
     keep = {self._map.get(raw, raw).split("/")[0] for raw in set(fields) | {"key"}}
     keep |= {k.split("/")[0] for k in _KEY_CANDIDATES} | {"caption"}
@@ -130,15 +132,20 @@ class TfdsSource(base.Source):
         base.decode_text(key, "key") if key is not None else str(i)))
     rec["keys"] = [rec["key"]]
     m = lambda raw: _get(ex, self._map.get(raw, raw))  # noqa: E731
-    if m("text") is not None:
+    if m("text") is not None and self.wants("text"):
       rec["text"] = base.decode_text(m("text"), "text")
+    if m("label") is not None:
+      label = m("label")
+      rec["label"] = int(label) if isinstance(label, (int, np.integer)) else (
+          base.decode_text(label, "label"))
     caps = m("captions")
     if caps is None:
       caps = _get(ex, "caption")
     if isinstance(caps, dict):  # coco_captions: Sequence({id, text})
       caps = caps.get("text")
     if caps is not None:
-      rec["captions"] = base.text_list(list(np.asarray(caps).reshape(-1)), "captions")
+      rec["captions"] = base.unique_texts(
+          base.text_list(list(np.asarray(caps).reshape(-1)), "captions"))
     for raw in ("paraphrases", "hard_negatives"):
       if m(raw) is not None:
         rec[raw] = base.text_list(list(np.asarray(m(raw)).reshape(-1)), raw)

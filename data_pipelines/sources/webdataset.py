@@ -4,7 +4,10 @@ The index is built from the tar headers alone (no member data is read): for ever
 offset and size of each of its members. A member whose data runs past the end of its shard (a
 truncated download) drops its whole record and is counted as ``truncated_member``; a shard
 whose header chain breaks ends there. ``txt`` is one caption (or a text, for the text stream);
-``json`` may hold ``caption``/``captions``/``paraphrases``/``hard_negatives``/``text``.
+``json`` may hold ``caption``/``captions``/``paraphrases``/``hard_negatives``/``text``/``label``
+and ``cls`` a class label. A record's captions are those of ``txt`` and ``json`` without repeats;
+an empty or undecodable ``txt`` drops the record only when the stream needs its text and no
+``json`` supplies it (so the image stream, which never reads captions, drops nothing for it).
 """
 import os
 import tarfile
@@ -26,7 +29,7 @@ def _split_key(name: str):
 
 class WebDatasetSource(base.Source):
   """Records of WebDataset shards (a path, glob or list)."""
-  fields = frozenset({"image", "captions", "paraphrases", "hard_negatives", "text"})
+  fields = frozenset({"image", "captions", "paraphrases", "hard_negatives", "text", "label"})
 
   def __init__(self, name, path):
     super().__init__(name)
@@ -84,24 +87,46 @@ class WebDatasetSource(base.Source):
     s, key, members = self._records[i]
     shard = self._shards[s]
     rec = dict(key=key, keys=[key, os.path.basename(key)])
+    want_text = self.wants("text") or self.wants("captions")
+    captions, texts, problems = [], [], []
     for ext, (off, size) in members.items():
       last = ext.rsplit(".", 1)[-1]
       if last in _IMAGE_EXTS and "image" not in rec:
-        rec["image"] = self._reader.read(shard, off, size)
-      elif last == "txt":
-        text = base.decode_text(self._reader.read(shard, off, size), f"{key}.{ext}")
-        rec["text"] = text
-        rec.setdefault("captions", []).append(text)
-      elif last == "json":
+        if self.wants("image"):
+          rec["image"] = self._reader.read(shard, off, size)
+      elif last == "txt" and want_text:
+        try:
+          text = base.decode_text(self._reader.read(shard, off, size), f"{key}.{ext}")
+        except base.BadRecord as e:  # only fatal when nothing else gives the field
+          problems.append(e)
+          continue
+        texts.append(text)
+        captions.append(text)
+      elif last == "cls" and self.wants("label"):
+        rec["label"] = base.decode_text(self._reader.read(shard, off, size), f"{key}.{ext}")
+      elif last == "json" and (want_text or self.wants("paraphrases")
+                               or self.wants("hard_negatives") or self.wants("label")):
         obj = base.parse_json_object(self._reader.read(shard, off, size), f"{key}.{ext}")
         caps = obj.get("captions", obj.get("caption"))
         if caps is not None:
-          rec.setdefault("captions", []).extend(base.text_list(caps, "captions"))
+          captions.extend(base.text_list(caps, "captions"))
         for field in ("paraphrases", "hard_negatives"):
           if obj.get(field) is not None:
             rec[field] = base.text_list(obj[field], field)
-        if obj.get("text") is not None and "text" not in rec:
-          rec["text"] = base.decode_text(str(obj["text"]), "text")
+        if obj.get("text") is not None and str(obj["text"]).strip():
+          texts.append(base.decode_text(str(obj["text"]), "text"))
+        for k in ("label", "class", "cls"):
+          if obj.get(k) is not None and "label" not in rec:
+            rec["label"] = obj[k]
+    if captions:
+      rec["captions"] = base.unique_texts(captions)
+    if texts:
+      rec["text"] = texts[0]
+    if problems:
+      fatal = (not captions and not texts) if self.wanted is None else any(
+          self.wants(f) and f not in rec for f in ("captions", "text"))
+      if fatal:
+        raise problems[0]
     return rec
 
   def close(self):
