@@ -110,14 +110,16 @@ def _eval_section(config) -> dict:
   return section
 
 
-def _load_split(config, split, tokenizer, limit):
+def _load_split(config, split, tokenizer, limit, allow_train_source=None):
   from data_pipelines import eval_data  # pylint: disable=import-outside-toplevel
-  return eval_data.load_eval_split(config.data, split, tokenizer=tokenizer, limit=limit)
+  return eval_data.load_eval_split(config.data, split, tokenizer=tokenizer, limit=limit,
+                                   eval_config=_eval_section(config),
+                                   allow_train_source=allow_train_source)
 
 
 def _default_splits(config) -> list:
   from data_pipelines import eval_data  # pylint: disable=import-outside-toplevel
-  return eval_data.default_splits(config.data)
+  return eval_data.default_splits(config.data, eval_config=_eval_section(config))
 
 
 def make_train_evaluator(config, model_cfg: ModelConfig, mesh, tokenizer,
@@ -148,7 +150,8 @@ def make_train_evaluator(config, model_cfg: ModelConfig, mesh, tokenizer,
 
 def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),
                      splits: Sequence[str] | None = None, limit: int | None = None,
-                     batch_size: int | None = None, figures: bool = True) -> dict:
+                     batch_size: int | None = None, figures: bool = True,
+                     allow_train_source: bool | None = None) -> dict:
   """Evaluates the given checkpoint steps (ints, or "latest") of a run on its splits.
 
   Returns the content of ``results.json`` after adding these evaluations, plus
@@ -169,7 +172,7 @@ def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),
   mean = tuple(data_cfg.get("pixel_mean", (0.5,) * 3))
   std = tuple(data_cfg.get("pixel_std", (0.5,) * 3))
   is_main = jax.process_index() == 0
-  loaded = {s: _load_split(config, s, tokenizer, limit) for s in splits}
+  loaded = {s: _load_split(config, s, tokenizer, limit, allow_train_source) for s in splits}
   figs, captions, results = {}, {}, report_lib.load_results(workdir)
   for step in steps:
     want = None if step in (None, "latest") else int(step)
@@ -184,7 +187,9 @@ def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),
       if is_main:
         results = report_lib.add_result(
             workdir, got, split, res, dict(images=int(len(data["image_id"])),
-                                           dropped=meta.get("dropped", {})))
+                                           dropped=meta.get("dropped", {}),
+                                           source=meta.get("source", ""),
+                                           records=meta.get("records")))
         if figures and step == steps[-1]:
           figs[split] = report_lib.split_figures(workdir, split, res, data, meta, mean, std)
           captions[split] = res["artefacts"].get("captions", [])
@@ -210,6 +215,8 @@ def main(argv) -> int:
   parser.add_argument("--limit", type=int, default=None, help="images per split (0 = all)")
   parser.add_argument("--batch-size", type=int, default=None, help="global eval batch size")
   parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+  parser.add_argument("--allow-train-source", action="store_true",
+                      help="evaluate a split even when its source is a training source")
   args = parser.parse_args(argv[1:])
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   steps = [s.strip() for s in args.step.split(",") if s.strip()]
@@ -219,7 +226,8 @@ def main(argv) -> int:
     return 2
   try:
     results = evaluate_workdir(args.workdir, steps, splits, args.limit, args.batch_size,
-                               figures=not args.no_figures)
+                               figures=not args.no_figures,
+                               allow_train_source=args.allow_train_source or None)
   except (FileNotFoundError, ValueError) as e:  # no checkpoint / config problems: one line
     print(f"{argv[0]}: {e}", file=sys.stderr)
     return 2
