@@ -1,6 +1,9 @@
-"""Checkpoint save/restore across meshes, retention, params-only restore and stop signals."""
+"""Checkpoint save/restore across meshes, retention, params-only restore, stop signals, and
+reliability: restore walking back from damaged checkpoints, failed saves reported in one line."""
+import logging
 import os
 import signal
+import threading
 
 import jax
 import numpy as np
@@ -11,6 +14,7 @@ from unimo_jax import parallel
 from unimo_jax.train import checkpoint as ckpt_lib
 from unimo_jax.train import state as state_lib
 
+import reliability_util as ru
 from test_train_state import make_state, Boxed, optimizer_cfg  # noqa: F401
 
 
@@ -115,3 +119,117 @@ def test_second_sigint_interrupts():
     assert stop.should_stop()
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
+
+
+# ------------------------------------------------------------------ reliability: damaged checkpoints
+def _two_checkpoints(tmp_path):
+  """A workdir with checkpoints at steps 2 and 4 (different parameters and data positions)."""
+  mesh = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  _, tx, init, state, _ = make_state(mesh)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=None)
+  ck.save(2, state.replace(step=state.step + 2), data_state={"position": 2})
+  later = state.replace(step=state.step + 4, params=jax.tree.map(lambda x: x + 1, state.params))
+  ck.save(4, later, data_state={"position": 4})
+  ck.close()
+  abstract, _ = state_lib.state_shardings(init, tx, mesh, parallel.DEFAULT_RULES,
+                                          jax.random.key(0))
+  return abstract, _host(state.params)
+
+
+@pytest.mark.parametrize("kind", ru.DAMAGE)
+def test_restore_walks_back_from_a_damaged_checkpoint(tmp_path, kind, caplog):
+  abstract, params_at_2 = _two_checkpoints(tmp_path)
+  step4 = os.path.join(str(tmp_path), "checkpoints", "4")
+  ru.damage(step4, kind)
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    state, data_state, _ = ck.restore(abstract)
+  assert int(state.step) == 2 and data_state == {"position": 2}
+  for got, want in zip(jax.tree_util.tree_leaves(_host(state.params)),
+                       jax.tree_util.tree_leaves(params_at_2)):
+    np.testing.assert_array_equal(got, want)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+              and "cannot be restored" in r.getMessage()]
+  assert len(warnings) == 1 and step4 in warnings[0], warnings
+  assert "\n" not in warnings[0]
+  # An explicit request for the damaged step fails in one line naming it ...
+  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/4 cannot be restored") as e:
+    ck.restore(abstract, step=4)
+  assert "\n" not in str(e.value)
+  # ... parameters-only restore (evaluation) walks back the same way when the parameters are
+  # damaged (it does not read the data position) ...
+  params, step = ckpt_lib.restore_params(str(tmp_path))
+  if kind.startswith("state"):
+    assert step == 2
+    np.testing.assert_array_equal(params["up_kernel"], params_at_2["up_kernel"])
+    with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/4 cannot be restored"):
+      ckpt_lib.restore_params(str(tmp_path), step=4)
+  else:
+    assert step == 4
+    np.testing.assert_array_equal(params["up_kernel"], params_at_2["up_kernel"] + 1)
+  # ... and the damaged checkpoint is still there.
+  assert os.path.isdir(step4)
+  ck.close()
+
+
+def test_a_damaged_step_is_set_aside_when_saved_again(tmp_path):
+  abstract, _ = _two_checkpoints(tmp_path)
+  ru.damage(os.path.join(str(tmp_path), "checkpoints", "4"), "state_metadata")
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=None)
+  state, _, _ = ck.restore(abstract)
+  assert ck.save(4, state.replace(step=state.step + 2), data_state={"position": 4})
+  ck.close()
+  names = sorted(os.listdir(os.path.join(str(tmp_path), "checkpoints")))
+  assert names == ["2", "4", "4.damaged"]
+  restored, data_state, _ = ckpt_lib.Checkpointer(str(tmp_path)).restore(abstract)
+  assert int(restored.step) == 4 and data_state == {"position": 4}
+
+
+def test_no_restorable_checkpoint_is_one_error(tmp_path):
+  abstract, _ = _two_checkpoints(tmp_path)
+  for step in (2, 4):
+    ru.damage(os.path.join(str(tmp_path), "checkpoints", str(step)), "data_dir")
+  with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint .* can be restored: step 4") \
+      as e:
+    ckpt_lib.Checkpointer(str(tmp_path)).restore(abstract)
+  assert "step 2" in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ reliability: failed saves
+def test_saved_is_logged_only_once_committed(tmp_path, caplog):
+  mesh = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  _, _, _, state, _ = make_state(mesh)
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  with caplog.at_level(logging.INFO):
+    ck.save(1, state)
+    saved = [r.getMessage() for r in caplog.records if "checkpoint saved" in r.getMessage()]
+    committed = os.path.isdir(os.path.join(str(tmp_path), "checkpoints", "1"))
+    assert not saved or committed  # never "saved" before the step folder is in place
+    ck.wait()
+  assert [r.getMessage() for r in caplog.records
+          if "checkpoint saved" in r.getMessage()] == ["checkpoint saved at step 1"]
+  ck.close()
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_failed_save_raises_one_line_and_leaves_no_threads(tmp_path, async_save):
+  mesh = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  _, _, _, state, _ = make_state(mesh)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=async_save)
+  ck.save(1, state)
+  ck.wait()
+  directory = os.path.join(str(tmp_path), "checkpoints")
+  with ru.unwritable(directory):
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+      ck.save(2, state)
+      ck.close()  # an asynchronous failure surfaces at the latest here
+    msg = str(e.value)
+    assert "step 2" in msg and os.path.join(directory, "2") in msg and "\n" not in msg
+    assert "Permission" in msg or "not permitted" in msg, msg
+    ck.abort()
+  # No orbax thread is left waiting for a signal (they would hold up interpreter exit).
+  from orbax.checkpoint._src.futures import future as ocp_future
+  alive = [t.name for t in threading.enumerate()
+           if isinstance(t, ocp_future._SignalingThread) and t.is_alive()]
+  assert not alive
+  assert ckpt_lib.latest_step(str(tmp_path)) == 1

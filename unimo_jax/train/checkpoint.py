@@ -7,11 +7,21 @@ Layout of a workdir::
   WORKDIR/checkpoints/<step>/config/   the run's config (JSON)
 
 - Saves are asynchronous: the arrays are copied to host memory at the step boundary and written
-  by a background thread while training continues.
+  by a background thread while training continues. A save counts as done only when orbax has
+  committed it (the step directory renamed into place): ``poll()`` (non-blocking), the next
+  ``save()`` and ``close()`` check the outcome, log "checkpoint saved at step N" and raise
+  ``CheckpointError`` (one line: the path and the error) if the write failed. After a failure
+  orbax's signalling threads, which would otherwise wait minutes for a signal that never comes
+  and hold up interpreter exit, are released.
 - Retention: the newest ``keep`` checkpoints plus every checkpoint whose step is a multiple of
   ``keep_period`` (long-term history) are kept; the rest are deleted.
 - Restore takes an abstract state (``jax.ShapeDtypeStruct`` leaves carrying the CURRENT mesh's
   shardings), so a checkpoint written on one mesh shape restores onto another.
+- Restore walks back: when the latest checkpoint cannot be restored (missing or truncated files,
+  a metadata mismatch, no data position) one warning names it and the reason and the newest one
+  that restores is used; an explicitly requested step that fails raises ``CheckpointError``.
+  Damaged checkpoints are never deleted; one the run must write again is renamed
+  ``<step>.damaged`` (orbax ignores the name) just before the new save.
 - ``restore_params`` reads only the parameters (evaluation, fine-tuning), onto any shardings or
   as host numpy arrays, without knowing the optimizer that wrote them.
 - ``StopSignal`` turns SIGTERM (preemption) and SIGINT into a request that the loop serves at the
@@ -24,21 +34,32 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from unimo_jax.train.checkpoint_failures import (CheckpointError, quiet_orbax_tracebacks,
+                                                 reason as _reason, release_orbax_threads)
+
 CHECKPOINT_DIR = "checkpoints"
+
+
+def _all_processes(ok: bool) -> bool:
+  """True when ``ok`` on every process (processes must agree on which checkpoint they use)."""
+  if jax.process_count() == 1:
+    return ok
+  flags = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
+  return bool(np.asarray(flags).all())
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def _gather_json(obj: Any) -> list[Any]:
+def gather_json(obj: Any) -> list[Any]:
   """Every process's JSON-able ``obj``, in process order (one collective when multi-process)."""
   if jax.process_count() == 1:
     return [obj]
@@ -48,6 +69,9 @@ def _gather_json(obj: Any) -> list[Any]:
   padded[:data.size] = data
   rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
   return [json.loads(bytes(r[:n]).decode("utf-8")) for r, n in zip(rows, sizes)]
+
+
+_gather_json = gather_json  # the former private name
 
 
 # Keys of a data state that are this process's own bookkeeping, not its position (the
@@ -125,6 +149,11 @@ class Checkpointer:
       registry.add(item, ocp.args.JsonRestore, json_handler)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
+    self._async = async_save
+    self._pending: int | None = None   # the step whose write is in flight
+    self._failed = False
+    self._damaged: dict[int, str] = {}  # steps found unrestorable -> reason
+    quiet_orbax_tracebacks()
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> int | None:
@@ -133,10 +162,16 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def _path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   # ------------------------------------------------------------------ save
   def save(self, step: int, state: Any, *, data_state: Any = None,
            config: Mapping[str, Any] | None = None) -> bool:
     """Starts saving ``state`` at ``step`` (returns once the arrays are copied off device).
+
+    The previous save's outcome is checked first. "checkpoint saved at step N" is logged when
+    the write is committed (``poll``, the next ``save``, ``wait`` or ``close``).
 
     Args:
       step: the update count the state corresponds to.
@@ -146,23 +181,100 @@ class Checkpointer:
 
     Returns:
       True if a save was started (False if ``step`` is already saved).
+
+    Raises:
+      CheckpointError: this or the previous save failed.
     """
+    self._finish()
     if step in self._manager.all_steps():
-      return False
-    data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+      if step not in self._damaged:
+        return False
+      self._set_aside(step)
+    data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data),
                               config=ocp.args.JsonSave(dict(config or {})))
-    saved = self._manager.save(int(step), args=args, force=True)
-    logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    try:
+      saved = self._manager.save(int(step), args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
+      raise CheckpointError(f"checkpoint at step {step} could not be saved to "
+                            f"{self._path(step)}: {_reason(e)}") from e
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+      self._pending = int(step)
+      if not self._async:
+        self._finish()
     return bool(saved)
 
+  def _set_aside(self, step: int) -> None:
+    """Renames a damaged checkpoint the run is about to write again (never deletes it)."""
+    path, n = self._path(step) + ".damaged", 1
+    while os.path.exists(path):
+      n += 1
+      path = f"{self._path(step)}.damaged-{n}"
+    if jax.process_index() == 0:
+      os.rename(self._path(step), path)
+      logging.warning("checkpoint: moved the damaged step %d (%s) to %s", step,
+                      self._damaged[step], path)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"unimo_jax_set_aside_{step}")
+    del self._damaged[step]
+    self._manager.reload()
+
+  def _finish(self) -> None:
+    """Waits for the save in flight; logs it as saved, or raises ``CheckpointError``."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
+      raise CheckpointError(f"checkpoint at step {step} could not be saved to "
+                            f"{self._path(step)}: {_reason(e)}") from e
+    if jax.process_index() == 0 and not os.path.isdir(self._path(step)):
+      self._failed = True
+      raise CheckpointError(f"checkpoint at step {step} could not be saved to "
+                            f"{self._path(step)}: the write was not committed")
+    logging.info("checkpoint saved at step %d", step)
+
+  def poll(self) -> None:
+    """Reports the save in flight if it has finished (never blocks on a running write)."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self._finish()
+
   def wait(self) -> None:
-    """Blocks until every pending asynchronous save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until the pending save is committed (raises ``CheckpointError`` if it failed)."""
+    self._finish()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the pending save and closes; raises ``CheckpointError`` if it failed."""
+    try:
+      self._finish()
+    finally:
+      self._shutdown()
+
+  def abort(self) -> None:
+    """Closes on an error path: the pending save's outcome is logged, never raised."""
+    try:
+      self._finish()
+    except CheckpointError as e:
+      logging.error("%s", e)
+    finally:
+      self._shutdown()
+
+  def _shutdown(self) -> None:
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except  (already reported as CheckpointError)
+      if not self._failed:
+        self._failed = True
+        raise CheckpointError(f"closing the checkpoints in {self.directory}: {_reason(e)}"
+                              ) from e
+    finally:
+      if self._failed:
+        release_orbax_threads()
 
   # ------------------------------------------------------------------ restore
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
@@ -171,30 +283,49 @@ class Checkpointer:
     Args:
       abstract_state: the state's tree with ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``
         leaves for the current mesh (``state.state_shardings``).
-      step: which checkpoint (default: the latest).
+      step: which checkpoint (default: the newest one that restores, see the module doc).
 
     Returns:
       ``(state, data_state, config)``: the data position for this process (see
       ``select_data_state``) and the saved config dict.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint. CheckpointError: ``step`` (or, by default,
+      every checkpoint) cannot be restored.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    damaged: dict[int, str] = {}
+    out, step = _walk_back(self.directory, step,
+                           lambda path: self._restore_step(abstract_state, int(
+                               os.path.basename(path))), damaged)
+    self._damaged.update(damaged)
+    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return out
+
+  def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, Any, dict]:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract_state,
                                                            restore_args=restore_args),
                               data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
     restored = self._manager.restore(int(step), args=args)
-    logging.info("checkpoint: restored step %d from %s", step, self.directory)
-    return restored.state, select_data_state(restored.data), dict(restored.config or {})
+    data = restored.data
+    if not isinstance(data, Mapping) or "states" not in data or "process_count" not in data:
+      raise ValueError(f"no data position in {self._path(step)}/data")
+    return restored.state, select_data_state(data), dict(restored.config or {})
 
 
-def _step_dir(workdir_or_checkpoints: str, step: int | None) -> tuple[str, int]:
+def _steps(workdir_or_checkpoints: str) -> tuple[str, list[int]]:
+  """(checkpoint folder, its finished steps ascending); in-flight ``N.orbax-checkpoint-tmp``
+  and set-aside ``N.damaged`` folders are not steps."""
   directory = os.path.abspath(workdir_or_checkpoints)
   if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
     directory = os.path.join(directory, CHECKPOINT_DIR)
   steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
       directory) else []
+  return directory, steps
+
+
+def _step_dir(workdir_or_checkpoints: str, step: int | None) -> tuple[str, int]:
+  directory, steps = _steps(workdir_or_checkpoints)
   if step is None:
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -202,6 +333,44 @@ def _step_dir(workdir_or_checkpoints: str, step: int | None) -> tuple[str, int]:
   elif step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have {steps})")
   return os.path.join(directory, str(step)), step
+
+
+def _walk_back(workdir: str, step: int | None, read: Callable[[str], Any],
+               damaged: dict[int, str] | None = None) -> tuple[Any, int]:
+  """``(read(step_path), step)`` for ``step``, or by default for the newest step that reads.
+
+  A requested step that fails raises ``CheckpointError``; by default each failing step is
+  named in one warning (and recorded in ``damaged``) and the one before it is tried. Every
+  process must succeed on the same step."""
+  directory, steps = _steps(workdir)
+  if step is not None:
+    path, step = _step_dir(workdir, step)
+    try:
+      out, error = read(path), None
+    except Exception as e:  # pylint: disable=broad-except
+      out, error = None, _reason(e)
+    if not _all_processes(error is None):
+      raise CheckpointError(f"checkpoint {path} cannot be restored: "
+                            f"{error or 'failed on another process'}")
+    return out, step
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  failures = []
+  for s in reversed(steps):
+    path = os.path.join(directory, str(s))
+    try:
+      out, error = read(path), None
+    except Exception as e:  # pylint: disable=broad-except
+      out, error = None, _reason(e)
+    if _all_processes(error is None):
+      return out, s
+    error = error or "failed on another process"
+    failures.append(f"step {s}: {error}")
+    if damaged is not None:
+      damaged[s] = error
+    logging.warning("checkpoint %s cannot be restored (%s); trying the one before it (the "
+                    "damaged one is left in place)", path, error)
+  raise CheckpointError(f"no checkpoint in {directory} can be restored: " + "; ".join(failures))
 
 
 def latest_step(workdir: str) -> int | None:
@@ -213,30 +382,20 @@ def latest_step(workdir: str) -> int | None:
 
 
 def read_config(workdir: str, step: int | None = None) -> dict:
-  """The config dict saved with a checkpoint (default: the latest)."""
-  path, _ = _step_dir(workdir, step)
-  with open(os.path.join(path, "config", "metadata")) as f:
-    return json.load(f)
+  """The config dict saved with a checkpoint (default: the newest readable one)."""
+  def read(path):
+    with open(os.path.join(path, "config", "metadata")) as f:
+      return json.load(f)
+  return _walk_back(workdir, step, read)[0]
 
 
-def restore_params(workdir: str, step: int | None = None, shardings: Any = None
-                   ) -> tuple[Any, int]:
-  """Restores only the parameters of a checkpoint, without its optimizer state.
-
-  Args:
-    workdir: a workdir or its ``checkpoints`` folder.
-    step: which checkpoint (default: the latest).
-    shardings: None (host numpy arrays), one ``jax.sharding.Sharding`` for every leaf (e.g.
-      replicated on the evaluation mesh), or a tree of shardings shaped like the parameters.
-
-  Returns:
-    ``(params, step)``.
-  """
-  path, step = _step_dir(workdir, step)
+def _read_params(path: str, shardings: Any) -> Any:
   state_path = os.path.join(path, "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(state_path).item_metadata.tree
-  params_meta = tree["params"]
+  metadata = checkpointer.metadata(state_path).item_metadata
+  if metadata is None:
+    raise ValueError(f"no readable metadata in {state_path}")
+  params_meta = metadata.tree["params"]
 
   if shardings is None:
     abstract = jax.tree.map(lambda m: np.empty(0, m.dtype), params_meta)
@@ -251,7 +410,28 @@ def restore_params(workdir: str, step: int | None = None, shardings: Any = None
       state_path, args=ocp.args.PyTreeRestore(item={"params": abstract},
                                               restore_args={"params": restore_args},
                                               partial_restore=True))
-  return restored["params"], step
+  return restored["params"]
+
+
+def restore_params(workdir: str, step: int | None = None, shardings: Any = None
+                   ) -> tuple[Any, int]:
+  """Restores only the parameters of a checkpoint, without its optimizer state.
+
+  Args:
+    workdir: a workdir or its ``checkpoints`` folder.
+    step: which checkpoint (default: the newest one that restores; a damaged newer one is named
+      in a warning and skipped).
+    shardings: None (host numpy arrays), one ``jax.sharding.Sharding`` for every leaf (e.g.
+      replicated on the evaluation mesh), or a tree of shardings shaped like the parameters.
+
+  Returns:
+    ``(params, step)``.
+
+  Raises:
+    FileNotFoundError: no such checkpoint. CheckpointError: ``step`` (or, by default, every
+    checkpoint) cannot be restored.
+  """
+  return _walk_back(workdir, step, lambda path: _read_params(path, shardings))
 
 
 class StopSignal:
