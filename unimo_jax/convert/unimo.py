@@ -192,10 +192,12 @@ def read_pdparams(path: str) -> dict[str, np.ndarray]:
   with open(path, "rb") as f:
     try:
       state = _ArraysOnly(f, path).load()
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, struct.error) as e:
-      if isinstance(e, pickle.UnpicklingError) and "refusing" in str(e):
+    except pickle.UnpicklingError as e:
+      if "refusing" in str(e):
         raise
       raise ValueError(f"{path}: corrupt or truncated .pdparams pickle ({e})") from e
+    except Exception as e:  # any damage to the stream (EOF, bad opcodes, bad array states)
+      raise ValueError(f"{path}: corrupt or truncated .pdparams pickle ({e!r})") from e
   if not isinstance(state, dict):
     raise ValueError(f"{path}: a .pdparams file holds a dict, got {type(state).__name__}")
   out = {}
@@ -386,12 +388,19 @@ def convert_variables(variables: dict[str, np.ndarray], config: ModelConfig,
   return _model_layout(params, config)
 
 
+def _official(path: str, names) -> dict[str, tuple[str, ...]]:
+  n = _num_layers(names)
+  if not n:
+    raise ValueError(f"{path}: no encoder_layer_<i>_* variables: not a UNIMO checkpoint")
+  return official_names(n)
+
+
 def _read(path: str) -> tuple[dict[str, np.ndarray], list[str], str]:
   """(official variables, report lines, directory holding the config json)."""
   if os.path.isdir(path):
     files = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))
                    and not _NOT_VARIABLES.search(n))
-    wanted = official_names(_num_layers(files))
+    wanted = _official(path, files)
     missing = [n for n in wanted if n not in files]
     if missing:
       raise ValueError(f"{path}: missing {len(missing)} official UNIMO variable file(s): "
@@ -400,7 +409,7 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], list[str], str]:
     return variables, _sort_extras(set(files) - set(wanted)), path
   if os.path.isfile(path):
     state = read_pdparams(path)
-    wanted = official_names(_num_layers(state))
+    wanted = _official(path, state)
     missing = [n for n in wanted if n not in state]
     if missing:
       raise ValueError(f"{path}: missing {len(missing)} official UNIMO variable(s): "
