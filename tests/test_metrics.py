@@ -91,6 +91,39 @@ def test_mean_accumulator_ignores_nan():
   assert len(acc) == 0 and acc.result() == {}
 
 
+def test_mean_accumulator_matches_numpy_and_watches_a_threshold():
+  rng = np.random.default_rng(0)
+  vals = rng.normal(size=(7, 3)).astype(np.float32)
+  vals[[1, 4], 2] = np.nan
+  streak = np.array([0, 1, 2, 3, 0, 1, 4], np.int32)
+  acc = metrics_lib.MeanAccumulator(watch=("streak", 3))
+  for row, s in zip(vals, streak):
+    acc.add({"x": jnp.asarray(row[0]), "y": jnp.asarray(row[1]), "z": jnp.asarray(row[2]),
+             "streak": jnp.asarray(s)})
+  assert len(acc) == 7 and acc.first_reached() == 4  # streak reached 3 at the 4th step
+  out, first = acc.fetch()
+  np.testing.assert_allclose([out["x"], out["y"], out["z"]], np.nanmean(vals, axis=0),
+                             rtol=1e-6)
+  assert first == 4 and out["streak"] == streak.mean()
+  acc.add({"x": jnp.float32(1.0), "y": jnp.float32(1.0), "z": jnp.float32(1.0),
+           "streak": jnp.int32(2)})
+  assert acc.fetch() == ({"streak": 2.0, "x": 1.0, "y": 1.0, "z": 1.0}, None)
+
+
+def test_resumed_writer_cuts_the_jsonl_back(tmp_path):
+  w = metrics_lib.MetricWriter(str(tmp_path), enabled=True)
+  for step in (1, 2, 3, 4):
+    w.write_scalars(step, {"x": float(step)})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "x": ')  # a row torn by a kill
+  w = metrics_lib.MetricWriter(str(tmp_path), enabled=True, resume_step=2)
+  w.write_scalars(3, {"x": 30.0})
+  w.close()
+  rows = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 class _Tty(io.StringIO):
 
   def isatty(self):

@@ -202,3 +202,100 @@ def test_evaluators_run_every_n_steps(tmp_path):
           if "eval/validation/R@1_i2t" in r]
   assert [(r["step"], r["eval/validation/R@1_i2t"]) for r in rows] == [(2, 1.0), (4, 2.0)]
   assert all("eval/seconds" in r for r in rows)
+
+
+# ------------------------------------------------------------------ reliability
+class FailAt:
+  """Raises at batch ``at`` (1-based), like a crash between two checkpoints."""
+
+  def __init__(self, it, at):
+    self.it, self.at, self.spec, self.count = it, at, it.spec, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.at:
+      raise RuntimeError("simulated crash")
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+
+def test_resume_cuts_metrics_back_to_the_restored_step(tmp_path):
+  c = text_config()
+  c.train.checkpoint_every = 3
+  wd = str(tmp_path)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    trainer.train(c, wd, data=FailAt(tu.batches(c), at=6))  # rows 1-5 written, checkpoint 3
+  assert ckpt_lib.latest_step(wd) == 3
+  trainer.train(c, wd, data=tu.batches(c), max_steps=3)
+  steps = [r["step"] for r in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))]
+  assert steps == [1, 2, 3, 4, 5, 6]  # steps 4 and 5 once, from the resumed run
+
+
+def test_a_stop_signal_flushes_the_logging_window(tmp_path):
+  c = text_config()
+  c.train.log_every = 10
+  wd = str(tmp_path)
+  r = trainer.train(c, wd, data=SignalAt(tu.batches(c), at=3))
+  assert r.stopped_by == "signal" and r.last_step == 3
+  (row,) = metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+  assert row["step"] == 3 and np.isfinite(row["loss"])
+
+
+def test_nonfinite_guard_checked_at_log_steps_stops_like_every_step(tmp_path):
+  c = text_config()
+  c.train.max_nonfinite_steps = 3
+  c.train.log_every = 4
+  c.train.checkpoint_every = 2
+  wd = str(tmp_path)
+  # Batches 5.. are bad: the streak reaches 3 at step 7, checked at the log step 8. The save
+  # at step 6 (streak 2) happens as before; none is written once the limit is reached.
+  data = NaNAt(tu.batches(c), bad=range(5, 13))
+  with pytest.raises(trainer.NonFiniteError, match="not finite for 3 consecutive steps by "
+                     "step 7") as e:
+    trainer.train(c, wd, data=data)
+  assert "stopping at step 8" in str(e.value) and "(step 6)" in str(e.value)
+  assert ckpt_lib.Checkpointer(wd).all_steps() == [2, 4, 6]
+  for (_, x), (_, y) in zip(host_params(wd, 6), host_params(wd, 4)):
+    np.testing.assert_array_equal(x, y)  # the skipped updates left the parameters alone
+    assert np.all(np.isfinite(x))
+
+
+def test_no_device_to_host_transfer_between_log_steps(tmp_path, monkeypatch):
+  """Every device-to-host fetch happens at set-up, a log step or a save, never per step."""
+  from jax._src import array as array_lib  # pylint: disable=import-outside-toplevel
+  c = text_config()
+  c.train.log_every = 4
+  data = SignalAt(tu.batches(c), at=-1)  # counts the batches fetched so far
+  fetched_at = []
+  value = array_lib.ArrayImpl._value
+  device_get = jax.device_get
+  monkeypatch.setattr(array_lib.ArrayImpl, "_value",
+                      property(lambda self: fetched_at.append(data.count) or value.fget(self)))
+  monkeypatch.setattr(jax, "device_get",
+                      lambda x: fetched_at.append(data.count) or device_get(x))
+  trainer.train(c, str(tmp_path), data=data, max_steps=8)
+  assert fetched_at and set(fetched_at) <= {0, 4, 8}, sorted(set(fetched_at))
+  assert 4 in fetched_at  # the log step fetched its window
+
+
+def test_train_resumes_from_the_newest_intact_checkpoint(tmp_path, caplog):
+  import reliability_util as ru  # pylint: disable=import-outside-toplevel
+  c = text_config()
+  c.train.checkpoint_every = 2
+  straight = str(tmp_path / "straight")
+  trainer.train(c, straight, data=tu.batches(c), max_steps=6)
+  wd = str(tmp_path / "damaged")
+  trainer.train(c, wd, data=tu.batches(c), max_steps=4)  # checkpoints 2 and 4
+  ru.damage(os.path.join(wd, "checkpoints", "4"), "state_metadata")
+  with caplog.at_level("WARNING"):
+    r = trainer.train(c, wd, data=tu.batches(c), max_steps=4)
+  assert (r.first_step, r.last_step) == (2, 6)
+  assert any("checkpoints/4 cannot be restored" in m for m in caplog.messages)
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "4.damaged"))  # kept, set aside
+  for (path, x), (_, y) in zip(host_params(straight), host_params(wd)):
+    np.testing.assert_array_equal(x, y, err_msg=str(path))

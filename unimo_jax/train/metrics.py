@@ -5,12 +5,14 @@ package, with plain Python files: ``flax.metrics.tensorboard`` and tensorboard's
 ``EventFileWriter`` import TensorFlow, which ``unimo_jax`` never does.
 
 Only process 0 writes files. Metrics arrive as device scalars every step; ``MeanAccumulator``
-keeps them on device and fetches them once per logging window, so logging never blocks the
-step pipeline between log points.
+sums them on device and fetches them once per logging window, so logging never blocks the
+step pipeline between log points. A resumed run first cuts ``metrics.jsonl`` back to the
+restored step, so the steps it trains again are not listed twice.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -19,6 +21,7 @@ import time
 from typing import Any, Mapping, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
@@ -71,12 +74,16 @@ class TensorBoardWriter:
 class JsonlWriter:
   """Appends one JSON object per logging step: ``{"step": s, "time": t, <metric>: value}``.
 
-  Appending (not truncating) keeps the history of a resumed run in one file.
+  Appending keeps the history of a resumed run in one file. With ``resume_step`` the file is
+  first cut back to the rows of steps ``<= resume_step`` (the rows a restored checkpoint
+  covers; the resumed run writes the later steps again), dropping any torn last line.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, resume_step: int | None = None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self.path = path
+    if resume_step is not None and os.path.exists(path):
+      truncate_jsonl(path, resume_step)
     self._file = open(path, "a")
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
@@ -96,35 +103,102 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-class MeanAccumulator:
-  """Averages per-step metric dicts over a logging window.
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Keeps the rows of ``path`` with ``step <= last_step`` (and drops unreadable lines, e.g. a
+  row torn by a kill); rewrites the file atomically. Returns the number of rows dropped."""
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        keep = int(row["step"]) <= last_step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+    logging.info("%s: dropped %d rows after step %d (the run resumes from there)", path,
+                 dropped, last_step)
+  return dropped
 
-  Values stay device arrays until ``result()``, which fetches them all at once. NaN entries are
-  ignored (an objective that did not run this step reports NaN), so a metric's mean is over the
-  steps where it ran; a window where a metric never ran gives NaN.
+
+class MeanAccumulator:
+  """Averages per-step metric dicts over a logging window, on device.
+
+  ``add`` folds one step's device scalars into running sums and counts with one jitted call
+  (no device-to-host transfer: the step pipeline keeps running); ``result`` / ``fetch``
+  transfer the window once. NaN entries are ignored (an objective that did not run this step
+  reports NaN), so a metric's mean is over the steps where it ran; a window where a metric
+  never ran gives NaN.
+
+  Args:
+    watch: optional ``(key, threshold)``: the accumulator also records the first step of the
+      window (1-based) at which ``metrics[key] >= threshold`` (the non-finite guard's streak).
   """
 
-  def __init__(self):
-    self._steps: list[Mapping[str, Any]] = []
+  def __init__(self, watch: tuple[str, float] | None = None):
+    self._watch = watch
+    self._acc = None  # (sums, counts, steps, first_reached) device arrays
+    self._fold = jax.jit(self._fold_fn, donate_argnums=0)
+
+  def _fold_fn(self, acc, metrics):
+    sums, counts, n, first = acc
+    vals = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    ok = {k: ~jnp.isnan(v) for k, v in vals.items()}
+    sums = {k: sums[k] + jnp.where(ok[k], vals[k], 0.0) for k in sums}
+    counts = {k: counts[k] + ok[k].astype(jnp.int32) for k in counts}
+    n = n + 1
+    if self._watch is not None:
+      key, threshold = self._watch
+      reached = (vals[key] >= threshold) if key in vals else jnp.bool_(False)
+      first = jnp.where((first == 0) & reached, n, first)
+    return sums, counts, n, first
 
   def add(self, metrics: Mapping[str, Any]) -> None:
-    self._steps.append(metrics)
+    metrics = dict(metrics)
+    if self._acc is None:
+      zeros = {k: jnp.zeros((), jnp.float32) for k in metrics}
+      self._acc = (zeros, {k: jnp.zeros((), jnp.int32) for k in metrics},
+                   jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    sums, counts, n, first = self._acc
+    if set(metrics) != set(sums):  # a new key joins with zero counts, a missing one is NaN
+      for k in set(metrics) - set(sums):
+        sums, counts = dict(sums, **{k: jnp.zeros((), jnp.float32)}), dict(
+            counts, **{k: jnp.zeros((), jnp.int32)})
+      metrics.update({k: jnp.float32(float("nan")) for k in set(sums) - set(metrics)})
+    self._acc = self._fold((sums, counts, n, first), metrics)
 
   def __len__(self) -> int:
-    return len(self._steps)
+    return 0 if self._acc is None else int(self._acc[2])
+
+  def first_reached(self) -> int | None:
+    """The window's first step (1-based) where the watched key reached its threshold, or None.
+
+    Transfers one scalar (a host sync): for checks at log and save steps only."""
+    if self._acc is None or self._watch is None:
+      return None
+    return int(self._acc[3]) or None
+
+  def fetch(self) -> tuple[dict[str, float], int | None]:
+    """(window means, ``first_reached``), in one transfer; starts a new window."""
+    if self._acc is None:
+      return {}, None
+    sums, counts, _, first = jax.device_get(self._acc)
+    self._acc = None
+    out = {k: float(sums[k]) / int(counts[k]) if int(counts[k]) else float("nan")
+           for k in sorted(sums)}
+    return out, (int(first) or None) if self._watch is not None else None
 
   def result(self) -> dict[str, float]:
-    if not self._steps:
-      return {}
-    fetched = jax.device_get(self._steps)
-    self._steps = []
-    keys = sorted({k for m in fetched for k in m})
-    out = {}
-    for k in keys:
-      vals = np.array([float(np.asarray(m[k])) for m in fetched if k in m], np.float64)
-      finite = vals[~np.isnan(vals)]
-      out[k] = float(finite.mean()) if finite.size else float("nan")
-    return out
+    return self.fetch()[0]
 
 
 def _format_duration(seconds: float) -> str:
@@ -194,14 +268,15 @@ class MetricWriter:
   """TensorBoard + JSONL under a workdir, written by process 0 only.
 
   Files: ``WORKDIR/tensorboard/events.out.tfevents.*`` and ``WORKDIR/metrics.jsonl``.
+  ``resume_step``: the step the run starts from; ``metrics.jsonl`` keeps only the rows up to it.
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.logdir = os.path.join(workdir, "tensorboard")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._tb = TensorBoardWriter(self.logdir) if self.enabled else None
-    self._jsonl = JsonlWriter(self.jsonl_path) if self.enabled else None
+    self._jsonl = JsonlWriter(self.jsonl_path, resume_step) if self.enabled else None
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:

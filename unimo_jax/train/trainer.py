@@ -203,10 +203,11 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
                                        async_save=tc.async_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
-    state, data_state, _ = checkpointer.restore(abstract, latest)
+    # The newest checkpoint that restores (a damaged newer one is named and skipped).
+    state, data_state, _ = checkpointer.restore(abstract)
     if data_state is not None and hasattr(data, "set_state"):
       data.set_state(data_state)
-    logging.info("resumed from step %d in %s", latest, checkpointer.directory)
+    logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
   else:
     state, _ = state_lib.create_train_state(init_params, tx, mesh, rules, rng)
     if tc.init_from:
@@ -250,40 +251,80 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
     evaluate = eval_main.make_train_evaluator(config, model_cfg, mesh, tokenizer, splits)
 
   # ---------------------------------------------------------------- the loop
-  writer = metrics_lib.MetricWriter(workdir)
-  if int(state.step) == 0 and is_main:
-    writer.write_text(0, "config", "```\n" + json.dumps(_config_json(config), indent=2) + "\n```")
+  # No device-to-host transfer per step: metrics are summed on device and fetched at log
+  # steps; the non-finite guard's streak is watched on device and checked at log steps and
+  # before every save (so no checkpoint is written past the stop point). A save counts only
+  # once committed (the checkpointer logs it); a failed one ends the run with CheckpointError.
   start = int(state.step)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)  # cuts metrics.jsonl back
+  if start == 0 and is_main:
+    writer.write_text(0, "config", "```\n" + json.dumps(_config_json(config), indent=2) + "\n```")
   end = tc.total_steps if max_steps is None else min(tc.total_steps, start + max_steps)
   bar = metrics_lib.ProgressBar(tc.total_steps, start, force={"on": True, "off": False}.get(
       tc.progress_bar)) if is_main else metrics_lib.ProgressBar(1, force=False)
-  acc = metrics_lib.MeanAccumulator()
+  max_streak = max(1, int(tc.max_nonfinite_steps))
+  acc = metrics_lib.MeanAccumulator(watch=("nonfinite_streak", max_streak))
   own_stop = stop is None
   stop = stop or ckpt_lib.StopSignal()
   first_metrics: dict = {}
   last_metrics: dict = {}
   stopped_by = "done"
   window_start, data_wait, window_steps = time.time(), 0.0, 0
-  prev = None  # metrics of the previous step, checked one step late (keeps one step in flight)
+  in_flight: list = []
+  max_in_flight = 3  # steps dispatched ahead of the device at most
   step = start
+  failed = False
 
   goodput = {"compile": compile_seconds, "data_wait": 0.0, "checkpoint": 0.0, "eval": 0.0}
 
+  def nonfinite_error(at_step):
+    checkpointer.wait()  # the last checkpoint named below must be on disk
+    good = checkpointer.latest_step()
+    return NonFiniteError(
+        f"stopping at step {step}: loss or gradient not finite for {max_streak} consecutive "
+        f"steps by step {at_step} (updates skipped); the last checkpoint "
+        f"({'step ' + str(good) if good is not None else 'none'}) holds the last good state. "
+        f"Lower optimizer.learning_rate or check the data.")
+
   def save(step_now, state_now):
+    first = acc.first_reached()
+    if first is not None:
+      raise nonfinite_error(step_now - window_steps + first)
     t_save = time.time()
-    if checkpointer.save(step_now, state_now, data_state=getattr(data, "get_state", dict)(),
-                         config=_config_json(config)):
-      logging.info("checkpoint saved at step %d", step_now)
+    checkpointer.save(step_now, state_now, data_state=getattr(data, "get_state", dict)(),
+                      config=_config_json(config))
     goodput["checkpoint"] += time.time() - t_save
 
-  def check_nonfinite(m, at_step):
-    streak = int(m["nonfinite_streak"])
-    if streak and streak >= tc.max_nonfinite_steps:
-      good = checkpointer.latest_step()
-      raise NonFiniteError(
-          f"stopping at step {at_step}: loss or gradient not finite for {streak} consecutive "
-          f"steps (updates skipped); the last checkpoint ({'step ' + str(good) if good is not None else 'none'}) "
-          f"holds the last good state. Lower optimizer.learning_rate or check the data.")
+  def log(step_now):
+    nonlocal first_metrics, last_metrics, window_start, data_wait, window_steps
+    values, first = acc.fetch()
+    elapsed = time.time() - window_start
+    sps = window_steps / elapsed if elapsed > 0 else 0.0
+    values.update({
+        "learning_rate": float(schedule(step_now - 1)),
+        "steps_per_second": sps,
+        "data_wait_share": data_wait / elapsed if elapsed > 0 else 0.0,
+        "tflops_per_device": flops["train"] * sps / jax.device_count() / 1e12,
+        "mfu": flops_lib.mfu(flops["train"], sps, peak, jax.device_count()),
+        "nonfinite_total": float(state.nonfinite_total),
+    })
+    for s, n in rows.items():
+      values[f"examples_per_second/{s}"] = n * sps
+    values.update(_dropped_metrics(data))
+    writer.write_scalars(step_now, values)
+    if not first_metrics:
+      first_metrics = dict(values, step=step_now)
+    last_metrics = dict(values, step=step_now)
+    line = metrics_lib.format_metrics(values, [k for k in CONSOLE_KEYS if k in values])
+    if bar.enabled:
+      bar.update(step_now, line, force=True)
+    else:
+      logging.info("step %d/%d %s", step_now, tc.total_steps, line)
+    at_step = step_now - window_steps + first if first is not None else None
+    window_start, data_wait, window_steps = time.time(), 0.0, 0
+    checkpointer.poll()  # logs a save committed meanwhile; raises if it failed
+    if at_step is not None:
+      raise nonfinite_error(at_step)
 
   if own_stop:
     stop.__enter__()
@@ -299,37 +340,15 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
       step += 1
       window_steps += 1
       acc.add(m)
-      if prev is not None:
-        check_nonfinite(prev, step - 1)
-      prev = m
+      # Dispatch is asynchronous; waiting (without a transfer) for the step max_in_flight back
+      # bounds how many batches the host queues on the device while keeping it busy.
+      in_flight.append(m["loss"])
+      if len(in_flight) > max_in_flight:
+        in_flight.pop(0).block_until_ready()
+      stopping = stop.should_stop()
 
-      is_log = step % tc.log_every == 0 or step == end
-      if is_log:
-        check_nonfinite(m, step)
-        values = acc.result()
-        elapsed = time.time() - window_start
-        sps = window_steps / elapsed if elapsed > 0 else 0.0
-        values.update({
-            "learning_rate": float(schedule(step - 1)),
-            "steps_per_second": sps,
-            "data_wait_share": data_wait / elapsed if elapsed > 0 else 0.0,
-            "tflops_per_device": flops["train"] * sps / jax.device_count() / 1e12,
-            "mfu": flops_lib.mfu(flops["train"], sps, peak, jax.device_count()),
-            "nonfinite_total": float(state.nonfinite_total),
-        })
-        for s, n in rows.items():
-          values[f"examples_per_second/{s}"] = n * sps
-        values.update(_dropped_metrics(data))
-        writer.write_scalars(step, values)
-        if not first_metrics:
-          first_metrics = dict(values, step=step)
-        last_metrics = dict(values, step=step)
-        line = metrics_lib.format_metrics(values, [k for k in CONSOLE_KEYS if k in values])
-        if bar.enabled:
-          bar.update(step, line, force=True)
-        else:
-          logging.info("step %d/%d %s", step, tc.total_steps, line)
-        window_start, data_wait, window_steps = time.time(), 0.0, 0
+      if step % tc.log_every == 0 or step == end or stopping:  # a stop flushes the window
+        log(step)
       else:
         bar.update(step)
 
@@ -345,26 +364,31 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
             max_items=8))
         window_start = time.time()  # evaluation time is not training throughput
 
-      if stop.should_stop():
+      if stopping:
         stopped_by = "signal"
         save(step, state)
+        checkpointer.wait()
         logging.warning("stop requested: saved step %d, exiting", step)
         break
       if tc.checkpoint_every and step % tc.checkpoint_every == 0:
         save(step, state)
     else:
-      if prev is not None:
-        check_nonfinite(prev, step)
       stopped_by = "done" if step >= tc.total_steps else "max_steps"
       save(step, state)
+  except BaseException:
+    failed = True
+    raise
   finally:
     if own_stop:
       stop.__exit__(None, None, None)
     if own_data and hasattr(data, "close"):
       data.close()  # a live tf.data iterator can hang interpreter exit (ENVIRONMENT.md)
     bar.close()
-    checkpointer.close()
     writer.close()
+    if failed:
+      checkpointer.abort()  # the pending save's outcome is logged; orbax's threads released
+    else:
+      checkpointer.close()  # waits for the last save; raises CheckpointError if it failed
   train_seconds = time.time() - t_loop
   logging.info("finished at step %d (%s) in %.1fs (total %.1fs)", step, stopped_by,
                train_seconds, time.time() - t_start)
