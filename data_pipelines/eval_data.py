@@ -294,17 +294,18 @@ def load_eval_split(data_config, split: str = "test", *, tokenizer=None, source=
   out = {"caption_ids": [], "caption_valid": [], "caption_key": [], "negative_ids": [],
          "negative_valid": [], "negative_kind": [], "image_id": []}
   texts = {}  # caption string -> its split-wide key (equal strings, equal keys)
+  stats = {}  # texts cut to the pair length
   layout = {}
   blobs, ratios = [], []
   for i, rec, pair, text in recs:
-    ids, valid = codec.texts(rec["captions"], c, length)
+    ids, valid = codec.texts(rec["captions"], c, length, stats)
     out["caption_ids"].append(ids)
     out["caption_valid"].append(valid)
     out["caption_key"].append(np.asarray(
         [texts.setdefault(rec["captions"][j], len(texts)) if valid[j] else -1
          for j in range(c)], np.int64))
     negs = list(rec.get("hard_negatives", []))
-    ids, valid = codec.texts(negs, k, length)
+    ids, valid = codec.texts(negs, k, length, stats)
     out["negative_ids"].append(ids)
     out["negative_valid"].append(valid)
     kinds = kinds_by_key.get(rec.get("key"), [])
@@ -329,9 +330,15 @@ def load_eval_split(data_config, split: str = "test", *, tokenizer=None, source=
   arrays.update({f: np.stack(v) for f, v in layout.items()})
   if cfg["visual_input"] == "patches":
     arrays["pixels"] = _decode_pixels(blobs, ratios, cfg)
+  if stats.get("truncated"):
+    import logging  # pylint: disable=import-outside-toplevel
+    logging.warning("evaluation split %s: %d caption / negative texts are longer than "
+                    "data.streams.pair.max_length %d and were cut (two captions equal after the "
+                    "cut tie in retrieval)", split, stats["truncated"], length)
   meta = dict(captions=[list(r["captions"]) for _, r, _, _ in recs],
               negatives=[list(r.get("hard_negatives", [])) for _, r, _, _ in recs],
               kind_names=tuple(kind_names), dropped=dropped,
               name=f"{spec.get('tfds_name', spec.get('name', 'pairs'))}:{split}",
-              rows=[i for i, _, _, _ in recs], source=describe(spec), records=int(records))
+              rows=[i for i, _, _, _ in recs], source=describe(spec), records=int(records),
+              truncated=int(stats.get("truncated", 0)))
   return arrays, meta

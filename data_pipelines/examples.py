@@ -14,6 +14,10 @@ negatives, related items, text window, MLM, infilling, region/patch masks) draws
 ``np.random.default_rng([seed, stream_id, slot])``, so a row is a pure function of
 (seed, stream, slot) and of the record the mixture puts there.
 
+Texts longer than their layout are cut (a long document: one random window; a caption, positive
+or negative: its first L - 2 tokens); each cut text is counted in the row's ``_truncated``, which
+the iterator sums into ``truncated_counts()`` (logged as ``data/truncated/<stream>``).
+
 Masking is `unimo_jax.masking` (shared with the objectives): span MLM (special ids never masked),
 infilling with bos [CLS] / eos [MASK] (UNIMO's seq2seq decoder), captioning with eos [SEP].
 Region masking runs on the pixel boxes (IoU is scale free); patches use `patch_mask`.
@@ -23,6 +27,11 @@ import numpy as np
 from data_pipelines import images, rewriting, schema
 from data_pipelines.sources.base import BadRecord, text_list
 from unimo_jax import masking
+
+
+def _cut(stats):
+  if stats is not None:
+    stats["truncated"] = stats.get("truncated", 0) + 1
 
 
 class TextCodec:
@@ -40,9 +49,14 @@ class TextCodec:
       raise BadRecord("empty_text", f"{what}: no tokens")
     return ids
 
-  def sequence(self, ids, length: int):
-    """``[CLS] ids[:length-2] [SEP] PAD..`` [length] int32 and word starts [length] bool."""
-    ids = np.asarray(ids, np.int32)[:max(0, length - 2)]
+  def sequence(self, ids, length: int, stats: dict | None = None):
+    """``[CLS] ids[:length-2] [SEP] PAD..`` [length] int32 and word starts [length] bool.
+
+    stats: counts ``truncated`` += 1 when ids are cut to fit."""
+    ids = np.asarray(ids, np.int32)
+    if len(ids) > max(0, length - 2):
+      _cut(stats)
+    ids = ids[:max(0, length - 2)]
     out = np.full(length, self.pad, np.int32)
     out[0], out[1:1 + len(ids)], out[1 + len(ids)] = self.cls, ids, self.sep
     ws = np.ones(length, bool)
@@ -50,15 +64,19 @@ class TextCodec:
       ws[1:1 + len(ids)] = np.asarray(self.tok.word_starts(ids), bool)
     return out, ws
 
-  def texts(self, texts, count: int, length: int):
-    """Up to `count` texts -> ids [count, length] and valid [count] (tokenless texts skipped)."""
+  def texts(self, texts, count: int, length: int, stats: dict | None = None):
+    """Up to `count` texts -> ids [count, length] and valid [count] (tokenless texts skipped);
+    each text cut to fit counts in ``stats["truncated"]``."""
     ids = np.full((count, length), self.pad, np.int32)
     valid = np.zeros(count, bool)
     k = 0
     for t in texts:
       if k == count:
         break
-      tok = self.tok.encode(t)[:max(0, length - 2)]
+      tok = self.tok.encode(t)
+      if len(tok) > max(0, length - 2):
+        _cut(stats)
+      tok = tok[:max(0, length - 2)]
       if len(tok):
         ids[k, 0], ids[k, 1:1 + len(tok)], ids[k, 1 + len(tok)] = self.cls, tok, self.sep
         valid[k] = True
@@ -114,13 +132,14 @@ class RowBuilder:
             "s2s_position_ids": out["position_ids"], "s2s_positions": out["positions"],
             "s2s_targets": out["targets"], "s2s_weights": out["weights"]}
 
-  def _text_row(self, rec, rng):
+  def _text_row(self, rec, rng, stats):
     if "text" not in rec:
       raise BadRecord("missing_field", "text")
     ids = self.codec.encode(rec["text"])
     L, L2 = self.d["L"], self.d["L2"]
     want = max(L - 2 if "mlm" in self.objectives else 0, L2 if "s2s" in self.objectives else 0)
     if len(ids) > want:  # a long document: both objectives see one random window from a word
+      _cut(stats)
       ws_all = np.asarray(self.codec.tok.word_starts(ids), bool)
       starts = np.flatnonzero(ws_all[:len(ids) - want + 1])
       start = int(starts[rng.integers(len(starts))]) if len(starts) else 0
@@ -258,40 +277,41 @@ class RowBuilder:
     record's own hard negatives; `lexicon_negatives` fills the remaining slots with word-level
     rewrites of the caption (`rewriting.lexicon_rewrites`).
     """
-    row = {}
+    row, stats = {}, {}
     if self.stream == "text":
-      row.update(self._text_row(rec, rng))
+      row.update(self._text_row(rec, rng, stats))
     elif self.stream == "image":
       self._visual(rec, rng, row)
     else:
       self._pair_row(rec, rng, row, related_images, related_texts, extra_negatives,
-                     lexicon_negatives)
+                     lexicon_negatives, stats)
     row["row_valid"] = True
+    row["_truncated"] = np.int32(stats.get("truncated", 0))
     return row
 
   def _pair_row(self, rec, rng, row, related_images, related_texts, extra_negatives,
-                lexicon_negatives):
+                lexicon_negatives, stats):
     captions = rec.get("captions")
     if not captions:
       raise BadRecord("missing_field", "captions")
     L, Kn = self.d["L"], self.d["Kn"]
     c = int(rng.integers(len(captions)))
     ids = self.codec.encode(captions[c], "caption")
-    caption_ids, ws = self.codec.sequence(ids, L)
+    caption_ids, ws = self.codec.sequence(ids, L, stats)
     row["caption_ids"] = caption_ids
     # Other captions of the image and supplied paraphrases are the positives X+.
     pos = rewriting.paraphrase_positives(captions, c, self.d["Kp"] + 2,
                                          rec.get("paraphrases", ()), rng)
-    row["positive_ids"], row["positive_valid"] = self.codec.texts(pos, self.d["Kp"], L)
+    row["positive_ids"], row["positive_valid"] = self.codec.texts(pos, self.d["Kp"], L, stats)
     neg = list(rec.get("hard_negatives", []))
     neg = [neg[j] for j in rng.permutation(len(neg))] if neg else []
     neg += [t for t in extra_negatives if t not in neg]
     if lexicon_negatives and len(neg) < Kn:
       neg += [t for t, _ in rewriting.lexicon_rewrites(captions[c], rng, Kn - len(neg))]
-    row["negative_ids"], row["negative_valid"] = self.codec.texts(neg, Kn, L)
+    row["negative_ids"], row["negative_valid"] = self.codec.texts(neg, Kn, L, stats)
     texts = text_list(list(related_texts), "related texts")
     row["related_text_ids"], row["related_text_valid"] = self.codec.texts(
-        texts, self.d["Kt"], L)
+        texts, self.d["Kt"], L, stats)
     if "mlm" in self.objectives:
       row.update(self._mlm(caption_ids, ws, rng))
     if "s2s" in self.objectives:
@@ -314,4 +334,5 @@ class RowBuilder:
     if self.visual == "patches" and self.stream != "text":
       k = 1 + (self.d["Ki"] if self.stream == "pair" else 0)
       row["_image"], row["_image_ratio"], row["_image_present"] = [b""] * k, [0] * k, [False] * k
+    row["_truncated"] = np.int32(0)
     return row

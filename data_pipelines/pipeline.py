@@ -3,7 +3,8 @@
 It returns a `DataIterator` whose `next()` is a dict of numpy arrays matching `schema.batch_spec`
 (``{"text/mlm_ids": [b, L], ..., "pair/pixels": [b, S, S, 3], ...}`` with b = batch_size /
 process_count rows of THIS process), whose `get_state()` / `set_state()` (or `save(path)` /
-`restore(path)`) resume it exactly, and whose `dropped_counts()` says which records were dropped.
+`restore(path)`) resume it exactly, whose `dropped_counts()` says which records were dropped and
+`truncated_counts()` how many texts were cut to fit.
 
 Design (see shared/ENVIRONMENT.md, "Exact resume of a tf.data mixture": the index-based of the two
 measured designs). The position is one integer per stream: the next global slot. Slot g's source
@@ -178,6 +179,7 @@ class DataIterator:
     self.spec = schema.batch_spec(cfg, process_count)
     self._fingerprint = _fingerprint(cfg)
     self._dropped = {n: {} for st in streams.values() for n in st.names}
+    self._truncated = {s: 0 for s in streams}  # texts cut to fit, per stream (this process)
     self._slots = {s: 0 for s in streams}  # next global slot of each stream
     self._step = 0
     self._it = None
@@ -224,6 +226,7 @@ class DataIterator:
         batch[k] = v
     for s, st in self.streams.items():
       self._count(st, raw[f"{s}/_source"], raw[f"{s}/_drops"], raw.get(f"{s}/_decode_failed"))
+      self._truncated[s] += int(np.sum(raw[f"{s}/_truncated"]))
       self._slots[s] += st.global_batch
     self._step += 1
     return batch
@@ -247,10 +250,12 @@ class DataIterator:
     return self._step
 
   def get_state(self) -> dict:
-    """JSON-able position: next global slot per stream, step, this process's drop counts."""
+    """JSON-able position: next global slot per stream, step, this process's drop and
+    truncation counts."""
     return dict(version=STATE_VERSION, fingerprint=self._fingerprint, step=self._step,
                 slots=dict(self._slots),
-                dropped={n: dict(c) for n, c in self._dropped.items()})
+                dropped={n: dict(c) for n, c in self._dropped.items()},
+                truncated=dict(self._truncated))
 
   def set_state(self, state: dict):
     """Continues from `state` (same config: the batches an uninterrupted run would give)."""
@@ -270,6 +275,7 @@ class DataIterator:
     self._dropped = {n: {} for n in self._dropped}
     for n, c in state.get("dropped", {}).items():
       self._dropped.setdefault(n, {}).update({r: int(v) for r, v in c.items()})
+    self._truncated = {s: int(state.get("truncated", {}).get(s, 0)) for s in self.streams}
     self._start()
 
   def save(self, path: str):
@@ -293,6 +299,10 @@ class DataIterator:
           c[r] = c.get(r, 0) + v
         out[name] = c
     return out
+
+  def truncated_counts(self) -> dict:
+    """{stream: texts cut to fit its lengths} in the batches handed out (this process's rows)."""
+    return dict(self._truncated)
 
   def close(self):
     """Releases the tf.data iterator (do this before exit: see ENVIRONMENT.md's hang trap)."""

@@ -83,7 +83,7 @@ class Stream:
   # -- spec of the numpy_function's output ---------------------------------------------------
   def _out_spec(self):
     """Ordered {name: (row shape, dtype)}: schema fields (pixels replaced by image slots) plus
-    the internal ``_source`` and ``_drops``."""
+    the internal ``_source``, ``_drops`` and ``_truncated``."""
     spec = {}
     for name, (shape, dtype) in schema.row_spec(self.stream, self.cfg).items():
       if self.patches and name in ("pixels", "related_pixels"):
@@ -95,6 +95,7 @@ class Stream:
       spec["_image_present"] = ((self.num_images,), np.dtype(bool))
     spec["_source"] = ((), np.dtype(np.int32))
     spec["_drops"] = ((len(schema.DROP_REASONS),), np.dtype(np.int32))
+    spec["_truncated"] = ((), np.dtype(np.int32))  # texts of the row cut to fit
     return spec
 
   def _probe(self, s: int):

@@ -416,3 +416,20 @@ def test_side_file_and_lexicon_negatives(tmp_path):
       assert abs(int((neg != TOK.pad_id).sum()) - int((caption != TOK.pad_id).sum())) <= 2
   assert firsts == side  # one epoch of 4 records: each record's own side-file negative
   it.close()
+
+
+def test_texts_cut_to_fit_are_counted_per_stream(tmp_path):
+  # 8 documents of 3..10 words; the text layout fits max(L - 2, L2) = 6 tokens.
+  lengths = [3, 10, 6, 7, 4, 9, 5, 8]
+  (tmp_path / "c.txt").write_text("".join(" ".join(fx.WORDS[:n]) + "\n" for n in lengths))
+  c = pipeline.default_config()
+  c.max_attempts = 1
+  c.streams.text.update(dict(batch_size=8, max_length=8, max_predictions=2, s2s_max_length=6,
+                             s2s_max_predictions=3, sources=[
+                                 dict(name="c", kind="text", path=str(tmp_path / "c.txt"))]))
+  it = pipeline.make_pipeline(c, tokenizer=TOK)
+  _take(it, 1)
+  # One epoch of the 8 documents: each one longer than 6 tokens is cut once.
+  assert it.truncated_counts() == {"text": sum(n > 6 for n in lengths)}
+  assert it.get_state()["truncated"] == {"text": 4}
+  it.close()

@@ -8,7 +8,8 @@ A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   tfds_name   e.g. "coco_captions/2017" or "synthetic_scenes/pairs" (kind tfds); split, data_dir,
               prepare (build first: only for builders that need no download; with several
               processes, prepare once beforehand, e.g. `unimo-jax prepare`, as they would race)
-  image_dir   images of a coco / jsonl source
+  image_dir   images of a coco / jsonl source (without it the source has no images: captions
+              with region features joined by key)
   field_map   {raw key: feature/json key}, for tfds and jsonl
   regions     {kind: region_npz | region_tsv, path}: region features joined by image key (needed
               with visual_input "regions" when the source has no regions of its own)
@@ -48,8 +49,7 @@ def open_source(spec, *, name: str) -> Source:
   elif kind == "webdataset":
     src = WebDatasetSource(name, _need(spec, "path", name))
   elif kind == "coco":
-    src = CocoCaptionsSource(name, _need(spec, "path", name),
-                             image_dir=_need(spec, "image_dir", name))
+    src = CocoCaptionsSource(name, _need(spec, "path", name), image_dir=spec.get("image_dir"))
   elif kind == "image_folder":
     src = ImageFolderSource(name, _need(spec, "path", name))
   elif kind == "text":

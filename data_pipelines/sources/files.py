@@ -161,11 +161,12 @@ class ImageFolderSource(base.Source):
 
 class CocoCaptionsSource(base.Source):
   """COCO caption JSON (``images`` [{id, file_name, width, height}], ``annotations``
-  [{image_id, caption}]) + image folder; one record per image, with all its captions."""
-  fields = frozenset({"image", "captions"})
+  [{image_id, caption}]) + image folder; one record per image, with all its captions. Without
+  an image folder the records have captions only (regions come from a joined store)."""
 
-  def __init__(self, name, path, *, image_dir):
+  def __init__(self, name, path, *, image_dir=None):
     super().__init__(name)
+    self.fields = frozenset({"captions"} | ({"image"} if image_dir is not None else set()))
     with open(os.path.expanduser(path), "rb") as f:
       ann = json.load(f)
     captions = {}
@@ -177,7 +178,7 @@ class CocoCaptionsSource(base.Source):
         self._images.append((img, captions[img["id"]]))
       else:
         self._drop_at_index("missing_field")
-    self._image_dir = os.path.expanduser(image_dir)
+    self._image_dir = os.path.expanduser(image_dir) if image_dir is not None else None
     if not self._images:
       raise ValueError(f"source {name!r}: no captioned images in {path!r}")
 
@@ -193,7 +194,7 @@ class CocoCaptionsSource(base.Source):
     rec["captions"] = base.unique_texts(base.text_list(caps, "captions"))
     if not rec["captions"] and self.wants("captions"):
       raise base.BadRecord("empty_text", "captions")
-    if not self.wants("image"):
+    if not self.wants("image") or self._image_dir is None:
       return rec
     try:
       with open(os.path.join(self._image_dir, img["file_name"]), "rb") as f:

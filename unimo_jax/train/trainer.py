@@ -102,7 +102,7 @@ def _stream_rows(shapes: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _dropped_metrics(data) -> dict[str, float]:
-  """Dropped records per source and reason, summed over processes."""
+  """Dropped records per source and reason, and cut texts per stream, summed over processes."""
   if not hasattr(data, "dropped_counts"):
     return {}
   per_process = ckpt_lib._gather_json(data.dropped_counts())  # pylint: disable=protected-access
@@ -113,6 +113,10 @@ def _dropped_metrics(data) -> dict[str, float]:
         key = f"data/dropped/{source}/{reason}"
         out[key] = out.get(key, 0.0) + float(n)
   out["data/dropped_total"] = float(sum(out.values()))
+  if hasattr(data, "truncated_counts"):  # texts cut to the configured lengths, per stream
+    for counts in ckpt_lib.gather_json(data.truncated_counts()):
+      for stream, n in counts.items():
+        out[f"data/truncated/{stream}"] = out.get(f"data/truncated/{stream}", 0.0) + float(n)
   return out
 
 
