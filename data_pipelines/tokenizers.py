@@ -129,6 +129,9 @@ def train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: str
     model_type: "unigram" | "bpe" | "word" | "char".
     fit_vocab: if the corpus cannot fill ``vocab_size`` (SentencePiece reports the largest
       size it can reach), train with that size instead of failing.
+  Raises:
+    ValueError: no sentences, or (without ``fit_vocab``) a vocabulary the corpus cannot fill,
+      in one line naming the largest size it can.
   """
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   sentences = [s for s in sentences if s.strip()]
@@ -149,8 +152,15 @@ def train_sentencepiece(sentences, prefix: str, vocab_size: int, model_type: str
       break
     except RuntimeError as e:
       m = _TOO_HIGH.search(str(e))
-      if not (fit_vocab and m and int(m.group(1)) < size):
+      if m is None:
         raise
+      if not fit_vocab or int(m.group(1)) >= size:
+        # SentencePiece's message is a C++ traceback; say what to do in one line.
+        raise ValueError(
+            f"vocabulary size {vocab_size} is too large for this corpus ({len(sentences)} "
+            f"texts): it fills at most {int(m.group(1)) + 1} (with [MASK]); pass --vocab-size "
+            f"{int(m.group(1)) + 1} or less, --fit-vocab to use the largest size, or more "
+            "text") from None
       size = int(m.group(1))
   _append_mask_piece(prefix + ".model")
   return prefix + ".model"
