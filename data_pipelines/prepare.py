@@ -13,7 +13,6 @@ A manifest D/prepared-<config>.json records paths, sizes and timings.
 ``tfidf`` computes the same side file for any captioned data: a JSONL with one
 {"id": int, "captions": [str, ...]} object per image.
 """
-import argparse
 import json
 import os
 import time
@@ -146,31 +145,43 @@ def prepare_tfidf(captions_file: str, out: str, k: int) -> int:
 
 
 def _parser(prog):
-  p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+  from unimo_jax import commands  # pylint: disable=import-outside-toplevel
+  p = commands.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="dataset", required=True)
   s = sub.add_parser("synthetic_scenes",
                      help="build synthetic_scenes, its tokenizer and side files")
-  s.add_argument("--data-dir", required=True)
-  s.add_argument("--size", default="demo", choices=sorted(generate.SIZES))
-  s.add_argument("--image-size", type=int, default=64)
-  s.add_argument("--feature-dim", type=int, default=64)
-  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--data-dir", required=True,
+                 help="where the TFDS datasets, tokenizer and side files are written")
+  s.add_argument("--size", default="demo", choices=sorted(generate.SIZES),
+                 help="number of images and texts (tiny for tests, demo for the demo)")
+  s.add_argument("--image-size", type=int, default=64, help="stored image side in pixels")
+  s.add_argument("--feature-dim", type=int, default=64, help="region feature size")
+  s.add_argument("--seed", type=int, default=0, help="seed of the scene generator")
   s.add_argument("--class-mode", default="shape_colour", choices=("shape_colour", "shape"),
                  help="region classes: 48 shape-colour classes or 6 shapes")
   s.add_argument("--vocab-size", type=int, default=512,
                  help="tokenizer size incl. specials (shrunk to what the corpus can fill)")
-  s.add_argument("--model-type", default="bpe", choices=("unigram", "bpe", "word", "char"))
+  s.add_argument("--model-type", default="bpe", choices=("unigram", "bpe", "word", "char"),
+                 help="SentencePiece model type of the tokenizer")
   s.add_argument("--tfidf-k", type=int, default=4, help="TF-IDF negatives per image")
   s.add_argument("--force", action="store_true", help="redo the tokenizer and side files")
   t = sub.add_parser("tfidf", help="TF-IDF negatives side file for a captions JSONL")
   t.add_argument("--captions", required=True, help='JSONL of {"id": int, "captions": [str]}')
-  t.add_argument("--out", required=True)
-  t.add_argument("--k", type=int, default=4)
+  t.add_argument("--out", required=True, help="the side file (JSONL) to write")
+  t.add_argument("--k", type=int, default=4, help="TF-IDF negatives per image")
   return p
 
 
 def main(argv) -> int:
+  from unimo_jax import commands  # pylint: disable=import-outside-toplevel
   args = _parser(argv[0]).parse_args(argv[1:])
+  try:
+    return _run(args)
+  except (FileNotFoundError, ValueError) as e:  # a missing or bad input file: one line
+    return commands.fail(f"{argv[0]} {args.dataset}", e)
+
+
+def _run(args) -> int:
   if args.dataset == "tfidf":
     prepare_tfidf(args.captions, args.out, args.k)
     return 0

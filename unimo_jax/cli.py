@@ -2,11 +2,14 @@
 
 Each command lives in its own module exposing ``main(argv: list[str]) -> int | None``, where
 ``argv[0]`` is the command's name. Modules are imported lazily so that, e.g., ``convert`` never
-pays for TensorFlow.
+pays for TensorFlow. ``unimo-jax COMMAND --help`` (or ``unimo-jax help COMMAND``) lists a
+command's flags; every command returns the exit codes of ``unimo_jax.commands``.
 """
 import importlib
 import os
 import sys
+
+from unimo_jax import commands
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -21,10 +24,12 @@ COMMANDS = {
 
 
 def _usage() -> str:
-  lines = ["usage: unimo-jax COMMAND [ARGS...]", "", "commands:"]
+  lines = ["usage: unimo-jax COMMAND [ARGS...]   (unimo-jax COMMAND --help: its flags)", "",
+           "commands:"]
   for name, (_, text) in sorted(COMMANDS.items()):
     lines.append(f"  {name:<12} {text}")
-  return "\n".join(lines)
+  codes = [code for code, _ in commands.EXIT_CODES]
+  return "\n".join(lines + ["", commands.exit_codes_text(codes)])
 
 
 def _enable_compilation_cache() -> None:
@@ -41,16 +46,25 @@ def _enable_compilation_cache() -> None:
 
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
+  if len(argv) >= 3 and argv[1] == "help":  # unimo-jax help COMMAND == COMMAND --help
+    argv = [argv[0], argv[2], "--help"]
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-    print(_usage())
-    return 0 if len(argv) >= 2 else 2
+    print(_usage(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
+    return commands.OK if len(argv) >= 2 else commands.USAGE
   name = argv[1]
   if name not in COMMANDS:
-    print(f"unimo-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-    return 2
+    return commands.fail("unimo-jax", f"unknown command {name!r} (commands: "
+                                      f"{', '.join(sorted(COMMANDS))}; see unimo-jax --help)")
   _enable_compilation_cache()
-  module = importlib.import_module(COMMANDS[name][0])
-  rc = module.main([f"unimo-jax {name}"] + argv[2:])
+  try:
+    module = importlib.import_module(COMMANDS[name][0])
+    rc = module.main([f"unimo-jax {name}"] + argv[2:])
+  except SystemExit as e:  # argparse exits on --help (0) and on a usage error (2)
+    rc = e.code if isinstance(e.code, int) else (commands.USAGE if e.code else commands.OK)
+  except commands.UsageError as e:
+    rc = commands.fail(f"unimo-jax {name}", e)
+  except KeyboardInterrupt:
+    rc = commands.fail(f"unimo-jax {name}", "interrupted", commands.INTERRUPTED)
   return int(rc or 0)
 
 

@@ -7,7 +7,6 @@ The tiny preset runs a real forward pass of a random text, image and image-text 
 the first call includes compilation) and prints output shapes and times; base/large are traced
 with ``jax.eval_shape`` only (shapes and counts, no memory, no compute).
 """
-import argparse
 import time
 
 import flax.linen as nn
@@ -84,14 +83,18 @@ def _shapes(tree) -> str:
 
 
 def main(argv) -> int:
-  parser = argparse.ArgumentParser(prog=argv[0] if argv else "unimo-jax model-info",
+  from unimo_jax import commands  # pylint: disable=import-outside-toplevel
+  parser = commands.ArgumentParser(prog=argv[0] if argv else "unimo-jax model-info",
                                    description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny")
-  parser.add_argument("--visual", choices=("patches", "regions"), default="patches")
-  parser.add_argument("--batch-size", type=int, default=4)
+  parser.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny",
+                      help="model size: tiny (tests), base or large (the paper's)")
+  parser.add_argument("--visual", choices=("patches", "regions"), default="patches",
+                      help="visual input: image patches or detector region features")
+  parser.add_argument("--batch-size", type=int, default=4, help="rows of the timed forward pass")
   parser.add_argument("--text-length", type=int, default=None, help="default 32 tiny, 128 else")
   parser.add_argument("--num-regions", type=int, default=None, help="default 10 tiny, 100 else")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype of the forward pass")
   args = parser.parse_args(argv[1:])
 
   config = ModelConfig.preset(args.preset, visual_input=args.visual, dtype=args.dtype)

@@ -3,9 +3,9 @@
 Writes ``O/config.json`` (ModelConfig) and ``O/params.msgpack``; a training config starts from
 them with ``init_from=O`` (``unimo_jax.convert.roberta.load_converted`` + ``merge_params``).
 """
-import argparse
-import sys
 import time
+
+from unimo_jax import commands
 
 
 def _roberta(args) -> int:
@@ -33,7 +33,7 @@ def _leaves(tree):
 
 
 def main(argv) -> int:
-  parser = argparse.ArgumentParser(prog=argv[0] if argv else "unimo-jax convert",
+  parser = commands.ArgumentParser(prog=argv[0] if argv else "unimo-jax convert",
                                    description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="source", required=True)
   rob = sub.add_parser("roberta", help="a Hugging Face RoBERTa save_pretrained directory")
@@ -47,5 +47,4 @@ def main(argv) -> int:
   try:
     return args.run(args)
   except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-    print(f"{parser.prog} {args.source}: error: {e}", file=sys.stderr)
-    return 2
+    return commands.fail(f"{parser.prog} {args.source}", f"error: {e}")

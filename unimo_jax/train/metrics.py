@@ -201,67 +201,54 @@ class MeanAccumulator:
     return self.fetch()[0]
 
 
-def _format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds) or seconds < 0:
-    return "?"
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
 class ProgressBar:
-  """A one-line progress bar with rate and ETA on a terminal; silent otherwise.
+  """The console progress bar (tqdm): steps done of the run's total, elapsed time, ETA, steps/s
+  and the caller's metrics line (the main losses) after them; drawn only on a terminal.
 
   Args:
     total: the last step of the run.
-    initial: the step the run starts (or resumes) from.
+    initial: the step the run starts (or resumes) from; the rate counts the steps of this run.
     stream: where to draw (default stderr); drawing is on only if it is a TTY (or ``force``).
+    force: True / False overrides the TTY test (``train.progress_bar`` on / off).
     min_interval: seconds between redraws.
   """
 
+  BAR_FORMAT = ("{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                "[{elapsed}, ETA {remaining}, {rate_fmt}{postfix}]")
+
   def __init__(self, total: int, initial: int = 0, stream: TextIO | None = None,
-               force: bool | None = None, min_interval: float = 0.2, width: int = 24):
+               force: bool | None = None, min_interval: float = 0.2):
     self.total, self.initial = int(total), int(initial)
     self.stream = stream or sys.stderr
     isatty = getattr(self.stream, "isatty", lambda: False)()
-    self.enabled = isatty if force is None else force
-    self.min_interval, self.width = min_interval, width
-    self._start = time.time()
-    self._last_draw = 0.0
-    self._last_len = 0
-
-  def line(self, step: int, info: str = "") -> str:
-    done = step - self.initial
-    elapsed = time.time() - self._start
-    rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
-    eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
-    frac = min(1.0, step / self.total) if self.total else 1.0
-    filled = int(round(frac * self.width))
-    bar = "#" * filled + "." * (self.width - filled)
-    rate_s = f"{rate:.2f} it/s" if rate == rate else "- it/s"
-    text = (f"[{bar}] {step}/{self.total} {100 * frac:3.0f}% {rate_s} "
-            f"elapsed {_format_duration(elapsed)} ETA {_format_duration(eta)}")
-    return f"{text} {info}".rstrip()
+    self.enabled = isatty if force is None else bool(force)
+    self._bar = None
+    if self.enabled:
+      import tqdm  # pylint: disable=import-outside-toplevel
+      # dynamic_ncols: the line is fitted to the terminal (a long metrics line is cut, never
+      # wrapped); smoothing: the rate and ETA follow recent steps (compilation is excluded
+      # since the bar starts after it).
+      self._bar = tqdm.tqdm(total=self.total, initial=self.initial, file=self.stream,
+                            unit=" steps", mininterval=min_interval, smoothing=0.1,
+                            dynamic_ncols=isatty, ncols=None if isatty else 120,
+                            bar_format=self.BAR_FORMAT, leave=True)
 
   def update(self, step: int, info: str = "", force: bool = False) -> None:
-    if not self.enabled:
+    """Moves the bar to ``step``; ``info`` (e.g. ``loss=2.31 pair_cmcl/loss_i2t=1.9``) replaces
+    the metrics shown after the rate; ``force`` redraws now."""
+    if self._bar is None:
       return
-    now = time.time()
-    if not force and now - self._last_draw < self.min_interval and step < self.total:
-      return
-    self._last_draw = now
-    text = self.line(step, info)
-    pad = max(0, self._last_len - len(text))
-    self.stream.write("\r" + text + " " * pad)
-    self.stream.flush()
-    self._last_len = len(text)
+    if info:
+      self._bar.set_postfix_str(info, refresh=False)
+    if step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+    if force:
+      self._bar.refresh()
 
   def close(self) -> None:
-    if self.enabled and self._last_len:
-      self.stream.write("\n")
-      self.stream.flush()
-      self._last_len = 0
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 class MetricWriter:
