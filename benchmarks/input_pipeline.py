@@ -92,7 +92,7 @@ def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
   spec = schema.batch_spec(pipeline.resolve_config(data_cfg))
   data = random_data.RandomBatches(spec, tokenizer.vocab_size)
   with tempfile.TemporaryDirectory() as workdir:
-    trainer.train(config, workdir, data=data, tokenizer=tokenizer)
+    trainer.train(config, workdir, data=data)
     rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   return [r["steps_per_second"] for r in rows if "steps_per_second" in r][-1]
 

@@ -24,11 +24,9 @@ import jax  # noqa: E402
 from data_pipelines import schema  # noqa: E402  (numpy only)
 from unimo_jax import parallel  # noqa: E402
 from unimo_jax.train import flops as flops_lib  # noqa: E402
-from unimo_jax.train import optimizer as opt_lib  # noqa: E402
 from unimo_jax.train import random_data  # noqa: E402
+from unimo_jax.train import setup as setup_lib  # noqa: E402
 from unimo_jax.train import state as state_lib  # noqa: E402
-from unimo_jax.train import train_step as step_lib  # noqa: E402
-from unimo_jax.train import trainer  # noqa: E402
 
 
 def load_config(path: str):
@@ -59,19 +57,14 @@ def main():
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   data = c.data.to_dict()
   spec = schema.batch_spec(data)
-  model_cfg = trainer.resolve_model_config(c, 50265)
-  mesh = parallel.make_mesh(dict(c.mesh))
-  rules = parallel.rules_from_config(c.axis_rules)
-  tx, _ = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
-  init = step_lib.init_params_fn(model_cfg, c.cmcl.temperature_init)
-  state, shardings = state_lib.create_train_state(init, tx, mesh, rules, jax.random.key(0))
-  shapes = trainer._batch_shapes(spec, 1)  # pylint: disable=protected-access
-  step = step_lib.make_train_step(model_cfg, c, tx, mesh, shardings, shapes, rules)
+  c.seed = 0
+  run = setup_lib.build_run(c, spec, vocab_size=50265, process_count=1)
+  model_cfg, mesh = run.model_cfg, run.mesh
+  state = run.new_state()
   batches = random_data.RandomBatches(spec, model_cfg.vocab_size)
-  batch = parallel.global_batch(next(batches), mesh)
 
   t0 = time.time()
-  compiled = step.lower(state, batch).compile()
+  compiled = run.compile()
   compile_s = time.time() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -85,8 +78,7 @@ def main():
     jax.block_until_ready(m)
     times.append(time.time() - t)
   step_s = statistics.median(times[2:])
-  analytic = flops_lib.step_flops(model_cfg, c.objectives, {k: v.shape for k, v in shapes.items()},
-                                  c.cmcl)["train"]
+  analytic = run.flops()["train"]
   peak = flops_lib.current_peak_flops(model_cfg.dtype)
   n = jax.device_count()
   out = dict(

@@ -299,10 +299,14 @@ class BPETokenizer(Tokenizer):
 
 def load_tokenizer(spec: str) -> Tokenizer:
   """``"sentencepiece:/path/x.model"`` or ``"bpe:/dir"`` (with vocab.json + merges.txt); a bare
-  path ending in .model or a directory is also accepted."""
+  path ending in .model or a directory is also accepted. ``~`` in the path is expanded (the one
+  place a tokenizer spec is read: training, evaluation and the data pipeline all load here)."""
   kind, _, path = spec.partition(":")
   if not path:
-    kind, path = ("bpe" if os.path.isdir(spec) else "sentencepiece"), spec
+    kind, path = "", spec
+  path = os.path.expanduser(path)
+  if not kind:
+    kind = "bpe" if os.path.isdir(path) else "sentencepiece"
   if kind in ("sentencepiece", "spm"):
     return SentencePieceTokenizer(path)
   if kind == "bpe":

@@ -10,14 +10,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from data_pipelines import pipeline, schema
-from unimo_jax import parallel
 from unimo_jax.train import config as config_lib
 from unimo_jax.train import main as main_lib
-from unimo_jax.train import optimizer as opt_lib
+from unimo_jax.train import setup as setup_lib
 from unimo_jax.train import state as state_lib
 from unimo_jax.train import sweep as sweep_lib
 from unimo_jax.train import train_step as step_lib
-from unimo_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
@@ -100,13 +98,9 @@ def _expected_params(m, d):
 def test_paper_configs_build_sharded_on_8_devices(name, millions):
   c = load(name)
   config_lib.validate(c, num_devices=8, check_files=False)
-  mcfg = trainer.resolve_model_config(c)
-  mesh = parallel.make_mesh(dict(c.mesh))
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-  tx, _ = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
-  init = step_lib.init_params_fn(mcfg, c.cmcl.temperature_init)
-  abstract, shardings = state_lib.state_shardings(init, tx, mesh, parallel.rules_from_config(
-      c.axis_rules), jax.random.key(0))
+  run = setup_lib.build_run(c)  # no batch spec: model, mesh, optimizer and shardings only
+  mcfg, abstract = run.model_cfg, run.abstract_state
+  assert dict(run.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
   n = state_lib.param_count(abstract.params)
   assert n == _expected_params(mcfg, mcfg.projection_dim)
   assert round(n / 1e6) == millions
@@ -124,17 +118,10 @@ def test_base_step_traces_at_full_size():
   traces with the config's shardings on 8 devices (abstractly: nothing is allocated)."""
   c = load("base.py")
   data = config_lib.validate(c, num_devices=8, check_files=False)
-  mcfg = trainer.resolve_model_config(c)
-  mesh = parallel.make_mesh(dict(c.mesh))
-  rules = parallel.rules_from_config(c.axis_rules)
-  tx, _ = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
-  init = step_lib.init_params_fn(mcfg, c.cmcl.temperature_init)
-  abstract, shardings = state_lib.state_shardings(init, tx, mesh, rules, jax.random.key(0))
-  shapes = trainer._batch_shapes(schema.batch_spec(data), 1)
-  step = step_lib.make_train_step(mcfg, c, tx, mesh, shardings, shapes, rules)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in shapes.items()}
-  with step_lib.mesh_context(mesh, rules):
-    new_state, metrics = jax.eval_shape(step.jitted, abstract, batch)
+  run = setup_lib.build_run(c, schema.batch_spec(data), process_count=1)
+  abstract = run.abstract_state
+  with step_lib.mesh_context(run.mesh, run.rules):
+    new_state, metrics = jax.eval_shape(run.step.jitted, abstract, run.abstract_batch())
   assert new_state.params["model"]["encoder"].keys() == abstract.params["model"][
       "encoder"].keys()
   assert {"loss", "pair_cmcl/loss_i2t", "text_mlm/loss", "pair_mrp/class_accuracy"} <= set(

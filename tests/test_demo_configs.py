@@ -12,7 +12,7 @@ import os
 import pytest
 
 from unimo_jax.train import config as config_lib
-from unimo_jax.train import trainer
+from unimo_jax.train import main as main_lib
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,9 @@ def test_one_step_of_each_demo_config(name, data_dir, tmp_path):
   config = module.get_config(f"smoke,data_dir={data_dir}")
   config.train.total_steps = 2  # the mlm phase, then the seq2seq phase
   config.train.log_every = 1
-  config_lib.validate(config, num_devices=8)
+  config_lib.validate(config, num_devices=8, data_defaults=main_lib.data_defaults())
   workdir = str(tmp_path / "run")
-  result = trainer.train(config, workdir)
+  result = main_lib.train_from_config(config, workdir)
   assert (result.first_step, result.last_step, result.stopped_by) == (0, 2, "done")
   assert result.checkpoint_step == 2
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))

@@ -3,13 +3,10 @@ import jax
 import ml_collections
 
 from data_pipelines import schema
-from unimo_jax import parallel
 from unimo_jax.model import ModelConfig
 from unimo_jax.train import config as config_lib
-from unimo_jax.train import optimizer as opt_lib
 from unimo_jax.train import random_data
-from unimo_jax.train import state as state_lib
-from unimo_jax.train import train_step as step_lib
+from unimo_jax.train import setup as setup_lib
 
 VOCAB = 200
 
@@ -43,7 +40,7 @@ def run_config(visual_input="patches", batch=8, dropout=0.0, **data_kw):
 
 
 def model_config(c) -> ModelConfig:
-  return ModelConfig.from_dict(c.model.to_dict())
+  return setup_lib.resolve_model_config(c)
 
 
 def batch_spec(c, process_count=1):
@@ -60,11 +57,6 @@ def global_shapes(c):
 
 
 def setup(c, mesh):
-  """(state, step_fn) for config c on mesh."""
-  mcfg = model_config(c)
-  tx, _ = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
-  init = step_lib.init_params_fn(mcfg, c.cmcl.temperature_init)
-  rules = parallel.rules_from_config(c.axis_rules)
-  state, shardings = state_lib.create_train_state(init, tx, mesh, rules, jax.random.key(c.seed))
-  step = step_lib.make_train_step(mcfg, c, tx, mesh, shardings, global_shapes(c), rules)
-  return state, step
+  """(state, step_fn) for config c on mesh (``setup.build_run``, as the trainer builds it)."""
+  run = setup_lib.build_run(c, batch_spec(c), mesh=mesh, process_count=1)
+  return run.new_state(), run.step

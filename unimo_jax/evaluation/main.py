@@ -33,16 +33,12 @@ from unimo_jax import parallel
 from unimo_jax.evaluation import report as report_lib
 from unimo_jax.evaluation import runner
 from unimo_jax.model import ModelConfig, Unimo
-
-
-def _expand(spec: str) -> str:
-  kind, sep, path = spec.partition(":")
-  return f"{kind}:{os.path.expanduser(path)}" if sep else os.path.expanduser(spec)
+from unimo_jax.train import setup as setup_lib
 
 
 def load_tokenizer(config):
   from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
-  return tokenizers.load_tokenizer(_expand(config.data.tokenizer))
+  return tokenizers.load_tokenizer(config.data.tokenizer)
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -59,8 +55,7 @@ def load_run(workdir: str, step: int | None = None):
     with open(mpath) as f:
       model_cfg = ModelConfig.from_json(f.read())
   else:
-    from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
-    model_cfg = trainer.resolve_model_config(config, load_tokenizer(config).vocab_size)
+    model_cfg = setup_lib.resolve_model_config(config, load_tokenizer(config).vocab_size)
   return config, model_cfg
 
 
@@ -74,14 +69,6 @@ def eval_mesh(config):
     return parallel.make_mesh((-1, 1, 1))
 
 
-def _param_shardings(config, model_cfg, mesh):
-  from unimo_jax.train import train_step  # pylint: disable=import-outside-toplevel
-  init = train_step.init_params_fn(model_cfg, float(config.cmcl.temperature_init))
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  rules = parallel.rules_from_config(config.get("axis_rules"))
-  shardings = parallel.tree_shardings(parallel.unbox(boxed), parallel.logical_axes(boxed), mesh,
-                                      rules)
-  return init, shardings
 
 
 def restore_model_params(workdir: str, step: int | None, config, model_cfg, mesh):
@@ -91,7 +78,8 @@ def restore_model_params(workdir: str, step: int | None, config, model_cfg, mesh
   parameters (seed ``config.seed``). Returns (params, step).
   """
   from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  init, shardings = _param_shardings(config, model_cfg, mesh)
+  run = setup_lib.build_run(config, model_cfg=model_cfg, mesh=mesh)  # no batch spec: no step
+  init, shardings = run.init_params, run.shardings.params
   directory = ckpt_lib.checkpoint_dir(workdir)
   steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(
       directory) else []
@@ -216,19 +204,27 @@ def main(argv) -> int:
   parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
   parser.add_argument("--allow-train-source", action="store_true",
                       help="evaluate a split even when its source is a training source")
+  parser.add_argument("--verbose", action="store_true",
+                      help="keep the INFO logs of absl, orbax and TensorFlow")
   args = parser.parse_args(argv[1:])
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  if not args.verbose:  # the table, not the libraries' start-up and checkpoint chatter
+    import data_pipelines  # pylint: disable=import-outside-toplevel
+    data_pipelines.import_tensorflow_quietly()
+    for name in ("absl", "orbax", "jax", "tensorflow"):
+      logging.getLogger(name).setLevel(logging.ERROR)
   steps = [s.strip() for s in args.step.split(",") if s.strip()]
   splits = [s.strip() for s in args.split.split(",") if s.strip()] or None
   if not os.path.isdir(os.path.expanduser(args.workdir)):
     print(f"{argv[0]}: no such workdir {args.workdir}", file=sys.stderr)
     return 2
+  from unimo_jax.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   try:
     results = evaluate_workdir(args.workdir, steps, splits, args.limit, args.batch_size,
                                figures=not args.no_figures,
                                allow_train_source=args.allow_train_source or None)
-  except (FileNotFoundError, ValueError) as e:  # no checkpoint / config problems: one line
-    print(f"{argv[0]}: {e}", file=sys.stderr)
+  except (FileNotFoundError, ValueError, CheckpointError) as e:  # no (restorable) checkpoint /
+    print(f"{argv[0]}: {e}", file=sys.stderr)                   # config problems: one line
     return 2
   if jax.process_index() == 0:
     print(report_lib.results_table(results["evaluations"]))

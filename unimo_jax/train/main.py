@@ -63,6 +63,11 @@ def _flags(argv: list[str]) -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "load and validate the config, print what the run would "
                     "do, exit without training", flag_values=fv)
+  flags.DEFINE_bool("print_env", False, "print the launcher, process index/count, coordinator, "
+                    "mesh and per-process batch this process would use (unimo_jax.launch), "
+                    "without starting jax.distributed, and exit", flag_values=fv)
+  flags.DEFINE_integer("initialization_timeout", 300, "seconds to wait for the coordinator and "
+                       "the other processes before failing (multi-host)", flag_values=fv)
   return fv
 
 
@@ -99,6 +104,69 @@ def setup_logging(level: str = "info") -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" on every start
 
 
+def data_defaults():
+  """The input pipeline's data section with every default (what ``config.validate`` checks
+  ``config.data`` against)."""
+  from data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
+  return pipeline.default_config()
+
+
+def train_from_config(config, workdir: str, **train_kw):
+  """Wires the data in and trains: the tokenizer (``data.tokenizer``), the input pipeline and,
+  with ``train.eval_every``, the evaluators of ``evaluation.train_splits`` (default
+  validation); then ``trainer.train(config, workdir, data=..., evaluate=...)``.
+
+  The one place where a training run meets ``data_pipelines``; ``train_kw`` (``stop``,
+  ``max_steps``) go to the trainer. Returns its ``TrainResult``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from data_pipelines import pipeline, tokenizers  # pylint: disable=import-outside-toplevel
+  from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import setup as setup_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  spec = config.data.get("tokenizer")
+  tokenizer = None
+  if spec:
+    try:
+      tokenizer = tokenizers.load_tokenizer(spec)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise ValueError(f"data.tokenizer {spec!r} cannot be loaded ({e})") from e
+  vocab_size = getattr(tokenizer, "vocab_size", None)
+  model_cfg = setup_lib.resolve_model_config(config, vocab_size)
+  if tokenizer is not None:
+    setup_lib.check_tokenizer(model_cfg, tokenizer)
+  evaluate = None
+  if config.train.eval_every:
+    from unimo_jax.evaluation import main as eval_main  # pylint: disable=import-outside-toplevel
+    if tokenizer is None:
+      raise ValueError("train.eval_every needs data.tokenizer (the evaluators decode captions)")
+    splits = list(config.evaluation.get("train_splits", ("validation",)))
+    evaluate = eval_main.make_train_evaluator(config, model_cfg,
+                                              parallel.make_mesh(dict(config.mesh)), tokenizer,
+                                              splits)
+  data = pipeline.make_pipeline(config.data, process_index=jax.process_index(),
+                                process_count=jax.process_count(), tokenizer=tokenizer)
+  try:
+    return trainer.train(config, workdir, data=data, evaluate=evaluate, vocab_size=vocab_size,
+                         **train_kw)
+  finally:
+    data.close()  # a live tf.data iterator can hang interpreter exit (ENVIRONMENT.md)
+
+
+def data_counts(metrics) -> str:
+  """One line: records dropped per source and reason, texts cut to fit per stream (the
+  trainer's ``data/dropped/<source>/<reason>`` and ``data/truncated/<stream>`` totals)."""
+  dropped = {k[len("data/dropped/"):]: int(v) for k, v in metrics.items()
+             if k.startswith("data/dropped/") and v}
+  cut = {k[len("data/truncated/"):]: int(v) for k, v in metrics.items()
+         if k.startswith("data/truncated/") and v}
+  text = (f"dropped {sum(dropped.values())} records (" + ", ".join(
+      f"{k} {v}" for k, v in sorted(dropped.items())) + ")") if dropped else "no record dropped"
+  text += ("; texts cut to fit: " + ", ".join(f"{k} {v}" for k, v in sorted(cut.items()))
+           if cut else "; no text cut")
+  return "  data: " + text
+
+
 def summary(result, workdir: str) -> str:
   """First vs last metrics and where the outputs are."""
   first, last = result.first_metrics, result.last_metrics
@@ -115,6 +183,8 @@ def summary(result, workdir: str) -> str:
                  f"MFU {100 * last['mfu']:.1f}%")
   if result.goodput:
     lines.append("  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.goodput.items()))
+  if any(k.startswith("data/") for k in last):
+    lines.append(data_counts(last))
   lines.append(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
   lines.append(f"checkpoints: {os.path.join(workdir, 'checkpoints')} (latest step "
                f"{result.checkpoint_step})")
@@ -139,29 +209,39 @@ def main(argv: list[str]) -> int:
     return commands.fail(argv[0], "--config and --workdir are required (see --help)")
   setup_logging(fv.log_level)
 
-  from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
+  from unimo_jax import launch  # pylint: disable=import-outside-toplevel
   try:
-    local_ids = ([int(i) for i in fv.local_device_ids.split(",")] if fv.local_device_ids
-                 else None)
-    parallel.initialize(fv.coordinator_address, fv.num_processes, fv.process_id, local_ids)
-  except ValueError as e:  # e.g. --coordinator_address without --num_processes
+    plan = launch.detect(coordinator_address=fv.coordinator_address,
+                         num_processes=fv.num_processes, process_id=fv.process_id,
+                         local_device_ids=fv.local_device_ids)
+    if fv.print_env:  # what this process WOULD do; nothing is started
+      import jax  # pylint: disable=import-outside-toplevel
+      print(launch.describe(plan, config, len(plan.local_device_ids or ()) or
+                            jax.local_device_count()))
+      return commands.OK
+    launch.initialize(plan, fv.initialization_timeout)
+  except ValueError as e:  # incomplete flags; a coordinator that never answered (LaunchError)
     return commands.fail(argv[0], e)
 
   import jax  # pylint: disable=import-outside-toplevel
   from unimo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
   try:
     config_lib.validate(config, num_devices=jax.device_count(),
-                        process_count=jax.process_count())
+                        process_count=jax.process_count(), data_defaults=data_defaults())
   except config_lib.ConfigError as e:
     return commands.fail(argv[0], f"config error: {e}")
   if fv.dry_run:
+    print(launch.describe(plan, config, jax.local_device_count()))
     print(dry_run(config, fv.workdir, argv))
     return commands.OK
   try:
-    result = trainer.train(config, fv.workdir)
+    result = train_from_config(config, fv.workdir)
   except trainer.NonFiniteError as e:
     return commands.fail(argv[0], e, commands.NONFINITE)
+  except ckpt_lib.CheckpointError as e:  # a failed save (disk), or no checkpoint restores
+    return commands.fail(argv[0], e, commands.ERROR)
   except ValueError as e:  # tokenizer / model mismatches found after loading
     return commands.fail(argv[0], e)
   if jax.process_index() == 0:

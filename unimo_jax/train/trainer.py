@@ -1,13 +1,17 @@
-"""The training loop: ``train(config, workdir)`` from a fresh start or the workdir's latest checkpoint.
+"""The training loop: ``train(config, workdir, data=...)`` from a fresh start or the workdir's
+latest checkpoint.
 
-Read top to bottom: workdir and logging / mesh / model / input pipeline / optimizer and state
-(restore, ``init_from`` or fresh) / compiled step / FLOPs / the loop (step, non-finite guard,
-metrics, checkpoints, stop signals, evaluation) / the end (final checkpoint and summary).
+Read top to bottom: workdir / the run (``setup.build_run``: model, mesh, optimizer, shardings,
+step) / state (restore, ``init_from`` or fresh) / compiled step / FLOPs / the loop (step,
+non-finite guard, metrics, checkpoints, stop signals, evaluation) / the end (final checkpoint
+and summary).
 
-The input is any iterator of per-process numpy batches with ``get_state()`` / ``set_state()``
-(``data_pipelines.pipeline.DataIterator``, or ``random_data.RandomBatches`` in tests); its state
-is saved with every checkpoint, so a resumed run sees exactly the batches an uninterrupted run
-would, and with the per-step dropout key ``fold_in(seed, step)`` computes exactly its updates.
+The input is any iterator of per-process numpy batches with ``spec`` and ``get_state()`` /
+``set_state()`` (``data_pipelines.pipeline.DataIterator``, wired in by ``unimo_jax.train.main``,
+or ``random_data.RandomBatches`` in tests); its state is saved with every checkpoint, so a
+resumed run sees exactly the batches an uninterrupted run would, and with the per-step dropout
+key ``fold_in(seed, step)`` computes exactly its updates. Evaluation comes in the same way, as a
+``(params, step) -> metrics`` callback; this module imports neither data nor evaluation code.
 """
 from __future__ import annotations
 
@@ -26,9 +30,8 @@ from unimo_jax.model import ModelConfig
 from unimo_jax.train import checkpoint as ckpt_lib
 from unimo_jax.train import flops as flops_lib
 from unimo_jax.train import metrics as metrics_lib
-from unimo_jax.train import optimizer as opt_lib
+from unimo_jax.train import setup as setup_lib
 from unimo_jax.train import state as state_lib
-from unimo_jax.train import train_step as step_lib
 
 # Metrics shown on the console (the files get all of them).
 CONSOLE_KEYS = ("loss", "text_mlm/loss", "text_s2s/loss", "image_mrp/loss", "pair_cmcl/loss_i2t",
@@ -56,56 +59,15 @@ class TrainResult:
   goodput: dict = dataclasses.field(default_factory=dict)  # seconds by activity
 
 
-def resolve_model_config(config, vocab_size: int | None = None) -> ModelConfig:
-  """``config.model`` -> ModelConfig, filling ``vocab_size = 0`` and ``dtype = "auto"``."""
-  fields = config.model.to_dict()
-  if fields.get("vocab_size", 0) == 0:
-    if not vocab_size:
-      raise ValueError("model.vocab_size is 0 (take the tokenizer's) but no tokenizer is known")
-    fields["vocab_size"] = int(vocab_size)
-  if fields.get("dtype") == "auto":
-    # bf16 with f32 accumulation is the fast path on TPU/GPU; on CPU the small-width step is
-    # dominated by elementwise work that bf16 does not speed up (measured: see README / report).
-    fields["dtype"] = "bfloat16" if jax.default_backend() in ("tpu", "gpu") else "float32"
-  return ModelConfig.from_dict(fields)
-
-
-def check_tokenizer(model_cfg: ModelConfig, tokenizer) -> None:
-  """The tokenizer and the model must agree on the vocabulary and every special id."""
-  pairs = [("vocab_size", tokenizer.vocab_size, model_cfg.vocab_size),
-           ("mask_id", tokenizer.mask_id, model_cfg.mask_token_id),
-           ("pad_id", tokenizer.pad_id, model_cfg.pad_id),
-           ("cls_id", tokenizer.cls_id, model_cfg.cls_id),
-           ("sep_id", tokenizer.sep_id, model_cfg.sep_id)]
-  for name, tok, mod in pairs:
-    if int(tok) != int(mod):
-      raise ValueError(f"tokenizer {name}={tok} but model {name}={mod} (config.model)")
-
-
 def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
-
-
-def _batch_shapes(spec: Mapping[str, tuple], process_count: int) -> dict:
-  """Per-process ``{name: (shape, dtype)}`` -> global ``ShapeDtypeStruct``s."""
-  out = {}
-  for name, (shape, dtype) in spec.items():
-    shape = tuple(shape)
-    if shape:
-      shape = (shape[0] * process_count,) + shape[1:]
-    out[name] = jax.ShapeDtypeStruct(shape, np.dtype(dtype))
-  return out
-
-
-def _stream_rows(shapes: Mapping[str, Any]) -> dict[str, int]:
-  return {k.split("/")[0]: v.shape[0] for k, v in shapes.items() if k.endswith("/row_valid")}
 
 
 def _dropped_metrics(data) -> dict[str, float]:
   """Dropped records per source and reason, and cut texts per stream, summed over processes."""
   if not hasattr(data, "dropped_counts"):
     return {}
-  per_process = ckpt_lib._gather_json(data.dropped_counts())  # pylint: disable=protected-access
+  per_process = ckpt_lib.gather_json(data.dropped_counts())
   out: dict[str, float] = {}
   for counts in per_process:
     for source, reasons in counts.items():
@@ -144,22 +106,22 @@ def _init_from(path: str, fresh_params: Any, shardings: Any, model_cfg: ModelCon
   return jax.device_put(dict(host, model=merged_model), shardings.params)
 
 
-def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
-          stop: ckpt_lib.StopSignal | None = None, max_steps: int | None = None,
-          evaluate: Callable[[Any, int], Mapping[str, float]] | None = None) -> TrainResult:
+def train(config, workdir: str, *, data: Iterator,
+          evaluate: Callable[[Any, int], Mapping[str, float]] | None = None,
+          vocab_size: int | None = None, stop: ckpt_lib.StopSignal | None = None,
+          max_steps: int | None = None) -> TrainResult:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
   Args:
     config: a validated run config (``unimo_jax.train.config``).
     workdir: checkpoints, TensorBoard events, ``metrics.jsonl`` and ``config.json`` go here.
-    data: an iterator of per-process numpy batches with ``get_state``/``set_state`` (default:
-      ``data_pipelines.pipeline.make_pipeline(config.data)``).
-    tokenizer: the tokenizer object (default: loaded from ``config.data.tokenizer`` when the
-      model's vocabulary size must come from it).
+    data: an iterator of per-process numpy batches with ``spec`` (``{name: (shape, dtype)}``)
+      and ``get_state``/``set_state``; the caller owns it (and closes it).
+    evaluate: ``(params, step) -> metrics`` run every ``train.eval_every`` steps.
+    vocab_size: the tokenizer's vocabulary size, used when ``config.model.vocab_size`` is 0.
     stop: the stop-request object (default: one handling SIGTERM/SIGINT during the loop).
     max_steps: stop after this many steps of THIS call (a checkpoint is saved), e.g. to split a
       run in tests; the schedule still follows ``train.total_steps``.
-    evaluate: ``(params, step) -> metrics`` run every ``train.eval_every`` steps.
 
   Returns:
     A ``TrainResult``. Raises ``NonFiniteError`` after ``train.max_nonfinite_steps``
@@ -171,64 +133,40 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  # ---------------------------------------------------------------- mesh
-  mesh = parallel.make_mesh(dict(config.mesh))
-  rules = parallel.rules_from_config(config.axis_rules)
+  # ---------------------------------------------------------------- the run
+  run = setup_lib.build_run(config, data.spec, vocab_size=vocab_size)
+  mesh, model_cfg, schedule = run.mesh, run.model_cfg, run.schedule
   logging.info("mesh %s over %d devices (%d processes), %s", dict(mesh.shape), jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind)
-
-  # ---------------------------------------------------------------- model and data
-  own_data = data is None
-  if data is None:
-    from data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
-    if tokenizer is None and config.data.get("tokenizer"):
-      from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
-      tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
-    data = pipeline.make_pipeline(config.data, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), tokenizer=tokenizer)
-  model_cfg = resolve_model_config(config, getattr(tokenizer, "vocab_size", None))
-  if tokenizer is not None:
-    check_tokenizer(model_cfg, tokenizer)
-  shapes = _batch_shapes(data.spec, jax.process_count())
-  rows = _stream_rows(shapes)
+  rows = run.stream_rows()
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(_config_json(config), f, indent=2, sort_keys=True)
     with open(os.path.join(workdir, "model_config.json"), "w") as f:
       f.write(model_cfg.to_json())
 
-  # ---------------------------------------------------------------- optimizer and state
-  tx, schedule = opt_lib.make_optimizer(config.optimizer, tc.total_steps)
-  init_params = step_lib.init_params_fn(model_cfg, config.cmcl.temperature_init)
-  rng = jax.random.key(int(config.seed))
-  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, rules, rng)
+  # ---------------------------------------------------------------- state
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints or None,
                                        keep_period=tc.keep_period or None,
                                        async_save=tc.async_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
     # The newest checkpoint that restores (a damaged newer one is named and skipped).
-    state, data_state, _ = checkpointer.restore(abstract)
+    state, data_state, _ = checkpointer.restore(run.abstract_state)
     if data_state is not None and hasattr(data, "set_state"):
       data.set_state(data_state)
     logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
   else:
-    state, _ = state_lib.create_train_state(init_params, tx, mesh, rules, rng)
+    state = run.new_state()
     if tc.init_from:
-      params = _init_from(tc.init_from, state.params, shardings, model_cfg)
-      state, _ = state_lib.create_train_state(init_params, tx, mesh, rules, rng, params=params)
+      state = run.new_state(_init_from(tc.init_from, state.params, run.shardings, model_cfg))
   n_params = state_lib.param_count(state.params)
   logging.info("model: %s parameters (%s, compute %s)", f"{n_params:,}", model_cfg.visual_input,
                model_cfg.dtype)
 
   # ---------------------------------------------------------------- the step
-  step_fn = step_lib.make_train_step(model_cfg, config, tx, mesh, shardings, shapes, rules)
   t0 = time.time()
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                            sharding=parallel.batch_sharding(mesh) if v.shape
-                                            else parallel.replicated(mesh))
-                    for k, v in shapes.items()}
-  compiled = step_fn.lower(state, abstract_batch).compile()
+  compiled = run.compile()
   compile_seconds = time.time() - t0
   logging.info("compiled the train step in %.1fs", compile_seconds)
   if tc.compile_report:
@@ -240,19 +178,10 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
     except Exception as e:  # pylint: disable=broad-except  (not every backend reports it)
       logging.info("no memory analysis on this backend (%s)", e)
 
-  flops = flops_lib.step_flops(model_cfg, config.objectives,
-                               {k: v.shape for k, v in shapes.items()}, config.cmcl)
+  flops = run.flops()
   peak = flops_lib.current_peak_flops(model_cfg.dtype, tc.peak_flops_per_device)
   logging.info("analytic %.3g TFLOP per step; peak %.3g TFLOP/s per device", flops["train"] / 1e12,
                peak / 1e12)
-
-  # ---------------------------------------------------------------- evaluators
-  if tc.eval_every and evaluate is None:
-    from unimo_jax.evaluation import main as eval_main  # pylint: disable=import-outside-toplevel
-    if tokenizer is None:
-      tokenizer = eval_main.load_tokenizer(config)
-    splits = list(config.evaluation.get("train_splits", ("validation",)))
-    evaluate = eval_main.make_train_evaluator(config, model_cfg, mesh, tokenizer, splits)
 
   # ---------------------------------------------------------------- the loop
   # No device-to-host transfer per step: metrics are summed on device and fetched at log
@@ -385,8 +314,6 @@ def train(config, workdir: str, *, data: Iterator | None = None, tokenizer=None,
   finally:
     if own_stop:
       stop.__exit__(None, None, None)
-    if own_data and hasattr(data, "close"):
-      data.close()  # a live tf.data iterator can hang interpreter exit (ENVIRONMENT.md)
     bar.close()
     writer.close()
     if failed:
