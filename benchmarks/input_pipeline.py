@@ -77,6 +77,22 @@ def only(cfg, stream):
   return c
 
 
+def demo_data(size: str, data_dir: str, batch: int):
+  """The demo config's data section (64 px scenes resized to the model's 48 px input, 16 px
+  patches, 64-token texts, 32-token captions) on synthetic_scenes/`size`, `batch` rows per
+  stream, with no related items (no neighbours file)."""
+  from experiments.configs import common  # pylint: disable=import-outside-toplevel
+  from experiments.configs import demo  # pylint: disable=import-outside-toplevel
+  d = demo.get_config(f"data_dir={data_dir}").data
+  c = common.synthetic_data(visual_input="patches", size=size, image_size=64,
+                            input_size=d.image_size, patch_size=d.patch_size,
+                            batch_sizes=(batch,) * 3,
+                            text_length=d.streams.text.max_length,
+                            caption_length=d.streams.pair.max_length, data_dir=data_dir)
+  c.num_related_images = c.num_related_texts = 0
+  return c
+
+
 def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
   """Steps/s of the demo train step on random schema batches (the input pipeline left out)."""
   from experiments.configs import demo  # pylint: disable=import-outside-toplevel
@@ -86,6 +102,11 @@ def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
   config.data = data_cfg
   config.model.vocab_size = tokenizer.vocab_size
   config.model.visual_input = data_cfg.visual_input
+  # The model's input is what the pipeline hands out (the resized side, not the stored one).
+  config.model.image_size = data_cfg.image_size
+  config.model.patch_size = data_cfg.patch_size
+  config.model.region_feature_dim = data_cfg.region_feature_dim
+  config.model.num_region_classes = data_cfg.num_region_classes
   config.train.total_steps = steps
   config.train.log_every = max(2, steps // 2)
   config.train.checkpoint_every = 10 ** 9
@@ -111,14 +132,7 @@ def main(argv=None) -> int:
                  help="also time this many demo train steps (compiles the model)")
   args = p.parse_args(argv)
 
-  base = pipeline.default_synthetic_config(data_dir=args.data_dir, size=args.size)
-  for s in schema.STREAMS:
-    base.streams[s].batch_size = args.batch
-  base.streams.text.max_length = base.streams.text.s2s_max_length = 64
-  base.streams.text.max_predictions, base.streams.text.s2s_max_predictions = 12, 24
-  base.streams.pair.max_length = base.streams.pair.s2s_max_predictions = 32
-  base.streams.pair.max_predictions = 6
-  base.num_related_images = base.num_related_texts = 0
+  base = demo_data(args.size, args.data_dir, args.batch)
   with tempfile.TemporaryDirectory() as tmp:
     tok = (tokenizers.load_tokenizer(args.tokenizer) if args.tokenizer
            else build_tokenizer(base, tmp, args.vocab_size))

@@ -1,0 +1,80 @@
+"""Smoke tests of every script in benchmarks/: each runs end to end at tiny sizes.
+
+They check that a benchmark still runs and prints or writes what its docstring says, not its
+numbers (those depend on the machine). The input-pipeline runs build the tiny synthetic_scenes
+data and a SentencePiece model in a temporary directory (a few seconds, no download).
+"""
+import importlib.util
+import json
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  path = os.path.join(ROOT, "benchmarks", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def scenes_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("scenes"))
+
+
+def _streams_printed(out):
+  """Stream names of the printed table rows ("  text   1,234   5,678"), in order."""
+  return re.findall(r"^  (text|image|pair|mixed) +[\d,]+", out, flags=re.M)
+
+
+def test_input_pipeline_demo_tables(scenes_dir, capsys):
+  bench = _load("input_pipeline")
+  assert bench.main(["--size", "tiny", "--data_dir", scenes_dir, "--batch", "4", "--batches",
+                     "1", "--runs", "1", "--visual", "patches,regions"]) == 0
+  out = capsys.readouterr().out
+  assert "[patches]" in out and "[regions]" in out
+  assert _streams_printed(out) == ["text", "image", "pair", "mixed"] * 2
+
+
+def test_input_pipeline_demo_sizes_match_the_demo_model(scenes_dir):
+  """The benchmark's pipeline hands out the demo model's input (48 px, not the stored 64 px)."""
+  from experiments.configs import demo
+  bench = _load("input_pipeline")
+  data = bench.demo_data("tiny", scenes_dir, 4)
+  model = demo.get_config().model
+  assert (data.image_size, data.patch_size) == (model.image_size, model.patch_size) == (48, 16)
+
+
+@pytest.mark.slow
+def test_input_pipeline_with_train_steps(scenes_dir, capsys):
+  """--train_steps builds and trains the demo model on the pipeline's shapes (both inputs)."""
+  bench = _load("input_pipeline")
+  assert bench.main(["--size", "tiny", "--data_dir", scenes_dir, "--batch", "8", "--batches",
+                     "1", "--runs", "1", "--train_steps", "2"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("demo train step:") == 2 and "input/train ratio" in out
+
+
+def test_cmcl_memory(capsys):
+  bench = _load("cmcl_memory")
+  assert bench.main(["--batch", "16", "--dim", "8", "--negatives", "0,2", "--runs", "1"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("ratio ring/all_gather") == 2
+
+
+def test_train_step(tmp_path, monkeypatch):
+  bench = _load("train_step")
+  out = tmp_path / "step.json"
+  monkeypatch.setattr(sys, "argv", [
+      "train_step.py", "--config", os.path.join(ROOT, "experiments/configs/demo.py:smoke"),
+      "--steps", "1", "--batch", "8,8,8", "--layers", "1", "--json", str(out)])
+  bench.main()
+  res = json.loads(out.read_text())
+  assert res["layers"] == 1 and res["batch"] == dict(text=8, image=8, pair=8)
+  assert res["step_seconds"] > 0 and res["analytic_tflop_per_step"] > 0
