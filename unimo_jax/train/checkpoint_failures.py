@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 
 
 class CheckpointError(RuntimeError):
@@ -29,9 +30,18 @@ class _NoOrbaxTracebacks(logging.Filter):
   ``CheckpointError``, not as pages of tracebacks from background threads."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if "orbax" in (record.pathname or "") and record.exc_info:
+    if record.exc_info and _from_orbax(record.exc_info[2]):
       record.exc_info, record.exc_text = None, None
     return True
+
+
+def _from_orbax(tb) -> bool:
+  """Whether a traceback passes through orbax (absl's records name absl as their source)."""
+  while tb is not None:
+    if "/orbax/" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 _FILTER = _NoOrbaxTracebacks()
@@ -55,6 +65,9 @@ def release_orbax_threads(timeout: float = 10.0) -> list[str]:
     The names of threads still alive after ``timeout`` seconds (normally none).
   """
   from orbax.checkpoint._src.futures import future as ocp_future  # pylint: disable=import-outside-toplevel
+  # A cancelled thread never awaits its commit coroutine; Python would warn about each one.
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                          category=RuntimeWarning)
   waiting = [t for t in threading.enumerate()
              if isinstance(t, ocp_future._SignalingThread) and t.is_alive()]  # pylint: disable=protected-access
   for t in waiting:
