@@ -1,0 +1,118 @@
+"""Fine-tuning data: task files and synthetic_scenes tasks as batches for the trainer.
+
+``make_data(config, split, tokenizer, training=...)`` -> ``(RowBatches, meta)``: per-process
+numpy batches with ``spec`` / ``get_state`` / ``set_state`` / ``dropped_counts`` (exact resume,
+``batches``), and ``meta`` holding what evaluation needs beyond the rows (reference strings,
+answer vocabulary, image ids). ``config`` is the fine-tuning run config
+(``unimo_jax.finetune.config``); its ``data`` section:
+
+  source            "tsv" (text tasks: files train / validation / test) | "synthetic_scenes"
+  train, validation, test   TSV paths (``source = "tsv"``)
+  tokenizer         tokenizer spec (``data_pipelines.tokenizers.load_tokenizer``)
+  batch_size        GLOBAL rows per training step; eval_batch_size for evaluation
+  max_length        text tokens (classification, hypotheses, questions, captions)
+  max_source, max_target   seq2seq blocks
+  label_names       classification labels by name (else ints 0..num_labels-1 in the file)
+  scenes            synthetic_scenes: size, image_size (stored), input_size (model), seed,
+                    train_limit / eval_limit (scenes read, 0 = all)
+  num_negative_images, num_negative_texts   retrieval negatives per positive
+  answers           VQA answer vocabulary (empty: every answer of the training scenes)
+  visual_input, pixel_mean, pixel_std, num_regions, region_feature_dim   the visual input
+  seed              order of the training rows (epochs of a seeded permutation)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from data_pipelines.finetune.batches import RowBatches
+
+SPLITS = ("train", "validation", "test")
+
+
+def _scenes(d, split, training):
+  from data_pipelines.finetune import scenes  # pylint: disable=import-outside-toplevel
+  s = d.scenes
+  limit = int(s.train_limit if training else s.eval_limit)
+  return scenes.Scenes(split, size=s.size, image_size=int(s.image_size), seed=int(s.seed),
+                       limit=limit, visual_input=d.visual_input,
+                       input_size=int(s.input_size) or None, num_regions=int(d.num_regions),
+                       feature_dim=int(d.region_feature_dim), pixel_mean=tuple(d.pixel_mean),
+                       pixel_std=tuple(d.pixel_std))
+
+
+def answer_vocabulary(config) -> list[str]:
+  """The VQA answers: the config's, or every answer of the training scenes (sorted)."""
+  d = config.data
+  if d.answers:
+    return list(d.answers)
+  from data_pipelines.synthetic_scenes import generate  # pylint: disable=import-outside-toplevel
+  s = d.scenes
+  options = generate.SceneOptions(kind="pairs", size=s.size, image_size=int(s.image_size),
+                                  feature_dim=int(d.region_feature_dim), seed=int(s.seed))
+  n = options.num_examples("train")
+  n = min(n, int(s.train_limit)) if s.train_limit else n
+  answers = set()
+  for i in range(n):
+    answers.update(generate.language_fields(options, "train", i)[1]["qa"]["answer"])
+  return sorted(answers)
+
+
+def make_data(config, split: str, tokenizer, *, training: bool, process_index: int = 0,
+              process_count: int = 1) -> tuple[RowBatches, dict[str, Any]]:
+  """Batches of ``split`` for the task of ``config.task`` (see the module docstring)."""
+  d, kind = config.data, config.task.kind
+  batch = int(d.batch_size if training else d.eval_batch_size)
+  kw = dict(seed=int(d.seed), repeat=training, shuffle=training, process_index=process_index,
+            process_count=process_count, name=f"{kind}/{split}")
+  meta: dict[str, Any] = {}
+  if d.source == "tsv":
+    from data_pipelines.finetune import text  # pylint: disable=import-outside-toplevel
+    path = d.get(split)
+    if not path:
+      raise ValueError(f"data.{split} is empty: the {kind} task reads a TSV file per split")
+    if kind in ("classification", "regression"):
+      rows, dropped = text.classification_rows(
+          path, tokenizer, max_length=int(d.max_length), kind=kind,
+          num_labels=int(config.task.num_labels), label_names=tuple(d.label_names))
+    elif kind == "seq2seq":
+      rows, dropped, sources, targets = text.seq2seq_rows(
+          path, tokenizer, max_source=int(d.max_source), max_target=int(d.max_target))
+      meta.update(sources=sources, targets=targets)
+    else:
+      raise ValueError(f"data.source 'tsv' holds text tasks (classification, regression, "
+                       f"seq2seq), not {kind!r}")
+    return RowBatches(rows, batch, dropped={path: dropped}, **kw), meta
+  if d.source != "synthetic_scenes":
+    raise ValueError(f"data.source must be 'tsv' or 'synthetic_scenes', got {d.source!r}")
+  from data_pipelines.finetune import scenes  # pylint: disable=import-outside-toplevel
+  sc = _scenes(d, split, training)
+  length = int(d.max_length)
+  name = f"synthetic_scenes/{split}"
+  meta["image_ids"] = sc.ids
+  if kind == "vqa":
+    answers = answer_vocabulary(config)
+    if len(answers) != int(config.task.num_labels):
+      raise ValueError(f"task.num_labels={config.task.num_labels} but the VQA answer vocabulary "
+                       f"has {len(answers)} answers (set task.num_labels or data.answers)")
+    rows, dropped, gold = scenes.vqa_rows(sc, tokenizer, answers, length)
+    meta.update(answers=answers, **gold)
+    return RowBatches(rows, batch, dropped={name: dropped}, extra=scenes.with_images(sc),
+                      **kw), meta
+  if kind == "entailment":
+    rows, dropped = scenes.entailment_rows(sc, tokenizer, length)
+    return RowBatches(rows, batch, dropped={name: dropped}, extra=scenes.with_images(sc),
+                      **kw), meta
+  if kind == "retrieval":
+    rows, extra = scenes.retrieval_rows(sc, tokenizer, length,
+                                        num_negative_images=int(d.num_negative_images),
+                                        num_negative_texts=int(d.num_negative_texts))
+    meta.update(scenes=sc, caption_table=scenes.caption_table(sc, tokenizer, length))
+    return RowBatches(rows, batch, extra=extra, **kw), meta
+  if kind == "captioning":
+    rows = scenes.captioning_rows(sc, tokenizer, length)
+    meta.update(scenes=sc, references=sc.captions)
+    return RowBatches(rows, batch, extra=scenes.with_images(sc), **kw), meta
+  raise ValueError(f"data.source 'synthetic_scenes' holds {scenes.TASKS}, not {kind!r}")
+
+
+__all__ = ["RowBatches", "make_data", "answer_vocabulary", "SPLITS"]
