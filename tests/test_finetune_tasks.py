@@ -1,0 +1,113 @@
+"""Task forward passes and losses: against numpy / per-pair references, and sharded on 8 fake
+devices equal to one device (value and gradients)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from finetune_util import random_batch, tiny_config
+from unimo_jax import parallel
+from unimo_jax.finetune import tasks
+from unimo_jax.model import Unimo
+
+KINDS = tasks.KINDS
+
+
+def _task(kind, **kw):
+  spec = tasks.TaskSpec(kind=kind, num_labels=1 if kind == "regression" else 3, head_hidden=24,
+                        label_smoothing=0.1 if kind in ("captioning", "seq2seq") else 0.0, **kw)
+  return tasks.Task(tiny_config(), spec)
+
+
+def _params(task, seed=0):
+  return nn.unbox(task.init_params(jax.random.key(seed)))
+
+
+def test_classification_loss_is_cross_entropy_of_the_head_on_encode_text():
+  task = _task("classification")
+  params = _params(task)
+  batch = jax.tree.map(jnp.asarray, random_batch("classification", task.cfg))
+  cls = task.model.apply({"params": params["model"]}, batch["ids"], method=Unimo.encode_text)["cls"]
+  logits = np.asarray(task.head.apply({"params": params["head"]}, cls), np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  nll = -np.log(p[np.arange(8), np.asarray(batch["label"])])
+  w = np.asarray(batch["row_valid"], np.float64)
+  loss_sum, sums = task.loss(params, batch, None, deterministic=True)
+  np.testing.assert_allclose(loss_sum, (nll * w).sum(), rtol=1e-5)
+  assert float(sums["count"]) == 7.0
+
+
+def test_retrieval_joint_scoring_equals_scoring_each_pair():
+  task = _task("retrieval", ranking_loss="circle")
+  params = _params(task)
+  b = random_batch("retrieval", task.cfg, b=3, negatives=2)
+  score = lambda pix, ids: float(task.outputs(params, {"pixels": pix[None], "ids": ids[None]})[0])
+  from test_finetune_losses import _circle_np
+  ref = []
+  for i in range(3):
+    sp = score(b["pixels"][i], b["ids"][i])
+    si = np.array([score(b["neg_pixels"][i, j], b["ids"][i]) for j in range(2)])
+    st = np.array([score(b["pixels"][i], b["neg_ids"][i, j]) for j in range(2)])
+    li = _circle_np(np.array([sp]), si[None], b["neg_image_valid"][i][None], 0.2, 1.0)[0]
+    lt = _circle_np(np.array([sp]), st[None], b["neg_text_valid"][i][None], 0.2, 1.0)[0]
+    ref.append(0.5 * (li + lt)[0] * b["row_valid"][i])
+  loss_sum, sums = task.loss(params, jax.tree.map(jnp.asarray, b), None, deterministic=True)
+  np.testing.assert_allclose(loss_sum, sum(ref), rtol=1e-4)
+  assert float(sums["count"]) == 2.0
+
+
+def test_captioning_and_seq2seq_count_target_tokens():
+  for kind in ("captioning", "seq2seq"):
+    task = _task(kind)
+    b = random_batch(kind, task.cfg)
+    _, sums = task.loss(_params(task), jax.tree.map(jnp.asarray, b), None, deterministic=True)
+    assert float(sums["count"]) == float((b["weights"] * b["row_valid"][:, None]).sum())
+
+
+def test_seq2seq_source_does_not_see_the_target():
+  """Changing target tokens leaves the logits at every source-conditioned first slot intact
+  (slot 0 reads [CLS] of the target, which sees only the source)."""
+  task = _task("seq2seq")
+  params = _params(task)
+  b = random_batch("seq2seq", task.cfg, last_invalid=False)
+  out1 = task.token_logits(params, jax.tree.map(jnp.asarray, b))
+  b2 = dict(b)
+  ids = b["ids"].copy()
+  tgt = b["segments"] == 2
+  later = tgt & (b["position_ids"] >= 1)
+  ids[later] = 5
+  b2["ids"] = ids
+  out2 = task.token_logits(params, jax.tree.map(jnp.asarray, b2))
+  np.testing.assert_allclose(out1[:, 0], out2[:, 0], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out1[:, 1], out2[:, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_sharded_loss_and_gradients_equal_one_device(kind):
+  task = _task(kind)
+  params = _params(task)
+  batch = random_batch(kind, task.cfg, b=8)
+  key = jax.random.key(7)
+
+  def f(p, bt):
+    loss_sum, sums = task.loss(p, bt, key, deterministic=False)
+    return loss_sum / jnp.maximum(sums["count"], 1.0)
+
+  grad = jax.jit(jax.value_and_grad(f))
+  one = grad(params, jax.tree.map(jnp.asarray, batch))
+  mesh = parallel.make_mesh((-1, 1, 1))
+  assert mesh.devices.size == 8
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  sharded = {k: jax.device_put(v, rows) for k, v in batch.items()}
+  params8 = jax.device_put(params, NamedSharding(mesh, P()))
+  with jax.set_mesh(mesh):
+    eight = grad(params8, sharded)
+  np.testing.assert_allclose(eight[0], one[0], rtol=2e-5)
+  flat1, flat8 = jax.tree.leaves(one[1]), jax.tree.leaves(eight[1])
+  for a, b in zip(flat1, flat8):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-6)
+  assert np.isfinite(float(one[0]))
