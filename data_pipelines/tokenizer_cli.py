@@ -1,32 +1,23 @@
-"""``unimo-jax tokenizer train``: trains a UNIMO-layout SentencePiece model on text files.
+"""``unimo-jax tokenizer train``: trains a UNIMO-layout SentencePiece model on a run's texts.
 
-    unimo-jax tokenizer train --input corpus.txt more.jsonl --vocab-size 32000 --out tok/spm
+    unimo-jax tokenizer train --config experiments/configs/examples/webdataset.py:root=D \
+        --vocab-size 8000 --out D/tokenizer/spm
+    unimo-jax tokenizer train --input corpus.txt train-000.tar more.jsonl --vocab-size 32000 \
+        --out tok/spm
 
-Inputs: plain text (one sentence or paragraph per line) or JSONL (the ``--text-field`` of each
-object, "text" by default). Writes ``OUT.model`` and ``OUT.vocab`` with [CLS]=0 [PAD]=1 [SEP]=2
-[UNK]=3 and [MASK] as the last id; use it as ``sentencepiece:OUT.model``.
+Inputs: ``--config`` reads every source of the config's streams through the training readers
+(text corpora, WebDataset shards, COCO caption JSON, JSON lines, TFDS datasets; each caption
+and text once); ``--input`` names files, read by extension (``data_pipelines.corpus``): .tar
+WebDataset, .jsonl JSON lines (the ``--text-field``, "text" by default, and captions), .json
+COCO captions, else text lines. A vocabulary larger than the corpus can fill is an error of one
+line naming the largest size (``--fit-vocab`` uses it instead). Writes ``OUT.model`` and
+``OUT.vocab`` with [CLS]=0 [PAD]=1 [SEP]=2 [UNK]=3 and [MASK] as the last id; use it as
+``sentencepiece:OUT.model``.
 """
-import json
+import itertools
 import time
 
-from data_pipelines import tokenizers
-
-
-def read_lines(paths, text_field: str = "text"):
-  """Yields the non-empty texts of text and JSONL files."""
-  for path in paths:
-    jsonl = path.endswith((".jsonl", ".json"))
-    with open(path, encoding="utf-8", errors="replace") as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        if jsonl:
-          value = json.loads(line).get(text_field)
-          if isinstance(value, str) and value.strip():
-            yield value.strip()
-        else:
-          yield line
+from data_pipelines import corpus, tokenizers
 
 
 def _parser(prog):
@@ -34,7 +25,12 @@ def _parser(prog):
   p = commands.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="action", required=True)
   t = sub.add_parser("train", help="train a SentencePiece model with UNIMO's special ids")
-  t.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
+  t.add_argument("--input", nargs="+", default=[],
+                 help="files: .tar (WebDataset), .jsonl, .json (COCO captions), text")
+  t.add_argument("--config", default="",
+                 help="an experiment config FILE[:ARG]: train on the texts of its sources")
+  t.add_argument("--max-texts", type=int, default=2_000_000,
+                 help="read at most this many texts (SentencePiece samples its input anyway)")
   t.add_argument("--vocab-size", type=int, required=True, help="total size incl. specials")
   t.add_argument("--out", required=True, help="output prefix (writes PREFIX.model/.vocab)")
   t.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "word", "char"),
@@ -60,11 +56,17 @@ def main(argv) -> int:
 
 def _train(args) -> int:
   start = time.time()
-  lines = list(read_lines(args.input, args.text_field))
+  if not args.input and not args.config:
+    raise ValueError("give --config FILE[:ARG] or --input FILE ...")
+  texts = corpus.path_texts(args.input, args.text_field)
+  if args.config:
+    texts = itertools.chain(texts, corpus.config_texts(corpus.load_config_file(args.config)))
+  lines = list(itertools.islice(texts, args.max_texts))
   path = tokenizers.train_sentencepiece(
       lines, args.out, args.vocab_size, model_type=args.model_type,
       character_coverage=args.character_coverage, fit_vocab=args.fit_vocab)
   tok = tokenizers.load_tokenizer(f"sentencepiece:{path}")
   print(f"wrote {path}: vocab_size {tok.vocab_size} (mask id {tok.mask_id}) from {len(lines)} "
-        f"lines in {time.time() - start:.1f}s")
+        f"texts in {time.time() - start:.1f}s; use it as data.tokenizer="
+        f"'sentencepiece:{path}'")
   return 0

@@ -4,7 +4,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -133,3 +132,144 @@ def test_missing_coordinator_fails_within_the_timeout_in_one_line():
     s.bind(("127.0.0.1", 0))
     s.listen()
     assert launch.wait_for_coordinator(f"127.0.0.1:{s.getsockname()[1]}", timeout=5) < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# `unimo-jax train --print_env` under each launcher's environment
+# ---------------------------------------------------------------------------------------------
+
+CONFIG = os.path.join(REPO, "experiments", "configs", "examples", "webdataset.py")
+LAUNCH_VARS = ("SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+               "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")
+
+
+def _print_env(monkeypatch, capsys, env, *flags):
+  from unimo_jax import cli
+  for k in list(os.environ):
+    if k.startswith(LAUNCH_VARS):
+      monkeypatch.delenv(k)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  rc = cli.main(["unimo-jax", "train", "--config", f"{CONFIG}:root=/nowhere,smoke",
+                 "--workdir", "/nowhere/run", "--config.data.streams.pair.batch_size=64",
+                 "--print_env", *flags])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  pairs = [line.split(": ", 1) for line in out.strip().splitlines()]
+  got = dict(p for p in pairs if p[0] != "problem")
+  got["problems"] = [v for k, v in pairs if k == "problem"]
+  return got
+
+
+def test_print_env_on_a_tpu_pod_slice(monkeypatch, capsys):
+  got = _print_env(monkeypatch, capsys, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3",
+                                         "TPU_WORKER_ID": "3"})
+  assert got["launcher"].startswith("tpu (TPU_WORKER_HOSTNAMES=w0,w1,w2,w3 TPU_WORKER_ID=3")
+  assert got["process"] == "3 of 4" and got["coordinator"] == "w0:8482"
+  # 8 local (fake CPU) devices per process x 4 processes on the data axis.
+  assert got["devices"] == "32 = 8 per process x 4 processes"
+  assert got["mesh"] == "data 32, fsdp 1, tensor 1"
+  assert got["batch pair"] == "64 global, 16 per process, 2 per device"
+  assert got["batch image"] == "8 global, 2 per process, 0.25 per device"
+  assert [p.split(" is ")[0] for p in got["problems"]] == [
+      "data.streams.text.batch_size 8", "data.streams.image.batch_size 8"]
+
+
+def test_print_env_under_slurm_srun(monkeypatch, capsys):
+  got = _print_env(monkeypatch, capsys, _slurm_env("gpu[12-13]", ntasks=2, procid=1, localid=0,
+                                                   job=4242))
+  assert got["launcher"].startswith("slurm (SLURM_JOB_ID=4242")
+  assert got["process"] == "1 of 2"
+  assert got["coordinator"] == f"gpu12:{4242 % 4096 + 61440}"
+  assert got["local devices"] == "0"  # one task per device (SLURM_LOCALID), as jax does
+  assert got["devices"] == "2 = 1 per process x 2 processes"
+  assert got["batch pair"] == "64 global, 32 per process, 32 per device"
+
+
+def test_print_env_with_explicit_flags(monkeypatch, capsys):
+  got = _print_env(monkeypatch, capsys, {}, "--coordinator_address=10.0.0.1:5555",
+                   "--num_processes=2", "--process_id=0", "--local_device_ids=0,1,2,3")
+  assert got["launcher"].startswith("explicit (--coordinator_address=10.0.0.1:5555")
+  assert (got["process"], got["coordinator"], got["local devices"]) == (
+      "0 of 2", "10.0.0.1:5555", "0,1,2,3")
+  assert got["mesh"] == "data 8, fsdp 1, tensor 1"
+  assert got["batch pair"] == "64 global, 32 per process, 8 per device"
+  got = _print_env(monkeypatch, capsys, {})
+  assert got["launcher"] == "single (no multi-host environment found)"
+  assert got["process"] == "0 of 1"
+
+
+def test_a_missing_coordinator_ends_the_command_in_one_line():
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  t0 = time.monotonic()
+  p = subprocess.run(
+      [sys.executable, "-m", "unimo_jax.cli", "train", "--config", f"{CONFIG}:root=/nowhere,smoke",
+       "--workdir", "/nowhere/run", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", "--process_id=1", "--initialization_timeout=3"],
+      capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+  took = time.monotonic() - t0
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [line for line in p.stderr.splitlines() if line.startswith("unimo-jax train:")]
+  assert len(lines) == 1 and f"no coordinator at 127.0.0.1:{port} after 3s" in lines[0]
+  assert "Traceback" not in p.stderr and "Check failure" not in p.stderr
+  assert took < 60
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipes of docs/launch.md: their commands under the environment their pods/tasks get
+# ---------------------------------------------------------------------------------------------
+
+def _manifest_command(name):
+  import yaml
+  with open(os.path.join(REPO, "docs", "launch", name)) as f:
+    jobset = yaml.safe_load(f)
+  job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+  (container,) = job["template"]["spec"]["containers"]
+  return job, container
+
+
+def _run_print_env(monkeypatch, capsys, command, env):
+  from unimo_jax import cli
+  for k in list(os.environ):
+    if k.startswith(LAUNCH_VARS):
+      monkeypatch.delenv(k)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert command[:2] == ["unimo-jax", "train"]
+  assert cli.main(command + ["--print_env"]) == 0
+  return dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines()
+              if not line.startswith("problem"))
+
+
+def test_gke_tpu_jobset_command(monkeypatch, capsys):
+  job, container = _manifest_command("gke_tpu_jobset.yaml")
+  n = job["parallelism"]
+  hosts = ",".join(f"unimo-base-slice-0-{i}.unimo-base" for i in range(n))
+  got = _run_print_env(monkeypatch, capsys, container["command"],
+                       {"TPU_WORKER_HOSTNAMES": hosts, "TPU_WORKER_ID": "1"})
+  assert got["process"] == f"1 of {n}"
+  assert got["coordinator"] == "unimo-base-slice-0-0.unimo-base:8482"
+
+
+def test_gke_gpu_jobset_command(monkeypatch, capsys):
+  job, container = _manifest_command("gke_gpu_jobset.yaml")
+  env = {e["name"]: e.get("value") for e in container["env"]}
+  assert env["JAX_PROCESS_ID"] is None  # from the pod's completion index
+  env["JAX_PROCESS_ID"] = "1"
+  got = _run_print_env(monkeypatch, capsys, container["command"], env)
+  assert got["process"] == f"1 of {job['parallelism']}"
+  assert got["coordinator"] == env["JAX_COORDINATOR_ADDRESS"]
+
+
+def test_slurm_sbatch_command(monkeypatch, capsys):
+  import shlex
+  with open(os.path.join(REPO, "docs", "launch", "slurm_gpu.sbatch")) as f:
+    text = f.read().replace("\\\n", " ")
+  (line,) = [l for l in text.splitlines() if l.startswith("srun ")]
+  ntasks = 2 * 8  # --nodes=2 --ntasks-per-node=8
+  got = _run_print_env(monkeypatch, capsys, shlex.split(line)[1:],
+                       _slurm_env("gpu[01-02]", ntasks=ntasks, procid=9, localid=1))
+  assert got["process"] == f"9 of {ntasks}" and got["local devices"] == "1"
+  assert got["coordinator"].startswith("gpu01:")

@@ -97,3 +97,159 @@ def test_a_spec_without_kind_inherits_the_training_pair_source(shards):
   c = _pairs_config(root / "train-*.tar")
   spec = eval_data.split_source(c, "test", {"sources": {"test": {"path": "x.tar"}}})
   assert spec["kind"] == "webdataset" and spec["path"] == "x.tar" and spec["name"] == "eval_test"
+
+
+# ---------------------------------------------------------------------------------------------
+# Each format's example config, as docs/own_data.md runs it: tokenizer, 2 steps, test split
+# ---------------------------------------------------------------------------------------------
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220),
+           "yellow": (230, 220, 40)}
+TEMPLATES = ("a photo of a {} square", "a {} square on a grey background")
+
+
+def _records(n, start):
+  """n records with templated captions (equal strings across images of one colour)."""
+  names = sorted(COLOURS)
+  out = []
+  for i in range(start, start + n):
+    colour = names[i % len(names)]
+    px = np.full((24, 24, 3), 128, np.uint8)
+    px[6:18, 6:18] = COLOURS[colour]
+    out.append(dict(key=f"{i:05d}", pixels=px, label=colour,
+                    captions=[t.format(colour) for t in TEMPLATES]))
+  return out
+
+
+def _write_webdataset(root):
+  import tarfile
+  import io
+  for split, recs in (("train", _records(16, 0)), ("test", _records(8, 100))):
+    with tarfile.open(root / f"{split}-000000.tar", "w") as tar:
+      for r in recs:
+        for name, data in ((f"{r['key']}.png", fx.image_bytes(r["pixels"])),
+                           (f"{r['key']}.txt", r["captions"][0].encode()),
+                           (f"{r['key']}.json", json.dumps({"captions": r["captions"]}).encode())):
+          info = tarfile.TarInfo(name)
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+
+
+def _write_coco(root, images=True, regions=None):
+  (root / "images").mkdir(exist_ok=True)
+  (root / "annotations").mkdir(exist_ok=True)
+  for split, recs in (("train", _records(16, 0)), ("test", _records(8, 100))):
+    ann = dict(images=[], annotations=[])
+    for r in recs:
+      name = f"{r['key']}.jpg"
+      if images:
+        (root / "images" / name).write_bytes(fx.image_bytes(r["pixels"], "JPEG"))
+      ann["images"].append(dict(id=int(r["key"]), file_name=name, width=24, height=24))
+      ann["annotations"] += [dict(id=10 * int(r["key"]) + k, image_id=int(r["key"]), caption=c)
+                             for k, c in enumerate(r["captions"])]
+    (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(ann))
+
+
+def _write_jsonl(root, images=True):
+  (root / "images").mkdir(exist_ok=True)
+  for split, recs in (("train", _records(16, 0)), ("test", _records(8, 100))):
+    with open(root / f"{split}.jsonl", "w") as f:
+      for r in recs:
+        obj = dict(key=r["key"], captions=r["captions"], label=r["label"])
+        if images:
+          (root / "images" / f"{r['key']}.png").write_bytes(fx.image_bytes(r["pixels"]))
+          obj["image"] = f"{r['key']}.png"
+        f.write(json.dumps(obj) + "\n")
+  with open(root / "corpus.jsonl", "w") as f:
+    for colour in COLOURS:
+      f.write(json.dumps({"text": f"the {colour} square is on a grey background"}) + "\n")
+
+
+REGION_ARGS = "regions=4,features=8,classes=5"
+
+
+def _write_regions(root, store):
+  keys = [r["key"] for r in _records(16, 0) + _records(8, 100)]
+  rng = np.random.default_rng(0)
+  (root / "regions").mkdir(exist_ok=True)
+  if store == "npz":
+    _write_jsonl(root, images=False)
+    fx.write_npz_regions(root / "regions", keys, rng, 8, 5)
+  else:
+    _write_coco(root, images=False)
+    fx.write_tsv_regions(root / "regions" / "all.tsv", keys, rng, 8, 5)
+
+
+def _write_tfds(root):
+  import tensorflow_datasets as tfds
+
+  class OwnDataPairsForTest(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(24, 24, 3), encoding_format="png"),
+          "image_id": np.int64, "captions": tfds.features.Sequence(tfds.features.Text())}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._gen(_records(16, 0)), "test": self._gen(_records(8, 100))}
+
+    def _gen(self, recs):
+      for r in recs:
+        yield r["key"], dict(image=r["pixels"], image_id=int(r["key"]), captions=r["captions"])
+
+  OwnDataPairsForTest(data_dir=str(root / "tfds")).download_and_prepare()
+  return f"name=own_data_pairs_for_test,data_dir={root / 'tfds'},key=image_id"
+
+
+FORMATS = {
+    "webdataset": (_write_webdataset, ""),
+    "coco": (_write_coco, ""),
+    "jsonl": (_write_jsonl, ""),
+    "tfds": (_write_tfds, None),
+    "regions_npz": (lambda root: _write_regions(root, "npz"), REGION_ARGS),
+    "regions_tsv": (lambda root: _write_regions(root, "tsv"), REGION_ARGS),
+}
+
+
+def _run_format(fmt, tmp_path, capsys):
+  from unimo_jax import cli
+  root = tmp_path / "data"
+  root.mkdir()
+  write, extra = FORMATS[fmt]
+  got = write(root)
+  extra = got if extra is None else extra
+  config = f"experiments/configs/examples/{fmt}.py:root={root},smoke" + (
+      f",{extra}" if extra else "")
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config)
+  # The commands of docs/own_data.md, in order.
+  assert cli.main(["unimo-jax", "tokenizer", "train", "--config", config, "--vocab-size", "200",
+                   "--fit-vocab", "--out", str(root / "tokenizer" / "spm")]) == 0
+  workdir = str(tmp_path / "run")
+  assert cli.main(["unimo-jax", "train", "--config", config, "--workdir", workdir]) == 0
+  out = capsys.readouterr().out
+  assert "trained steps 0 -> 2 (done)" in out and "data: " in out
+  assert cli.main(["unimo-jax", "evaluate", "--workdir", workdir, "--split", "test",
+                   "--no-figures"]) == 0
+  out = capsys.readouterr().out
+  assert "image->text R@1" in out
+  with open(os.path.join(workdir, "results.json")) as f:
+    (entry,) = json.load(f)["evaluations"]
+  assert entry["split"] == "test" and entry["records"] == 8 and entry["images"] == 8
+  name = entry["source"].rsplit("/", 1)[-1]  # the test files, never the training ones
+  assert "test" in name and "train" not in name
+  # 4 colours x 2 templates: 8 distinct caption strings are the candidates of the test split.
+  assert entry["pairs"]["t2i_r@1"][1] == 8
+  assert cli.main(["unimo-jax", "evaluate", "--workdir", workdir, "--split", "nope"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "'nope'" in err[0]
+
+
+def test_own_webdataset_trains_and_evaluates_on_its_test_split(tmp_path, capsys):
+  _run_format("webdataset", tmp_path, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["coco", "jsonl", "tfds", "regions_npz", "regions_tsv"])
+def test_each_format_trains_and_evaluates_on_its_test_split(fmt, tmp_path, capsys):
+  _run_format(fmt, tmp_path, capsys)

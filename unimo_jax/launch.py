@@ -172,9 +172,9 @@ def detect(env: Mapping[str, str] | None = None, *, coordinator_address: str | N
     host = slurm_first_host(env["SLURM_STEP_NODELIST"])
     if local is None and not glob.glob("/dev/accel*"):  # jax: one device per task (not TPUs)
       local = (_int(env, "SLURM_LOCALID"),)
-    return Plan("slurm", _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID"),
-                f"{host}:{_port(env, port)}", local,
-                tuple(f"{v}={env[v]}" for v in SLURM_VARS))
+    return _with_coordinator(Plan("slurm", _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID"),
+                                  f"{host}:{_port(env, port)}", local,
+                                  tuple(f"{v}={env[v]}" for v in SLURM_VARS)), env)
   if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     uri = env["OMPI_MCA_orte_hnp_uri"]
     port = str(int(uri.split(".", 1)[0]) // 2**12 % 2**12 + (65535 - 2**12 + 1))
@@ -184,16 +184,25 @@ def detect(env: Mapping[str, str] | None = None, *, coordinator_address: str | N
     host = next(g for g in m.groups() if g is not None)
     if local is None and "OMPI_COMM_WORLD_LOCAL_RANK" in env:
       local = (_int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),)
-    return Plan("mpi", _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_RANK"),
-                f"{host}:{_port(env, port)}", local,
-                (f"OMPI_COMM_WORLD_SIZE={env['OMPI_COMM_WORLD_SIZE']}",
-                 f"OMPI_COMM_WORLD_RANK={env.get('OMPI_COMM_WORLD_RANK')}"))
+    return _with_coordinator(Plan(
+        "mpi", _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_RANK"),
+        f"{host}:{_port(env, port)}", local,
+        (f"OMPI_COMM_WORLD_SIZE={env['OMPI_COMM_WORLD_SIZE']}",
+         f"OMPI_COMM_WORLD_RANK={env.get('OMPI_COMM_WORLD_RANK')}")), env)
   if metadata is None and glob.glob("/dev/accel*"):
     metadata = _gce_metadata
   plan = _tpu_plan(env, metadata)
   if plan is not None:
-    return plan
+    return _with_coordinator(plan, env)
   return Plan("single", 1, 0, None, local, ())
+
+
+def _with_coordinator(plan: Plan, env) -> Plan:
+  """jax takes JAX_COORDINATOR_ADDRESS, when set, over the launcher's derived address."""
+  if not env.get("JAX_COORDINATOR_ADDRESS"):
+    return plan
+  return dataclasses.replace(plan, coordinator=env["JAX_COORDINATOR_ADDRESS"], evidence=(
+      plan.evidence + (f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']}",)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,13 +297,13 @@ def initialize(plan: Plan, timeout: float = DEFAULT_TIMEOUT,
   """
   if not plan.multi_process:
     return plan
-  import jax  # pylint: disable=import-outside-toplevel
-  platform = platform or os.environ.get("JAX_PLATFORMS", "").split(",")[0] or None
-  if platform == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   waited = 0.0
   if plan.process_id != 0 and plan.coordinator:
     waited = wait_for_coordinator(plan.coordinator, timeout)
+  import jax  # pylint: disable=import-outside-toplevel
+  platform = platform or os.environ.get("JAX_PLATFORMS", "").split(",")[0] or None
+  if platform == "cpu":  # cross-process collectives on CPU
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info("jax.distributed (%s): process %d of %d, coordinator %s", plan.launcher,
                plan.process_id, plan.num_processes, plan.coordinator)
   jax.distributed.initialize(
