@@ -109,7 +109,7 @@ def _init_from(path: str, fresh_params: Any, shardings: Any, model_cfg: ModelCon
 def train(config, workdir: str, *, data: Iterator,
           evaluate: Callable[[Any, int], Mapping[str, float]] | None = None,
           vocab_size: int | None = None, stop: ckpt_lib.StopSignal | None = None,
-          max_steps: int | None = None) -> TrainResult:
+          max_steps: int | None = None, run: setup_lib.Run | None = None) -> TrainResult:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
   Args:
@@ -122,6 +122,8 @@ def train(config, workdir: str, *, data: Iterator,
     stop: the stop-request object (default: one handling SIGTERM/SIGINT during the loop).
     max_steps: stop after this many steps of THIS call (a checkpoint is saved), e.g. to split a
       run in tests; the schedule still follows ``train.total_steps``.
+    run: a prebuilt run with ``setup.Run``'s interface (fine-tuning passes its own); default
+      ``setup.build_run(config, data.spec)``.
 
   Returns:
     A ``TrainResult``. Raises ``NonFiniteError`` after ``train.max_nonfinite_steps``
@@ -134,7 +136,8 @@ def train(config, workdir: str, *, data: Iterator,
   is_main = jax.process_index() == 0
 
   # ---------------------------------------------------------------- the run
-  run = setup_lib.build_run(config, data.spec, vocab_size=vocab_size)
+  if run is None:
+    run = setup_lib.build_run(config, data.spec, vocab_size=vocab_size)
   mesh, model_cfg, schedule = run.mesh, run.model_cfg, run.schedule
   logging.info("mesh %s over %d devices (%d processes), %s", dict(mesh.shape), jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind)
