@@ -19,7 +19,7 @@ COMMANDS = {
     "prepare": ("data_pipelines.prepare", "build a dataset (synthetic_scenes), its tokenizer and side files"),
     "tokenizer": ("data_pipelines.tokenizer_cli", "train a SentencePiece tokenizer: tokenizer train --input F --vocab-size N --out P"),
     "train": ("unimo_jax.train.main", "pre-train: train --config experiments/configs/demo.py --workdir DIR"),
-    "sweep": ("unimo_jax.train.sweep", "run or print the trials of a sweep: sweep --sweep experiments/sweeps/F.py"),
+    "sweep": ("unimo_jax.train.sweep", "a sweep's trials: run, --print, --array (SLURM), --summary: sweep --sweep F --workdir R"),
 }
 
 

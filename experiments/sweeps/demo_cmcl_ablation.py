@@ -4,6 +4,8 @@ Trials: the full loss; without hard negatives (X-); without paraphrase positives
 InfoNCE (neither); and the ring implementation of the full loss (same numbers, less memory).
 """
 CONFIG = "experiments/configs/demo.py"
+COMMAND = "train"
+METRIC = "test/hard_negative_acc"  # summary plot: after `unimo-jax evaluate` of each trial
 
 
 def get_sweep():

@@ -2,10 +2,14 @@
 
   unimo-jax sweep --sweep experiments/sweeps/demo_lr.py --workdir /tmp/sweep_lr
   unimo-jax sweep --sweep experiments/sweeps/demo_lr.py --workdir gs://b/sweep --print
+  unimo-jax sweep --sweep experiments/sweeps/demo_lr.py --workdir /shared/sweep_lr --array
+  unimo-jax sweep --workdir /tmp/sweep_lr --summary      # summary.md / .csv / .png
 """
 from unimo_jax.train import sweep
 
 CONFIG = "experiments/configs/demo.py"
+COMMAND = "train"
+METRIC = "test/i2t_r@1"  # summary plot: after `unimo-jax evaluate` of each trial
 
 
 def get_sweep():

@@ -2,6 +2,8 @@
 without the text corpus, without unpaired images, and everything.
 """
 CONFIG = "experiments/configs/demo.py"
+COMMAND = "train"
+METRIC = "test/i2t_r@1"  # summary plot: after `unimo-jax evaluate` of each trial
 
 
 def get_sweep():

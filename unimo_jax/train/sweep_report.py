@@ -217,12 +217,14 @@ def plot(path: str, rows: Sequence[Mapping], metric: str, title: str = "") -> No
     if pts:
       ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if x_key else "o",
               label=label or None)
-  missing = [r for r in rows if not _number(r["metrics"].get(metric))]
-  for r in missing:
-    ax.axvline(xs[r["trial"]], color="tab:red", ls=":", lw=1)
-    ax.annotate(f"trial {r['trial']}: {r['status']}", (xs[r["trial"]], 0.02),
-                xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="tab:red",
-                ha="right", va="bottom")
+  missing: dict[float, list[str]] = {}  # x -> labels of the trials with no value there
+  for r in rows:
+    if not _number(r["metrics"].get(metric)):
+      missing.setdefault(xs[r["trial"]], []).append(f"trial {r['trial']}: {r['status']}")
+  for x, labels in missing.items():
+    ax.axvline(x, color="tab:red", ls=":", lw=1)
+    ax.annotate("\n".join(labels), (x, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                fontsize=7, color="tab:red", ha="right", va="bottom")
   if x_key and ticks is None:
     positive = [v for v in xs.values() if v > 0]
     if len(positive) == len(xs) and max(positive) / min(positive) >= 20:
@@ -247,6 +249,11 @@ def summarize(root: str, metric: str | None = None) -> dict[str, str]:
   metric = metric or manifest.get("metric") or "loss"
   name = os.path.splitext(os.path.basename(manifest.get("sweep", "sweep")))[0]
   title = f"sweep {name}: {manifest.get('command', 'train')} {manifest.get('config', '')}"
+  if not any(_number(r["metrics"].get(metric)) for r in rows) and any(
+      _number(r["metrics"].get("loss")) for r in rows):
+    # e.g. a results.json metric before any trial was evaluated
+    title += f" (no trial has {metric} yet: plotting loss)"
+    metric = "loss"
   paths = {"markdown": os.path.join(root, "summary.md"), "csv": os.path.join(root, "summary.csv"),
            "plot": os.path.join(root, "summary.png")}
   with open(paths["markdown"], "w") as f:
