@@ -1,0 +1,185 @@
+"""The fine-tuning run config: every field with its default, and its one-line validation.
+
+Task files (``experiments/configs/finetune/*.py``) start from ``default_config()``. Sections:
+
+  seed, model, optimizer, train, mesh, axis_rules   as pre-training (``unimo_jax.train.config``;
+                the optimizer defaults are UNIMO's fine-tuning recipe: Adam b2 0.98, eps 1e-6,
+                linear warmup then linear decay, clip 1.0)
+  init_from     where the encoder starts: a pre-training (or fine-tuning) workdir, a converted
+                dir (``unimo-jax convert roberta|unimo``: ``model_config.json`` +
+                ``params.msgpack``), or "" (from scratch)
+  init_step     checkpoint step of an ``init_from`` workdir (0 = its latest)
+  task          ``unimo_jax.finetune.tasks.TaskSpec``: kind, num_labels, head_hidden,
+                head_dropout, label_smoothing, ranking_loss, circle_margin, circle_scale
+  data          the task reader (``data_pipelines.finetune``: every field documented there)
+  evaluation    what ``unimo-jax evaluate`` computes on a fine-tuned run: splits, beam search
+                (beam_size, max_length, alpha, min_length, block_trigrams), retrieval re-ranking
+                (rerank_k: the dual-encoder's top K re-scored by the cross-encoder)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import ml_collections
+
+from unimo_jax import parallel
+from unimo_jax.finetune import tasks as tasks_lib
+from unimo_jax.train import config as train_config
+
+ConfigError = train_config.ConfigError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  base = train_config.default_config()
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = base.model
+  c.init_from = ""
+  c.init_step = 0
+  c.task = ml_collections.ConfigDict(dataclasses.asdict(tasks_lib.TaskSpec(kind="classification")))
+
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "tsv"                  # 'tsv' | 'synthetic_scenes'
+  d.train = ""
+  d.validation = ""
+  d.test = ""
+  d.tokenizer = ""
+  d.batch_size = 16
+  d.eval_batch_size = 32
+  d.max_length = 128
+  d.max_source = 64
+  d.max_target = 32
+  d.label_names = []
+  d.answers = []
+  d.num_negative_images = 10        # official Flickr30k recipe: 10 + 10 negatives
+  d.num_negative_texts = 10
+  d.visual_input = "patches"
+  d.pixel_mean = (0.5, 0.5, 0.5)
+  d.pixel_std = (0.5, 0.5, 0.5)
+  d.num_regions = 4
+  d.region_feature_dim = 64
+  d.seed = 0
+  d.scenes = ml_collections.ConfigDict(dict(size="demo", image_size=64, input_size=0, seed=0,
+                                            train_limit=0, eval_limit=0))
+
+  c.optimizer = base.optimizer
+  c.optimizer.learning_rate = 2e-5
+  c.optimizer.weight_decay = 0.01
+  c.train = base.train
+  c.train.checkpoint_every = 0
+  c.mesh = base.mesh
+  c.axis_rules = base.axis_rules
+  e = c.evaluation = ml_collections.ConfigDict()
+  e.splits = ["validation"]
+  e.beam_size = 1
+  e.max_length = 20
+  e.alpha = 0.0
+  e.min_length = 1
+  e.block_trigrams = False
+  e.rerank_k = 10
+  return c
+
+
+def _fail(msg: str):
+  raise ConfigError(msg.replace("\n", " "))
+
+
+def _unknown(cfg: Mapping, ref: Mapping, prefix: str):
+  for key, value in cfg.items():
+    if key not in ref:
+      close = [k for k in ref if k.lower().startswith(str(key)[:3].lower())]
+      _fail(f"unknown config key {prefix + key!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if isinstance(value, Mapping) and isinstance(ref[key], Mapping) and ref[key]:
+      _unknown(value, ref[key], f"{prefix}{key}.")
+
+
+def _plain(x):
+  return x.to_dict() if isinstance(x, (ml_collections.ConfigDict,
+                                       ml_collections.FrozenConfigDict)) else x
+
+
+def validate(config, *, num_devices: int, process_count: int = 1, check_files: bool = True):
+  """Raises ``ConfigError`` with one line naming the first bad field."""
+  from unimo_jax.model import ModelConfig
+  cfg = _plain(config)
+  _unknown(cfg, _plain(default_config()), "")
+  model = dict(cfg["model"])
+  if model.get("vocab_size", 0) == 0:
+    model["vocab_size"] = 1000  # placeholder: the tokenizer decides
+  if model.get("dtype") == "auto":
+    model["dtype"] = "float32"
+  try:
+    mcfg = ModelConfig.from_dict(model)
+  except (ValueError, TypeError) as e:
+    _fail(f"model: {e}")
+  try:
+    spec = tasks_lib.TaskSpec.from_config(cfg["task"])
+  except (ValueError, TypeError) as e:
+    _fail(str(e))
+  d = cfg["data"]
+  if d["source"] not in ("tsv", "synthetic_scenes"):
+    _fail(f"data.source must be 'tsv' or 'synthetic_scenes', got {d['source']!r}")
+  text_kinds = ("classification", "regression", "seq2seq")
+  if (d["source"] == "tsv") != (spec.kind in text_kinds):
+    _fail(f"task.kind={spec.kind!r} does not read data.source={d['source']!r} (text tasks read "
+          f"'tsv', image tasks 'synthetic_scenes')")
+  if spec.kind in tasks_lib.MULTIMODAL and d["visual_input"] != mcfg.visual_input:
+    _fail(f"data.visual_input={d['visual_input']!r} differs from model.visual_input="
+          f"{mcfg.visual_input!r}")
+  if d["source"] == "synthetic_scenes" and mcfg.visual_input == "patches":
+    size = int(d["scenes"]["input_size"]) or int(d["scenes"]["image_size"])
+    if size != mcfg.image_size:
+      _fail(f"data.scenes.input_size={size} differs from model.image_size={mcfg.image_size}")
+  length = (int(d["max_source"]) + int(d["max_target"]) if spec.kind == "seq2seq"
+            else int(d["max_length"]))
+  if length > mcfg.max_text_length:
+    _fail(f"data text length {length} exceeds the model's {mcfg.max_text_length} positions "
+          f"(model.max_positions)")
+  try:
+    shape = parallel.mesh_shape(dict(cfg["mesh"]), num_devices)
+  except ValueError as e:
+    _fail(f"{e} (config.mesh)")
+  dp = shape[0] * shape[1]
+  k = int(cfg["optimizer"]["grad_accum_steps"])
+  if k < 1:
+    _fail(f"optimizer.grad_accum_steps must be >= 1, got {k}")
+  for key in ("batch_size", "eval_batch_size"):
+    b = int(d[key])
+    if b < 1 or b % process_count or b % (dp * (k if key == "batch_size" else 1)):
+      _fail(f"data.{key}={b} must be a positive multiple of {dp} data-parallel devices"
+            + (f" x {k} micro-batches" if k > 1 and key == "batch_size" else "")
+            + f" and of {process_count} process(es)")
+  p = cfg["optimizer"]
+  if p["schedule"] not in ("linear", "cosine", "constant"):
+    _fail(f"optimizer.schedule must be linear|cosine|constant, got {p['schedule']!r}")
+  if not p["learning_rate"] > 0:
+    _fail("optimizer.learning_rate must be > 0")
+  t = cfg["train"]
+  if int(t["total_steps"]) < 1:
+    _fail("train.total_steps must be >= 1")
+  if int(t["log_every"]) < 1:
+    _fail("train.log_every must be >= 1")
+  if t["init_from"]:
+    _fail("train.init_from is pre-training's; fine-tuning starts from config.init_from")
+  if t["progress_bar"] not in ("auto", "on", "off"):
+    _fail("train.progress_bar must be auto|on|off")
+  if int(cfg["init_step"]) < 0:
+    _fail("init_step must be >= 0 (0 = the latest checkpoint)")
+  try:
+    parallel.rules_from_config(cfg["axis_rules"])
+  except ValueError as e:
+    _fail(f"axis_rules: {e}")
+  if check_files:
+    problem = train_config.tokenizer_path_problem(str(d["tokenizer"]))
+    if problem:
+      _fail(problem)
+    if cfg["init_from"] and not os.path.exists(os.path.expanduser(cfg["init_from"])):
+      _fail(f"init_from: {cfg['init_from']} does not exist")
+    if d["source"] == "tsv" and not d["train"]:
+      _fail("data.train is empty (the task's training TSV)")
+    for split in ("train", "validation", "test"):
+      if d["source"] == "tsv" and d[split] and not os.path.isfile(os.path.expanduser(d[split])):
+        _fail(f"data.{split}: {d[split]} does not exist")

@@ -1,0 +1,131 @@
+"""``unimo-jax finetune``: fine-tune a (pre-trained) UNIMO model on a downstream task.
+
+  unimo-jax finetune --config experiments/configs/finetune/vqa.py:demo --workdir /tmp/vqa \\
+      --config.init_from=/tmp/unimo_demo
+  unimo-jax finetune --config experiments/configs/finetune/sst2.py:data_dir=D --workdir W \\
+      --config.init_from=/models/unimo_base_converted --config.optimizer.learning_rate=2e-5
+
+The same machinery as ``unimo-jax train``: flags (``--config FILE[:ARG]``, ``--config.FIELD=V``,
+``--workdir``, multi-host flags, ``--dry_run``), mesh and sharding, optimizer, orbax
+checkpoints, exact resume of a workdir, metrics (TensorBoard, metrics.jsonl), progress bar and
+exit codes (0 done, 1 unexpected error, 2 bad usage or config in one line, 3 non-finite guard).
+``config.init_from`` is a pre-training (or fine-tuning) workdir, at ``config.init_step`` (0 =
+latest), a converted checkpoint dir, or empty (scratch). ``unimo-jax evaluate --workdir W``
+then writes the task's metrics to ``W/results.json``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from unimo_jax import commands
+from unimo_jax.train import main as train_main
+
+USAGE = ("unimo-jax finetune --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...] "
+         "[flags]")
+DESCRIPTION = ("Fine-tunes a UNIMO model on a task (classification, regression, entailment, "
+               "vqa, retrieval, captioning, seq2seq); a workdir holding checkpoints is resumed.")
+CONFIG_HELP = train_main.CONFIG_HELP[:3] + (
+    ("fields", "every field with its default and meaning: unimo_jax/finetune/config.py; the "
+               "data section: data_pipelines/finetune/__init__.py; tasks: "
+               "unimo_jax/finetune/tasks.py"),
+    ("--config.init_from=P", "start from a pre-training workdir (latest, or --config.init_step=N), "
+                             "a converted checkpoint dir, or nothing (scratch)"),
+)
+
+
+def help_text(fv, prog: str = "unimo-jax finetune") -> str:
+  return commands.absl_help(prog, fv, usage=USAGE.replace("unimo-jax finetune", prog),
+                            description=DESCRIPTION, sections=[("config", CONFIG_HELP)],
+                            skip=("config", "workdir"),
+                            exit_codes=(commands.OK, commands.ERROR, commands.USAGE,
+                                        commands.NONFINITE))
+
+
+def load_tokenizer(config):
+  from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
+  spec = config.data.tokenizer
+  try:
+    return tokenizers.load_tokenizer(spec)
+  except (OSError, ValueError, RuntimeError) as e:
+    raise ValueError(f"data.tokenizer {spec!r} cannot be loaded ({e})") from e
+
+
+def finetune_from_config(config, workdir: str, *, tokenizer=None, **train_kw):
+  """Wires the task's data in and runs the training loop with the task's run.
+
+  The one place a fine-tuning run meets ``data_pipelines``; ``train_kw`` (``stop``,
+  ``max_steps``) go to ``trainer.train``. Returns its ``TrainResult``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from data_pipelines import finetune as data_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import run as run_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import setup as setup_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  tokenizer = tokenizer or load_tokenizer(config)
+  model_cfg = setup_lib.resolve_model_config(config, tokenizer.vocab_size)
+  setup_lib.check_tokenizer(model_cfg, tokenizer)
+  data, _ = data_lib.make_data(config, "train", tokenizer, training=True,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  run = run_lib.build_finetune_run(config, data.spec, model_cfg=model_cfg)
+  evaluate = None
+  if config.train.eval_every:
+    from unimo_jax.finetune import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+    evaluate = eval_lib.make_evaluator(config, model_cfg, run.mesh, tokenizer,
+                                       list(config.evaluation.splits))
+  try:
+    return trainer.train(config, workdir, data=data, evaluate=evaluate, run=run, **train_kw)
+  finally:
+    data.close()
+
+
+def main(argv: list[str]) -> int:
+  fv = train_main._flags(argv)  # pylint: disable=protected-access  (the same flags as train)
+  rc = commands.parse_absl(fv, argv, help_text(fv, argv[0]))
+  if rc is not None:
+    return rc
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  try:
+    config = fv.config
+    if config is not None:
+      config.keys()
+  except Exception as e:  # pylint: disable=broad-except  (a missing or broken config file)
+    last = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+    return commands.fail(argv[0], f"--config {config_flags.get_config_filename(fv['config'])}: "
+                                  f"{last[-1]}")
+  if config is None or not fv.workdir:
+    return commands.fail(argv[0], "--config and --workdir are required (see --help)")
+  train_main.setup_logging(fv.log_level)
+
+  from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
+  try:
+    local_ids = ([int(i) for i in fv.local_device_ids.split(",")] if fv.local_device_ids
+                 else None)
+    parallel.initialize(fv.coordinator_address, fv.num_processes, fv.process_id, local_ids)
+  except ValueError as e:
+    return commands.fail(argv[0], e)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import config as config_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  try:
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  except config_lib.ConfigError as e:
+    return commands.fail(argv[0], f"config error: {e}")
+  if fv.dry_run:
+    print(train_main.dry_run(config, fv.workdir, argv).replace("would train", "would fine-tune")
+          + f"\n  task: {config.task.kind}, init_from: {config.init_from or '(scratch)'}")
+    return commands.OK
+  try:
+    result = finetune_from_config(config, fv.workdir)
+  except trainer.NonFiniteError as e:
+    return commands.fail(argv[0], e, commands.NONFINITE)
+  except (ValueError, FileNotFoundError) as e:  # data files, tokenizer, init_from mismatches
+    return commands.fail(argv[0], e)
+  if jax.process_index() == 0:
+    print(train_main.summary(result, os.path.abspath(os.path.expanduser(fv.workdir))))
+  return commands.OK
+
+
+if __name__ == "__main__":
+  sys.exit(main(["unimo-jax finetune"] + sys.argv[1:]))
