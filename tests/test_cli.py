@@ -3,6 +3,7 @@ returns the exit codes of ``unimo_jax.commands`` (0 ok, 2 bad usage or input in 
 non-finite guard) -- checked against the codes' definitions, command by command."""
 import json
 import os
+import re
 
 import pytest
 
@@ -46,8 +47,20 @@ HELP = {
 }
 
 
-def test_every_command_has_a_help_case():
-  assert {words[0] for words in HELP} == set(cli.COMMANDS)
+# a config-driven command (train, finetune) lists the config flags and the workdir
+CONFIG_FLAGS = ["--config FILE[:ARG]", "--config.FIELD=VALUE", "--workdir", "--helpfull"]
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_has_help(capsys, name):
+  rc, out, _ = run(capsys, name, "--help")
+  assert rc == commands.OK and out.startswith("usage: unimo-jax " + name)
+  assert "exit status:" in out
+  assert (len(set(re.findall(r"--[a-z][a-z_-]+", out))) >= 2
+          or f"unimo-jax {name} SUBCOMMAND --help lists the flags" in out)
+  if (name,) not in HELP:  # a command without a case below: a config-driven one
+    for flag in CONFIG_FLAGS:
+      assert flag in out, (name, flag)
 
 
 @pytest.mark.parametrize("words", sorted(HELP), ids=" ".join)

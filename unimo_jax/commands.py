@@ -96,6 +96,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def add_subparsers(self, **kwargs):
     action = super().add_subparsers(**kwargs)
+    self.epilog = (f"{self.prog} SUBCOMMAND --help lists the flags of each subcommand.\n\n"
+                   + (self.epilog or ""))
     # Sub-commands inherit the exit-code listing and the one-line errors.
     original = action.add_parser
 
