@@ -4,6 +4,8 @@ non-finite guard) -- checked against the codes' definitions, command by command.
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -135,6 +137,26 @@ def test_bad_usage_or_input_exits_2_with_one_line(capsys, argv, fragment):
   rc, _, err = run(capsys, *argv)
   assert rc == commands.USAGE, (argv, err)
   assert fragment in one_line(err), err
+
+
+def test_an_unexpected_error_is_1_with_a_traceback_and_ctrl_c_is_130(tmp_path):
+  script = ("import sys, types\n"
+            "m = types.ModuleType('fake_command')\n"
+            "def main(argv):\n"
+            "  if argv[1:] == ['--interrupt']: raise KeyboardInterrupt\n"
+            "  return 1 / 0\n"
+            "m.main = main\n"
+            "sys.modules['fake_command'] = m\n"
+            "from unimo_jax import cli\n"
+            "cli.COMMANDS['fake'] = ('fake_command', 'a command with a bug')\n"
+            "sys.exit(cli.main(['unimo-jax', 'fake'] + sys.argv[1:]))\n")
+  env = dict(os.environ, UNIMO_JAX_COMPILATION_CACHE="")
+  p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+  assert p.returncode == commands.ERROR and "Traceback" in p.stderr
+  assert "ZeroDivisionError" in p.stderr
+  p = subprocess.run([sys.executable, "-c", script, "--interrupt"], capture_output=True,
+                     text=True, env=env)
+  assert p.returncode == commands.INTERRUPTED and "unimo-jax fake: interrupted" in p.stderr
 
 
 def test_both_flag_spellings_reach_every_command(capsys):
