@@ -5,7 +5,8 @@ Each ``*_rows`` function is jit-able and returns per-row sums ([B] float32) so t
 can drop padding rows and accumulate (sum, count) pairs over a whole split; ``finalize`` turns
 the totals into metrics. Batches carry the layouts of ``unimo_jax.masking`` (built by the eval
 data loader): ``mlm_*`` (span MLM), ``s2s_*`` (infilling, UniLM mask, original-text position
-ids), ``cap_*`` (captioning layout; the image is the source).
+ids), ``cap_*`` (captioning layout; the image is the source). Positions and attention masks come
+from ``unimo_jax.train.rows``, the construction the train step uses.
 """
 import math
 from typing import Mapping
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from unimo_jax.evaluation.retrieval import VISUAL_KEYS
+from unimo_jax.model import Unimo, masks, visual_length
+from unimo_jax.train import rows as rows_lib
 
 
 def _token_sums(logits, targets, weights) -> dict:
@@ -30,18 +33,18 @@ def _prefixed(prefix, sums):
   return {f"{prefix}_{k}": v for k, v in sums.items()}
 
 
-def model_positions(position_ids, ids, config):
-  """0-based original-text position ids (``masking.infilling``) -> the model's position rows:
-  ``position_offset + id`` for real tokens, ``pad_position`` for padding."""
-  return jnp.where(ids != config.pad_id, config.position_offset + position_ids,
-                   config.pad_position).astype(jnp.int32)
+def _bias(mask, cfg):
+  return masks.to_bias(mask, cfg.compute_dtype)
 
 
 def mlm_rows(model, params, batch: Mapping) -> dict:
   """Span MLM on text alone: ``mlm_ids`` [B, L], ``mlm_positions|targets|weights`` [B, P]."""
-  from unimo_jax.model import Unimo  # pylint: disable=import-outside-toplevel
+  cfg = model.config
   v = {"params": params}
-  hidden = model.apply(v, batch["mlm_ids"], method=Unimo.encode_text)["hidden"]
+  ids = batch["mlm_ids"]
+  bias = _bias(rows_lib.attention_mask("bidirectional", ids, cfg), cfg)
+  hidden = model.apply(v, ids, attention_bias=bias, positions=rows_lib.positions(ids, cfg),
+                       method=Unimo.encode_text)["hidden"]
   logits = model.apply(v, hidden, batch["mlm_positions"], method=Unimo.lm_logits)
   return _prefixed("mlm", _token_sums(logits, batch["mlm_targets"], batch["mlm_weights"]))
 
@@ -49,14 +52,11 @@ def mlm_rows(model, params, batch: Mapping) -> dict:
 def s2s_rows(model, params, batch: Mapping) -> dict:
   """Seq2seq infilling: ``s2s_ids|segments|position_ids`` [B, L2], ``s2s_positions|targets|
   weights`` [B, P2]; -log P(target | source) under the UniLM mask."""
-  from unimo_jax.model import Unimo, masks  # pylint: disable=import-outside-toplevel
   cfg = model.config
   v = {"params": params}
   ids = batch["s2s_ids"]
-  bias = masks.to_bias(masks.seq2seq(batch["s2s_segments"]), cfg.compute_dtype)
-  positions = None
-  if "s2s_position_ids" in batch:
-    positions = model_positions(batch["s2s_position_ids"], ids, cfg)
+  bias = _bias(rows_lib.attention_mask("seq2seq", ids, cfg, segments=batch["s2s_segments"]), cfg)
+  positions = rows_lib.positions(ids, cfg, batch.get("s2s_position_ids"))
   hidden = model.apply(v, ids, attention_bias=bias, positions=positions,
                        method=Unimo.encode_text)["hidden"]
   logits = model.apply(v, hidden, batch["s2s_positions"], method=Unimo.lm_logits)
@@ -66,19 +66,16 @@ def s2s_rows(model, params, batch: Mapping) -> dict:
 def caption_rows(model, params, batch: Mapping) -> dict:
   """Captioning loss: ``cap_ids`` [B, L] (``[CLS] w.. [SEP]``) after the image, under the
   captioning mask; ``cap_positions|targets|weights`` [B, P]."""
-  from unimo_jax.model import Unimo, masks, visual_length  # pylint: disable=import-outside-toplevel
   cfg = model.config
   v = {"params": params}
   visual = {k: batch[k] for k in VISUAL_KEYS if k in batch}
   ids = batch["cap_ids"]
-  if "region_valid" in visual:
-    rv = visual["region_valid"]
-    visual_valid = jnp.concatenate([jnp.ones_like(rv[:, :1]), rv], axis=1)
-    nv = visual_valid.shape[1]
-  else:
-    visual_valid, nv = None, visual_length(cfg)
-  bias = masks.to_bias(masks.captioning(nv, ids != cfg.pad_id, visual_valid), cfg.compute_dtype)
-  out = model.apply(v, visual, ids, attention_bias=bias, method=Unimo.encode_pair)
+  rv = visual.get("region_valid")
+  image = rows_lib.visual_valid(ids.shape[0], visual_length(cfg) if rv is None else
+                                1 + rv.shape[1], rv)
+  bias = _bias(rows_lib.attention_mask("captioning", ids, cfg, image_valid=image), cfg)
+  out = model.apply(v, visual, ids, attention_bias=bias, positions=rows_lib.positions(ids, cfg),
+                    method=Unimo.encode_pair)
   logits = model.apply(v, out["text_hidden"], batch["cap_positions"], method=Unimo.lm_logits)
   return _prefixed("cap", _token_sums(logits, batch["cap_targets"], batch["cap_weights"]))
 

@@ -263,10 +263,9 @@ def validate(config, *, num_devices: int, process_count: int = 1,
   for s in streams:
     objs = tuple(data["streams"][s].get("objectives", ("mlm", "s2s")))
     for name in run:
-      need = {"text_mlm": ("text", "mlm"), "text_s2s": ("text", "s2s"),
-              "pair_mlm": ("pair", "mlm"), "pair_caption": ("pair", "s2s")}.get(name)
-      if need and need[0] == s and need[1] not in objs:
-        _fail(f"objective {name} runs but data.streams.{s}.objectives={objs} lacks {need[1]!r}")
+      o = obj_lib.REGISTRY[name]
+      if o.kind == "language" and o.stream == s and o.layout not in objs:
+        _fail(f"objective {name} runs but data.streams.{s}.objectives={objs} lacks {o.layout!r}")
   m = cfg["cmcl"]
   if m["implementation"] not in ("all_gather", "ring", "reference"):
     _fail(f"cmcl.implementation must be all_gather|ring|reference, got {m['implementation']!r}")

@@ -153,10 +153,8 @@ def forward_flops(model: Any, objectives_cfg: Any, shapes: Mapping[str, tuple], 
 
   # Language rows of a stream are padded to the longest text and slot count of the stream's
   # language objectives (see unimo_objectives); alternating objectives share one set of rows.
-  fields = {"text_mlm": ("text/mlm_ids", "text/mlm_positions"),
-            "text_s2s": ("text/s2s_ids", "text/s2s_positions"),
-            "pair_mlm": ("pair/mlm_ids", "pair/mlm_positions"),
-            "pair_caption": ("pair/s2s_ids", "pair/s2s_positions")}
+  fields = {o.name: (f"{o.stream}/{o.prefix}ids", f"{o.stream}/{o.prefix}positions")
+            for o in obj_lib.REGISTRY.values() if o.kind == "language"}
 
   def padded(names, extra_length=0):
     present = [n for n in every if n in names]
@@ -165,8 +163,8 @@ def forward_flops(model: Any, objectives_cfg: Any, shapes: Mapping[str, tuple], 
     length = max([shapes[fields[n][0]][1] for n in present] + [extra_length])
     return length, max(shapes[fields[n][1]][1] for n in present)
 
-  text_l, text_p = padded(("text_mlm", "text_s2s"))
-  for name in ("text_mlm", "text_s2s"):
+  text_l, text_p = padded(obj_lib.language_objectives("text"))
+  for name in obj_lib.language_objectives("text"):
     if name in run:
       b = shapes["text/row_valid"][0]
       out[name] = enc(b, text_l) + lm_head_flops(b, text_p, H, V)
@@ -174,10 +172,10 @@ def forward_flops(model: Any, objectives_cfg: Any, shapes: Mapping[str, tuple], 
   if "pair/row_valid" in shapes:
     b = shapes["pair/row_valid"][0]
     n, r = _visual_tokens(model, shapes, "pair")
-    pair_l, pair_p = padded(("pair_mlm", "pair_caption"),
+    pair_l, pair_p = padded(obj_lib.language_objectives("pair"),
                             shapes["pair/caption_ids"][1] if "pair_mrp" in every else 0)
     joint = lambda: visual_embed_flops(b, model, r) + enc(b, 1 + n + pair_l)
-    for name in ("pair_mlm", "pair_caption"):
+    for name in obj_lib.language_objectives("pair"):
       if name in run:
         out[name] = joint() + lm_head_flops(b, pair_p, H, V)
     if "pair_mrp" in run:

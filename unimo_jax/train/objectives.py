@@ -20,17 +20,62 @@ config decides per stream (``objectives.text_mode`` / ``objectives.pair_text_mod
   'mlm' / 's2s'  only one of them
 
 An objective whose weight is 0, or whose stream has no data in the run, is not computed at all.
-The train step and the FLOP count both read the plan from here, so they cannot disagree.
+
+``REGISTRY`` is the one table of the objectives (stream, kind, data layout, attention mask): the
+train step (``unimo_objectives``), the FLOP count (``flops``), config validation (``config``) and
+the data plan (``data_layouts``: which layouts each stream's rows must carry) all read it and the
+plan functions below, so they cannot disagree.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
-OBJECTIVES = ("text_mlm", "text_s2s", "image_mrp", "pair_cmcl", "pair_mlm", "pair_caption",
-              "pair_mrp")
-STREAM_OF = {"text_mlm": "text", "text_s2s": "text", "image_mrp": "image", "pair_cmcl": "pair",
-             "pair_mlm": "pair", "pair_caption": "pair", "pair_mrp": "pair"}
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One pre-training objective.
+
+  name: ``<stream>_<what>``, also the prefix of its metrics and its ``objectives.weights`` key.
+  stream: the data stream it trains on (``text`` | ``image`` | ``pair``).
+  kind: ``language`` (predict masked / target tokens), ``mrp`` (masked region prediction) or
+    ``cmcl`` (contrastive).
+  layout: language objectives: the stream's row layout they read, ``mlm`` or ``s2s``
+    (``data.streams.<stream>.objectives``; batch fields ``<stream>/<layout>_*``).
+  attention: language objectives: the attention mask of their encoder pass.
+  """
+  name: str
+  stream: str
+  kind: str
+  layout: str = ""
+  attention: str = ""
+
+  @property
+  def prefix(self) -> str:
+    """The batch-field prefix of a language objective's rows (``mlm_`` / ``s2s_``)."""
+    return f"{self.layout}_" if self.layout else ""
+
+
+REGISTRY: dict[str, Objective] = {o.name: o for o in (
+    Objective("text_mlm", "text", "language", "mlm", "bidirectional"),
+    Objective("text_s2s", "text", "language", "s2s", "seq2seq"),
+    Objective("image_mrp", "image", "mrp"),
+    Objective("pair_cmcl", "pair", "cmcl"),
+    Objective("pair_mlm", "pair", "language", "mlm", "bidirectional"),
+    Objective("pair_caption", "pair", "language", "s2s", "captioning"),
+    Objective("pair_mrp", "pair", "mrp"),
+)}
+OBJECTIVES = tuple(REGISTRY)
 TEXT_MODES = ("alternate", "both", "mlm", "s2s")
+# The ``config.objectives`` key that sets how a stream's two language objectives take turns.
+MODE_KEYS = {"text": "text_mode", "pair": "pair_text_mode"}
+
+
+def language_objectives(stream: str) -> tuple[str, str]:
+  """(MLM objective, seq2seq objective) of a stream, e.g. ("pair_mlm", "pair_caption")."""
+  by_layout = {o.layout: o.name for o in REGISTRY.values()
+               if o.stream == stream and o.kind == "language"}
+  return by_layout["mlm"], by_layout["s2s"]
 
 
 def weights(cfg: Any) -> dict[str, float]:
@@ -55,8 +100,7 @@ def _language(mode: str, phase: int, mlm: str, s2s: str, w: dict) -> set[str]:
 def num_phases(cfg: Any) -> int:
   """2 when a stream's two language objectives alternate (both weighted), else 1."""
   w = weights(cfg)
-  alternates = [(cfg.text_mode, "text_mlm", "text_s2s"),
-                (cfg.pair_text_mode, "pair_mlm", "pair_caption")]
+  alternates = [(cfg[key], *language_objectives(stream)) for stream, key in MODE_KEYS.items()]
   return 2 if any(m == "alternate" and w[a] > 0 and w[b] > 0 for m, a, b in alternates) else 1
 
 
@@ -74,10 +118,10 @@ def active(cfg: Any, streams: Iterable[str], phase: int) -> tuple[str, ...]:
   """
   streams = set(streams)
   w = weights(cfg)
-  run = {"image_mrp", "pair_cmcl", "pair_mrp"}
-  run |= _language(cfg.text_mode, phase, "text_mlm", "text_s2s", w)
-  run |= _language(cfg.pair_text_mode, phase, "pair_mlm", "pair_caption", w)
-  return tuple(o for o in OBJECTIVES if o in run and w[o] > 0 and STREAM_OF[o] in streams)
+  run = {o.name for o in REGISTRY.values() if o.kind != "language"}
+  for stream, key in MODE_KEYS.items():
+    run |= _language(cfg[key], phase, *language_objectives(stream), w)
+  return tuple(o for o in OBJECTIVES if o in run and w[o] > 0 and REGISTRY[o].stream in streams)
 
 
 def all_active(cfg: Any, streams: Iterable[str]) -> tuple[str, ...]:
@@ -87,3 +131,14 @@ def all_active(cfg: Any, streams: Iterable[str]) -> tuple[str, ...]:
   for phase in range(num_phases(cfg)):
     names |= set(active(cfg, streams, phase))
   return tuple(o for o in OBJECTIVES if o in names)
+
+
+def data_layouts(cfg: Any, streams: Iterable[str]) -> dict[str, tuple[str, ...]]:
+  """The data plan: ``{stream: layouts}`` the rows of each stream must carry (``mlm`` / ``s2s``)
+  for the language objectives some phase runs."""
+  out: dict[str, tuple[str, ...]] = {}
+  for name in all_active(cfg, streams):
+    o = REGISTRY[name]
+    if o.kind == "language" and o.layout not in out.get(o.stream, ()):
+      out[o.stream] = out.get(o.stream, ()) + (o.layout,)
+  return out

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from unimo_jax.losses import contrastive, language, visual
-from unimo_jax.model import ModelConfig, Unimo, masks, text_positions
+from unimo_jax.model import ModelConfig, Unimo, masks
 from unimo_jax.train import objectives as obj_lib
+from unimo_jax.train import rows as rows_lib
 
 Batch = Mapping[str, jax.Array]
 
@@ -41,10 +42,10 @@ Batch = Mapping[str, jax.Array]
 SUMMED = ("count", "num_anchors", "num_text_columns", "num_image_columns")
 DROPPED = ("loss_sum", "nll_sum", "correct")
 
-# (objective, stream, field prefix, attention kind) of the four language objectives.
-LANGUAGE = {"text_mlm": ("text", "mlm_", "bidirectional"), "text_s2s": ("text", "s2s_", "seq2seq"),
-            "pair_mlm": ("pair", "mlm_", "bidirectional"),
-            "pair_caption": ("pair", "s2s_", "captioning")}
+
+
+def _is_language(name: str) -> bool:
+  return obj_lib.REGISTRY[name].kind == "language"
 
 
 # ------------------------------------------------------------------------------ batch helpers
@@ -81,23 +82,20 @@ def objective_counts(batch: Batch, model_cfg: ModelConfig, names) -> dict[str, j
   """The normaliser of each objective's loss on ``batch`` (what its loss divides by)."""
   counts = {}
   for name in names:
-    if name in LANGUAGE:
-      stream, prefix, _ = LANGUAGE[name]
-      counts[name] = token_weights(batch, stream, prefix).sum()
-    elif name in ("image_mrp", "pair_mrp"):
-      counts[name] = region_mask(batch, name.split("_")[0], model_cfg).sum()
-    elif name == "pair_cmcl":
-      counts[name] = row_valid(batch, "pair").sum()
+    o = obj_lib.REGISTRY[name]
+    if o.kind == "language":
+      counts[name] = token_weights(batch, o.stream, o.prefix).sum()
+    elif o.kind == "mrp":
+      counts[name] = region_mask(batch, o.stream, model_cfg).sum()
+    elif o.kind == "cmcl":
+      counts[name] = row_valid(batch, o.stream).sum()
   return counts
 
 
 def _visual_valid(batch: Batch, stream: str, model_cfg: ModelConfig, n: int) -> jax.Array:
   """[B, 1+N] bool: [IMG] and the real regions (all patches are real)."""
-  if model_cfg.visual_input == "regions":
-    rv = batch[f"{stream}/region_valid"].astype(bool)
-    return jnp.concatenate([jnp.ones_like(rv[:, :1]), rv], axis=1)
-  b = batch[f"{stream}/row_valid"].shape[0]
-  return jnp.ones((b, n), bool)
+  regions = batch[f"{stream}/region_valid"] if model_cfg.visual_input == "regions" else None
+  return rows_lib.visual_valid(batch[f"{stream}/row_valid"].shape[0], n, regions)
 
 
 def _pad_to(x: jax.Array, length: int, axis: int, value) -> jax.Array:
@@ -140,26 +138,18 @@ class UnimoObjectives:
   def _language_rows(self, batch: Batch, name: str, n_visual: int) -> dict:
     """Inputs of one language objective's rows: ids [B,L], mask [B,T,T] (T = L, or n_visual + L
     for pairs), positions [B,L], slots (positions / targets / weights [B,P])."""
-    stream, prefix, kind = LANGUAGE[name]
-    cfg = self.cfg
+    o = obj_lib.REGISTRY[name]
+    stream, prefix, cfg = o.stream, o.prefix, self.cfg
     ids = batch[f"{stream}/{prefix}ids"]
-    pos_key = f"{stream}/{prefix}position_ids"
-    if prefix == "s2s_" and pos_key in batch:  # original-text positions (0-based) from the data
-      pos = jnp.where(ids != cfg.pad_id, batch[pos_key] + cfg.position_offset,
-                      cfg.pad_position).astype(jnp.int32)
-    else:
-      pos = text_positions(ids, cfg)
-    text_valid = ids != cfg.pad_id
-    if kind == "seq2seq":
-      mask = masks.seq2seq(batch[f"{stream}/s2s_segments"])
-    elif kind == "captioning":
-      vvalid = _visual_valid(batch, stream, cfg, n_visual)
-      mask = masks.captioning(n_visual, batch[f"{stream}/s2s_segments"] > 0, vvalid)
-    elif stream == "pair":
-      vvalid = _visual_valid(batch, stream, cfg, n_visual)
-      mask = masks.bidirectional(jnp.concatenate([vvalid, text_valid], axis=1))
-    else:
-      mask = masks.bidirectional(text_valid)
+    # seq2seq rows carry their original-text positions (0-based) from the data
+    pos = rows_lib.positions(ids, cfg, batch.get(f"{stream}/{prefix}position_ids")
+                             if prefix == "s2s_" else None)
+    segments = batch.get(f"{stream}/s2s_segments")
+    image = _visual_valid(batch, stream, cfg, n_visual) if stream == "pair" else None
+    # a caption is all target: its text rows are the target segment
+    text_valid = segments > 0 if o.attention == "captioning" else None
+    mask = rows_lib.attention_mask(o.attention, ids, cfg, segments=segments, image_valid=image,
+                                   text_valid=text_valid)
     return dict(ids=ids, mask=mask, pos=pos, slots=batch[f"{stream}/{prefix}positions"],
                 targets=batch[f"{stream}/{prefix}targets"],
                 weights=token_weights(batch, stream, prefix))
@@ -184,7 +174,7 @@ class UnimoObjectives:
     (``selector`` = [phase-0 objective, phase-1 objective]). All groups share one text length
     and slot count.
     """
-    present = [n for n in names if n in LANGUAGE]
+    present = [n for n in names if _is_language(n)]
     if not present:
       return []
     rows = {n: self._language_rows(batch, n, n_visual) for n in present}
@@ -295,55 +285,46 @@ class UnimoObjectives:
         temperature_range=(c.temperature_min, c.temperature_max))
     return self.weights["pair_cmcl"] * scale * loss, self._scaled("pair_cmcl", m, scale)
 
-  # ---------------------------------------------------------------- everything
-  def __call__(self, params, batch: Batch, rng, names, scales, phase=0,
-               deterministic: bool = False):
-    """Weighted, scaled sum of the objectives ``names`` (alternating ones selected by
-    ``phase``, a Python or traced int). Returns ``(loss, metrics)``."""
+  # ---------------------------------------------------------------- the four encoder passes
+  def _text_pass(self, params, batch, rng, names, scales, phase, det) -> list:
+    """The text stream's language rows (span MLM and/or seq2seq) in one text encoding."""
+    groups = self._language_groups(
+        batch, [n for n in names if obj_lib.REGISTRY[n].stream == "text"], self.obj.text_mode,
+        phase)
+    if not groups:
+      return []
+    b = groups[0][2]["ids"].shape[0]
+    ids = jnp.concatenate([g[2]["ids"] for g in groups], axis=0)
+    bias = masks.to_bias(jnp.concatenate([g[2]["mask"] for g in groups], axis=0),
+                         self.cfg.compute_dtype)
+    pos = jnp.concatenate([g[2]["pos"] for g in groups], axis=0)
+    hidden = self._apply(params, rng, Unimo.encode_text, ids, attention_bias=bias,
+                         deterministic=det, positions=pos)["hidden"]
+    return [self._language_losses(params, groups, [hidden[i * b:(i + 1) * b]
+                                                   for i in range(len(groups))], phase, scales)]
+
+  def _cmcl_text_pass(self, params, batch, rng, det):
+    """CMCL texts (caption, positives, hard negatives) encoded alone: (embeddings [B, T, d],
+    their groups)."""
+    b = batch["pair/caption_ids"].shape[0]
+    text_ids, text_groups = self._cmcl_texts(batch)
+    t = text_ids.shape[1]
+    cls = self._apply(params, rng, Unimo.encode_text, text_ids.reshape(b * t, -1),
+                      deterministic=det)["cls"]
+    text_emb = self._apply(params, None, Unimo.cmcl_text, cls).reshape(b, t, -1)
+    return text_emb, text_groups
+
+  def _image_pass(self, params, batch, rng, names, scales, cmcl_texts, det) -> list:
+    """Image-stream MRP rows (masked) and the CMCL images (pair images + related images) in one
+    image encoding; ``cmcl_texts`` is ``_cmcl_text_pass``'s result (None without CMCL)."""
     cfg = self.cfg
-    names = tuple(names)
-    keys = (jax.random.split(rng, 4) if rng is not None else [None] * 4)
-    det = deterministic
-    total = jnp.zeros((), jnp.float32)
-    metrics: dict[str, jax.Array] = {}
-
-    def add(result):
-      nonlocal total
-      total = total + result[0]
-      metrics.update(result[1])
-
-    # text pass: the text stream's language rows
-    groups = self._language_groups(batch, [n for n in names if n.startswith("text_")],
-                                   self.obj.text_mode, phase)
-    if groups:
-      b = groups[0][2]["ids"].shape[0]
-      ids = jnp.concatenate([g[2]["ids"] for g in groups], axis=0)
-      bias = masks.to_bias(jnp.concatenate([g[2]["mask"] for g in groups], axis=0),
-                           cfg.compute_dtype)
-      pos = jnp.concatenate([g[2]["pos"] for g in groups], axis=0)
-      hidden = self._apply(params, keys[0], Unimo.encode_text, ids, attention_bias=bias,
-                           deterministic=det, positions=pos)["hidden"]
-      add(self._language_losses(params, groups, [hidden[i * b:(i + 1) * b]
-                                                 for i in range(len(groups))], phase, scales))
-
-    # CMCL texts
-    cmcl = "pair_cmcl" in names
-    if cmcl:
-      b = batch["pair/caption_ids"].shape[0]
-      text_ids, text_groups = self._cmcl_texts(batch)
-      t = text_ids.shape[1]
-      cls = self._apply(params, keys[1], Unimo.encode_text, text_ids.reshape(b * t, -1),
-                        deterministic=det)["cls"]
-      text_emb = self._apply(params, None, Unimo.cmcl_text, cls).reshape(b, t, -1)
-
-    # images pass: image-stream MRP rows + CMCL images
     parts, vmasks, sizes = [], [], []
     if "image_mrp" in names:
       parts.append(visual_inputs(batch, "image", cfg))
       vmasks.append(batch["image/visual_mask"])
       sizes.append(vmasks[-1].shape[0])
     ki = 0
-    if cmcl:
+    if cmcl_texts is not None:
       b = batch["pair/caption_ids"].shape[0]
       vis = visual_inputs(batch, "pair", cfg)
       if self.cmcl.use_related_images and "pair/related_valid" in batch:
@@ -356,58 +337,91 @@ class UnimoObjectives:
       parts.append(vis)
       vmasks.append(jnp.zeros((b * (1 + ki), batch["pair/visual_mask"].shape[1]), bool))
       sizes.append(b * (1 + ki))
-    if parts:
-      out = self._apply(params, keys[2], Unimo.encode_image, _concat_visual(parts),
-                        visual_mask=jnp.concatenate(vmasks, axis=0).astype(bool),
-                        deterministic=det)
-      start = 0
-      if "image_mrp" in names:
-        add(self._mrp(params, batch, "image", out["hidden"][:sizes[0], 1:], scales["image_mrp"]))
-        start = sizes[0]
-      if cmcl:
-        image_emb = self._apply(params, None, Unimo.cmcl_image, out["img"][start:])
-        add(self._cmcl_loss(params, batch, text_emb, text_groups,
-                            image_emb.reshape(b, 1 + ki, -1), ki, scales["pair_cmcl"]))
+    if not parts:
+      return []
+    out = self._apply(params, rng, Unimo.encode_image, _concat_visual(parts),
+                      visual_mask=jnp.concatenate(vmasks, axis=0).astype(bool),
+                      deterministic=det)
+    results, start = [], 0
+    if "image_mrp" in names:
+      results.append(self._mrp(params, batch, "image", out["hidden"][:sizes[0], 1:],
+                               scales["image_mrp"]))
+      start = sizes[0]
+    if cmcl_texts is not None:
+      text_emb, text_groups = cmcl_texts
+      image_emb = self._apply(params, None, Unimo.cmcl_image, out["img"][start:])
+      results.append(self._cmcl_loss(params, batch, text_emb, text_groups,
+                                     image_emb.reshape(b, 1 + ki, -1), ki, scales["pair_cmcl"]))
+    return results
 
-    # pairs pass: pair MRP rows + pair language rows
-    pair_names = [n for n in names if n in ("pair_mlm", "pair_caption")]
-    if "pair_mrp" in names or pair_names:
-      n_vis = 1 + (batch["pair/region_valid"].shape[1] if cfg.visual_input == "regions"
-                   else cfg.num_patches)
-      groups = self._language_groups(batch, pair_names, self.obj.pair_text_mode, phase, n_vis)
-      b = batch["pair/caption_ids"].shape[0]
-      ids, mask, pos, vm = [], [], [], []
-      length = max([g[2]["ids"].shape[1] for g in groups] + (
-          [batch["pair/caption_ids"].shape[1]] if "pair_mrp" in names else []))
-      groups = [(g_names, sel, self._pad_rows(rows, length, rows["slots"].shape[1], n_vis))
-                for g_names, sel, rows in groups]
-      if "pair_mrp" in names:
-        cap = batch["pair/caption_ids"]
-        vvalid = _visual_valid(batch, "pair", cfg, n_vis)
-        m = masks.bidirectional(jnp.concatenate([vvalid, cap != cfg.pad_id], axis=1))
-        t = n_vis + length
-        ids.append(_pad_to(cap, length, 1, cfg.pad_id))
-        mask.append(_pad_to(_pad_to(m, t, 1, 0), t, 2, 0))
-        pos.append(_pad_to(text_positions(cap, cfg), length, 1, cfg.pad_position))
-        vm.append(batch["pair/visual_mask"].astype(bool))
-      for _, _, rows in groups:
-        ids.append(rows["ids"])
-        mask.append(rows["mask"])
-        pos.append(rows["pos"])
-        vm.append(jnp.zeros_like(batch["pair/visual_mask"], bool))
-      k = len(ids)
-      vis = visual_inputs(batch, "pair", cfg)
-      out = self._apply(params, keys[3], Unimo.encode_pair, _concat_visual([vis] * k),
-                        jnp.concatenate(ids, axis=0),
-                        attention_bias=masks.to_bias(jnp.concatenate(mask, axis=0),
-                                                     cfg.compute_dtype),
-                        visual_mask=jnp.concatenate(vm, axis=0), deterministic=det,
-                        positions=jnp.concatenate(pos, axis=0))
-      first = 0
-      if "pair_mrp" in names:
-        add(self._mrp(params, batch, "pair", out["visual_hidden"][:b, 1:], scales["pair_mrp"]))
-        first = 1
-      text_hidden = out["text_hidden"]
-      add(self._language_losses(params, groups, [text_hidden[(first + i) * b:(first + i + 1) * b]
-                                                 for i in range(len(groups))], phase, scales))
+  def _pair_pass(self, params, batch, rng, names, scales, phase, det) -> list:
+    """Pair MRP rows (clean caption, masked image) and the pair language rows (MLM and/or
+    captioning) in one joint image+text encoding."""
+    cfg = self.cfg
+    pair_names = [n for n in names
+                  if obj_lib.REGISTRY[n].stream == "pair" and _is_language(n)]
+    if "pair_mrp" not in names and not pair_names:
+      return []
+    n_vis = 1 + (batch["pair/region_valid"].shape[1] if cfg.visual_input == "regions"
+                 else cfg.num_patches)
+    groups = self._language_groups(batch, pair_names, self.obj.pair_text_mode, phase, n_vis)
+    b = batch["pair/caption_ids"].shape[0]
+    ids, mask, pos, vm = [], [], [], []
+    length = max([g[2]["ids"].shape[1] for g in groups] + (
+        [batch["pair/caption_ids"].shape[1]] if "pair_mrp" in names else []))
+    groups = [(g_names, sel, self._pad_rows(rows, length, rows["slots"].shape[1], n_vis))
+              for g_names, sel, rows in groups]
+    if "pair_mrp" in names:
+      cap = batch["pair/caption_ids"]
+      m = rows_lib.attention_mask("bidirectional", cap, cfg,
+                                  image_valid=_visual_valid(batch, "pair", cfg, n_vis))
+      t = n_vis + length
+      ids.append(_pad_to(cap, length, 1, cfg.pad_id))
+      mask.append(_pad_to(_pad_to(m, t, 1, 0), t, 2, 0))
+      pos.append(_pad_to(rows_lib.positions(cap, cfg), length, 1, cfg.pad_position))
+      vm.append(batch["pair/visual_mask"].astype(bool))
+    for _, _, rows in groups:
+      ids.append(rows["ids"])
+      mask.append(rows["mask"])
+      pos.append(rows["pos"])
+      vm.append(jnp.zeros_like(batch["pair/visual_mask"], bool))
+    k = len(ids)
+    vis = visual_inputs(batch, "pair", cfg)
+    out = self._apply(params, rng, Unimo.encode_pair, _concat_visual([vis] * k),
+                      jnp.concatenate(ids, axis=0),
+                      attention_bias=masks.to_bias(jnp.concatenate(mask, axis=0),
+                                                   cfg.compute_dtype),
+                      visual_mask=jnp.concatenate(vm, axis=0), deterministic=det,
+                      positions=jnp.concatenate(pos, axis=0))
+    results, first = [], 0
+    if "pair_mrp" in names:
+      results.append(self._mrp(params, batch, "pair", out["visual_hidden"][:b, 1:],
+                               scales["pair_mrp"]))
+      first = 1
+    text_hidden = out["text_hidden"]
+    results.append(self._language_losses(
+        params, groups, [text_hidden[(first + i) * b:(first + i + 1) * b]
+                         for i in range(len(groups))], phase, scales))
+    return results
+
+  # ---------------------------------------------------------------- everything
+  def __call__(self, params, batch: Batch, rng, names, scales, phase=0,
+               deterministic: bool = False):
+    """Weighted, scaled sum of the objectives ``names`` (alternating ones selected by
+    ``phase``, a Python or traced int). Returns ``(loss, metrics)``.
+
+    The passes run in a fixed order (text, CMCL texts, images, pairs), each with its own
+    dropout key, and the losses are summed in that order."""
+    names = tuple(names)
+    keys = (jax.random.split(rng, 4) if rng is not None else [None] * 4)
+    results = self._text_pass(params, batch, keys[0], names, scales, phase, deterministic)
+    cmcl_texts = (self._cmcl_text_pass(params, batch, keys[1], deterministic)
+                  if "pair_cmcl" in names else None)
+    results += self._image_pass(params, batch, keys[2], names, scales, cmcl_texts, deterministic)
+    results += self._pair_pass(params, batch, keys[3], names, scales, phase, deterministic)
+    total = jnp.zeros((), jnp.float32)
+    metrics: dict[str, jax.Array] = {}
+    for loss, m in results:
+      total = total + loss
+      metrics.update(m)
     return total, metrics
