@@ -24,10 +24,14 @@ command's ``--allow-train-source``) is set. Arrays:
   negative_kind [N, K] int32                index into meta["kind_names"] (-1: unknown)
   mlm_* / s2s_*                             span MLM and infilling of one caption, text alone
   cap_ids / cap_positions / cap_targets / cap_weights   captioning layout of that caption
+  label [N] int32, prompt_ids [K, T, L], prompt_valid [K, T]   when the records carry class
+                                            labels: zero-shot classification with T prompt
+                                            templates per class (evaluation.zero_shot)
 
 meta: ``captions`` (list of lists of str, the references; slot j of the arrays is caption j),
-``negatives`` (list of lists), ``kind_names``, ``name`` (source and split), ``source`` (the
-files or TFDS split read), ``records`` (the source's record count), ``dropped`` {reason: n}.
+``negatives`` (list of lists), ``kind_names``, ``class_names``, ``name`` (source and split),
+``source`` (the files or TFDS split read), ``records`` (the source's record count), ``dropped``
+{reason: n}.
 Every random choice draws from ``default_rng([seed, EVAL_STREAM, row])``, so a split's arrays
 are a pure function of the seed.
 """
@@ -218,6 +222,47 @@ def _negative_kinds(spec, split) -> dict:
   return {str(int(ex["id"])): [k.decode() for k in ex["kinds"]] for ex in tfds.as_numpy(ds)}
 
 
+def _zero_shot_arrays(arrays, recs, codec, length, settings, split) -> tuple:
+  """Adds ``label`` [N], ``prompt_ids`` [K, T, L], ``prompt_valid`` [K, T] when the records
+  carry labels; returns the class names (empty: no zero-shot classification).
+
+  settings (``evaluation.zero_shot``): ``classes`` (names; a label is a name or an index into
+  them; default: the split's distinct string labels, sorted) and ``templates`` (``{}`` is the
+  class name; default ``unimo_jax.evaluation.zero_shot.DEFAULT_TEMPLATES``).
+  """
+  import logging  # pylint: disable=import-outside-toplevel
+  from unimo_jax.evaluation import zero_shot  # pylint: disable=import-outside-toplevel (no TF)
+  labels = [r.get("label") for r in recs]
+  if all(lb is None for lb in labels):
+    return ()
+  classes = [str(c) for c in settings.get("classes", ())]
+  if not classes:
+    named = sorted({str(lb) for lb in labels if lb is not None})
+    if all(n.lstrip("-").isdigit() for n in named):
+      logging.warning("evaluation split %s: labels are class indices; name the classes in "
+                      "evaluation.zero_shot.classes for zero-shot classification", split)
+      return ()
+    classes = named
+  index = {c: k for k, c in enumerate(classes)}
+
+  def label_id(lb):
+    if lb is None:
+      return -1
+    if str(lb) in index:
+      return index[str(lb)]
+    if str(lb).lstrip("-").isdigit() and 0 <= int(lb) < len(classes):
+      return int(lb)
+    return -1
+
+  templates = tuple(settings.get("templates", zero_shot.DEFAULT_TEMPLATES))
+  ids, valid = zip(*(codec.texts([t.format(c) for t in templates], len(templates), length)
+                     for c in classes))
+  arrays["label"] = np.asarray([label_id(lb) for lb in labels], np.int32)
+  arrays["prompt_ids"] = np.stack(ids)
+  arrays["prompt_valid"] = np.stack(valid)
+  return tuple(classes)
+
+
 def _decode_pixels(blobs, ratios, cfg) -> np.ndarray:
   """Encoded images -> [N, S, S, 3] float32, decoded and normalised exactly as in training."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -330,6 +375,8 @@ def load_eval_split(data_config, split: str = "test", *, tokenizer=None, source=
   arrays.update({f: np.stack(v) for f, v in layout.items()})
   if cfg["visual_input"] == "patches":
     arrays["pixels"] = _decode_pixels(blobs, ratios, cfg)
+  class_names = _zero_shot_arrays(arrays, [r for _, r, _, _ in recs], codec, length,
+                                  _section(eval_config).get("zero_shot") or {}, split)
   if stats.get("truncated"):
     import logging  # pylint: disable=import-outside-toplevel
     logging.warning("evaluation split %s: %d caption / negative texts are longer than "
@@ -340,5 +387,5 @@ def load_eval_split(data_config, split: str = "test", *, tokenizer=None, source=
               kind_names=tuple(kind_names), dropped=dropped,
               name=f"{spec.get('tfds_name', spec.get('name', 'pairs'))}:{split}",
               rows=[i for i, _, _, _ in recs], source=describe(spec), records=int(records),
-              truncated=int(stats.get("truncated", 0)))
+              truncated=int(stats.get("truncated", 0)), class_names=class_names)
   return arrays, meta

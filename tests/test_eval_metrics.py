@@ -228,3 +228,55 @@ def test_figure_order_matches_the_ranks_on_random_scores():
   first_hit = np.argmax(correct, axis=1)
   np.testing.assert_array_equal(first_hit[correct.any(axis=1)],
                                 ranks[correct.any(axis=1)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification with prompt ensembles
+# ---------------------------------------------------------------------------------------------
+
+def test_class_embedding_is_the_renormalised_mean_of_valid_prompts():
+  from unimo_jax.evaluation import zero_shot
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(3, 4, 5))
+  emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+  valid = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]], bool)
+  got = zero_shot.class_embeddings(emb, valid)
+  for k in range(2):
+    mean = emb[k][valid[k]].mean(axis=0)
+    np.testing.assert_allclose(got[k], mean / np.linalg.norm(mean), rtol=1e-6)
+  np.testing.assert_array_equal(got[2], np.zeros(5))
+
+
+def test_zero_shot_accuracy_hand_case_and_ties():
+  from unimo_jax.evaluation import zero_shot
+  cls = np.eye(3, dtype=np.float32)
+  img = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.1], [0.5, 0.5, 0.0], [0, 0, 1]], np.float32)
+  labels = np.array([0, 2, 1, -1])
+  # image 0 -> class 0 (right); image 1 -> class 1 (label 2: wrong); image 2 ties 0 and 1
+  # (label 1: a tie counts against); image 3 has no label.
+  out = zero_shot.accuracy_sums(img, labels, cls)
+  assert out["zero_shot_acc"] == (1.0, 3.0)
+  assert out["zero_shot_chance"] == pytest.approx((1 / 3, 1.0))
+  assert "zero_shot_acc@5" not in out
+
+
+def test_a_perfect_model_classifies_templated_prompts_exactly():
+  from unimo_jax.evaluation import zero_shot
+  rng = np.random.default_rng(2)
+  k, t, d = 7, 4, 16
+  centres = np.linalg.qr(rng.normal(size=(d, k)))[0].T  # k orthonormal class directions
+  # Each template moves a prompt off its class direction by a template-specific offset that is
+  # orthogonal to every class: the ensemble mean cancels nothing but stays on the class.
+  prompts = centres[:, None, :] + 0.3 * rng.normal(size=(1, t, d)) @ (
+      np.eye(d) - centres.T @ centres)
+  prompts /= np.linalg.norm(prompts, axis=-1, keepdims=True)
+  labels = rng.integers(0, k, size=50)
+  img = centres[labels]
+
+  def embed(ids):
+    return prompts.reshape(k * t, d)[ids[:, 0]]
+
+  data = dict(prompt_ids=np.arange(k * t).reshape(k, t, 1), prompt_valid=np.ones((k, t), bool),
+              label=labels)
+  out = zero_shot.split_sums(embed, img, np.arange(50), data)
+  assert out["zero_shot_acc"] == (50.0, 50.0) and out["zero_shot_acc@5"] == (50.0, 50.0)

@@ -129,7 +129,8 @@ def _write_webdataset(root):
       for r in recs:
         for name, data in ((f"{r['key']}.png", fx.image_bytes(r["pixels"])),
                            (f"{r['key']}.txt", r["captions"][0].encode()),
-                           (f"{r['key']}.json", json.dumps({"captions": r["captions"]}).encode())):
+                           (f"{r['key']}.json", json.dumps({"captions": r["captions"],
+                                                            "label": r["label"]}).encode())):
           info = tarfile.TarInfo(name)
           info.size = len(data)
           tar.addfile(info, io.BytesIO(data))
@@ -192,9 +193,10 @@ def _write_tfds(root):
           "image_id": np.int64, "captions": tfds.features.Sequence(tfds.features.Text())}))
 
     def _split_generators(self, dl_manager):
-      return {"train": self._gen(_records(16, 0)), "test": self._gen(_records(8, 100))}
+      return {"train": self._generate_examples(_records(16, 0)),
+              "test": self._generate_examples(_records(8, 100))}
 
-    def _gen(self, recs):
+    def _generate_examples(self, recs):  # pylint: disable=arguments-differ
       for r in recs:
         yield r["key"], dict(image=r["pixels"], image_id=int(r["key"]), captions=r["captions"])
 
@@ -240,6 +242,9 @@ def _run_format(fmt, tmp_path, capsys):
   assert "test" in name and "train" not in name
   # 4 colours x 2 templates: 8 distinct caption strings are the candidates of the test split.
   assert entry["pairs"]["t2i_r@1"][1] == 8
+  if fmt in ("webdataset", "jsonl"):  # records with a label: zero-shot classification too
+    assert entry["pairs"]["zero_shot_acc"][1] == 8
+    assert entry["metrics"]["zero_shot_chance"] == 0.25
   assert cli.main(["unimo-jax", "evaluate", "--workdir", workdir, "--split", "nope"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "'nope'" in err[0]
@@ -253,3 +258,27 @@ def test_own_webdataset_trains_and_evaluates_on_its_test_split(tmp_path, capsys)
 @pytest.mark.parametrize("fmt", ["coco", "jsonl", "tfds", "regions_npz", "regions_tsv"])
 def test_each_format_trains_and_evaluates_on_its_test_split(fmt, tmp_path, capsys):
   _run_format(fmt, tmp_path, capsys)
+
+
+def test_labels_give_zero_shot_prompts_per_class(tmp_path):
+  _write_webdataset(tmp_path)
+  c = _pairs_config(tmp_path / "train-*.tar")
+  c.streams.pair.max_length = 12
+  templates = ("a {} square", "the colour {}")
+  ev = {"sources": {"test": str(tmp_path / "test-000000.tar")},
+        "zero_shot": {"templates": templates}}
+  data, meta = eval_data.load_eval_split(c, "test", tokenizer=TOK, eval_config=ev)
+  assert meta["class_names"] == tuple(sorted(COLOURS))
+  want = [sorted(COLOURS).index(r["label"]) for r in _records(8, 100)]
+  np.testing.assert_array_equal(data["label"], want)
+  assert data["prompt_ids"].shape == (4, 2, 12) and data["prompt_valid"].all()
+  for k, name in enumerate(meta["class_names"]):
+    for t, template in enumerate(templates):
+      ids = TOK.encode(template.format(name))
+      np.testing.assert_array_equal(data["prompt_ids"][k, t, 1:1 + len(ids)], ids)
+  # Named classes in the config fix the order (and labels outside them are -1).
+  ev["zero_shot"]["classes"] = ["yellow", "red", "purple"]
+  data, meta = eval_data.load_eval_split(c, "test", tokenizer=TOK, eval_config=ev)
+  names = ["yellow", "red", "purple"]
+  np.testing.assert_array_equal(data["label"], [names.index(r["label"]) if r["label"] in names
+                                                else -1 for r in _records(8, 100)])

@@ -30,6 +30,8 @@ TABLE = (
     ("t2i_r@10", "text->image R@10", "{:.3f}"),
     ("hard_negative_acc", "hard-negative accuracy", "{:.3f}"),
     ("hard_negative_all_acc", "negatives below all captions", "{:.3f}"),
+    ("zero_shot_acc", "zero-shot class accuracy", "{:.3f}"),
+    ("zero_shot_acc@5", "zero-shot class top-5", "{:.3f}"),
     ("bleu4", "BLEU-4", "{:.3f}"),
     ("cider", "CIDEr", "{:.3f}"),
     ("mlm_accuracy", "MLM accuracy", "{:.3f}"),
@@ -106,7 +108,8 @@ def results_table(evaluations: Sequence[Mapping], rows=TABLE, chance: bool = Tru
     cells = [fmt.format(v) if isinstance(v, (int, float)) else "-" for v in vals]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   for key, label in (("i2t_chance_r@1", "chance R@1 (image->text)"),
-                     ("t2i_chance_r@1", "chance R@1 (text->image)")):
+                     ("t2i_chance_r@1", "chance R@1 (text->image)"),
+                     ("zero_shot_chance", "chance zero-shot accuracy")):
     values = [by[c].get(key) for c in cols]
     if chance and any(v is not None for v in values):
       lines.append(f"| {label} | " + " | ".join(
@@ -271,9 +274,12 @@ def write_report(workdir: str, results: Mapping, figures: Mapping[str, Mapping[s
     lines += ["## Results", "", results_table(evals), ""]
     lines += ["Recall@K: a query is a hit when a correct item is among its K best-scored "
               "candidates (ties count against the model; every caption of the split is a "
-              "candidate; identical caption strings are one candidate, a hit for every image they "
-              "caption). Hard-negative accuracy: share of (true caption, rewritten negative) "
-              "pairs where the negative scores lower for the image.", ""]
+              "candidate; identical caption strings are one candidate, a hit for every image "
+              "they caption). Zero-shot class accuracy (records with labels): an image is "
+              "assigned the class whose prompt-ensemble embedding (the class name in "
+              "evaluation.zero_shot.templates, averaged) is most similar. Hard-negative "
+              "accuracy: share of (true caption, rewritten negative) pairs where the negative "
+              "scores lower for the image.", ""]
     kinds = sorted({k for e in evals for k in e["metrics"] if k.startswith("hard_negative_acc/")})
     if kinds:
       lines += ["### Hard-negative accuracy by rewrite kind", "",

@@ -30,13 +30,13 @@ import jax
 import numpy as np
 
 from unimo_jax import parallel
-from unimo_jax.evaluation import captioning, hard_negatives, language, retrieval
+from unimo_jax.evaluation import captioning, hard_negatives, language, retrieval, zero_shot
 
-EVALUATORS = ("retrieval", "hard_negatives", "captioning", "language")
+EVALUATORS = ("retrieval", "hard_negatives", "captioning", "language", "zero_shot")
 _EMBED_KEYS = retrieval.VISUAL_KEYS + ("caption_ids", "negative_ids")
 _LANGUAGE_PREFIXES = ("mlm_", "s2s_", "cap_")
 # Keys of the ``evaluation`` config section read by ``main`` rather than by the runner.
-_MAIN_KEYS = {"splits", "limit", "sources", "allow_train_source"}
+_MAIN_KEYS = {"splits", "limit", "sources", "allow_train_source", "zero_shot"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +201,7 @@ class Evaluator:
     self.model, self.mesh, self.settings, self.decode_fn = model, mesh, settings, decode_fn
     self.batch_size = global_batch_size(settings.batch_size, mesh)
     self._embed = jax.jit(functools.partial(retrieval.embed_batch, model))
+    self._prompts = jax.jit(functools.partial(zero_shot.embed_prompts, model))
     self._language = jax.jit(functools.partial(language.language_rows, model))
     self._caption = jax.jit(
         lambda p, b: captioning.generate(model, p, {k: b[k] for k in retrieval.VISUAL_KEYS
@@ -226,7 +227,7 @@ class Evaluator:
     evaluators = tuple(evaluators or self.settings.evaluators)
     pairs, metrics, art = {}, {}, {}
     timings = {}
-    if {"retrieval", "hard_negatives"} & set(evaluators):
+    if {"retrieval", "hard_negatives", "zero_shot"} & set(evaluators):
       t0 = time.time()
       emb = self.embeddings(params, data)
       timings["embed_s"] = time.time() - t0
@@ -246,6 +247,12 @@ class Evaluator:
             np.asarray(data["negative_valid"])[emb["index"]],
             None if kinds is None else np.asarray(kinds)[emb["index"]],
             tuple(meta.get("kind_names", ()))))
+      if "zero_shot" in evaluators and "prompt_ids" in data and "label" in data:
+        # Class prompts through the same sharded text pass; labels from the records.
+        pairs.update(zero_shot.split_sums(
+            lambda ids: map_rows(self._prompts, params, split_batches(
+                {"prompt_ids": ids}, self.batch_size, ["prompt_ids"], jax.process_index(),
+                jax.process_count()), self.mesh)["text"], emb["image"], emb["index"], data))
     if "language" in evaluators and any(k.startswith(_LANGUAGE_PREFIXES) for k in data):
       t0 = time.time()
       keys = [k for k in data if k.startswith(_LANGUAGE_PREFIXES)] + list(retrieval.VISUAL_KEYS)
