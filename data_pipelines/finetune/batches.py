@@ -89,6 +89,8 @@ class RowBatches:
     picked = self._slots_rows(slots)
     batch = {k: v[picked] for k, v in self.rows.items()}
     batch["row_valid"] = batch.get("row_valid", valid) & valid
+    if not self.repeat:  # evaluation: each row's place in the file order (padding: 0)
+      batch["index"] = slots.astype(np.int64)
     if self._extra is not None:
       rng = np.random.default_rng([self.seed, 7919, index])
       batch.update(self._extra(batch, picked, rng))

@@ -51,6 +51,112 @@ def load_tokenizer(config):
     raise ValueError(f"data.tokenizer {spec!r} cannot be loaded ({e})") from e
 
 
+def _eval_config(config, mesh):
+  """The config with ``data.eval_batch_size`` rounded up to fill the evaluation mesh."""
+  from unimo_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
+  config = config.copy_and_resolve_references() if hasattr(
+      config, "copy_and_resolve_references") else config
+  with config.unlocked() if hasattr(config, "unlocked") else _null():
+    config.data.eval_batch_size = runner.global_batch_size(int(config.data.eval_batch_size), mesh)
+  return config
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def load_split(config, split: str, tokenizer, mesh):
+  """(evaluation batches as a list, meta) of one split, this process's rows."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from data_pipelines import finetune as data_lib  # pylint: disable=import-outside-toplevel
+  data, meta = data_lib.make_data(_eval_config(config, mesh), split, tokenizer, training=False,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  meta["dropped"] = data.dropped_counts()
+  return list(data), meta
+
+
+def make_evaluator(config, model_cfg, mesh, tokenizer, splits):
+  """``(params, step) -> {"<split>/<metric>": value}`` for ``train.eval_every``."""
+  from unimo_jax.finetune import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  task = tasks_lib.Task(model_cfg, tasks_lib.TaskSpec.from_config(config.task))
+  settings = eval_lib.GenerationSettings.from_config(config.evaluation)
+  loaded = {s: load_split(config, s, tokenizer, mesh) for s in splits}
+
+  def evaluate(params, step):
+    del step
+    out = {}
+    for split, (batches, meta) in loaded.items():
+      res = eval_lib.evaluate_split(task, params, batches, meta, mesh, settings, tokenizer)
+      out.update({f"{split}/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
+    return out
+  return evaluate
+
+
+def evaluate_workdir(workdir: str, steps=("latest",), splits=None, config=None,
+                     model_cfg=None, tokenizer=None) -> dict:
+  """``unimo-jax evaluate`` on a fine-tuned run: each step's task metrics on each split into
+  ``results.json`` (and a table in ``report.md``). Returns results.json's content plus
+  ``report_path``."""
+  import time  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
+  from unimo_jax.evaluation import main as eval_main  # pylint: disable=import-outside-toplevel
+  from unimo_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if config is None:
+    config, model_cfg = eval_main.load_run(workdir)
+  tokenizer = tokenizer or load_tokenizer(config)
+  mesh = parallel.make_mesh((-1, 1, 1))
+  task = tasks_lib.Task(model_cfg, tasks_lib.TaskSpec.from_config(config.task))
+  settings = eval_lib.GenerationSettings.from_config(config.evaluation)
+  splits = list(splits or config.evaluation.get("splits") or ["validation"])
+  loaded = {s: load_split(config, s, tokenizer, mesh) for s in splits}
+  results = report_lib.load_results(workdir)
+  is_main = jax.process_index() == 0
+  for step in steps:
+    want = None if step in (None, "latest") else int(step)
+    params, got = ckpt_lib.restore_params(workdir, want, parallel.replicated(mesh))
+    for split, (batches, meta) in loaded.items():
+      t0 = time.time()
+      res = eval_lib.evaluate_split(task, params, batches, meta, mesh, settings, tokenizer)
+      res["eval_seconds"] = time.time() - t0
+      if is_main:
+        results = report_lib.add_result(
+            workdir, got, split, {"metrics": res, "pairs": {}},
+            dict(task=config.task.kind, dropped=meta.get("dropped", {})))
+  path = os.path.join(workdir, "report.md")
+  if is_main:
+    with open(path, "w") as f:
+      f.write(report_text(results))
+  results["report_path"] = path if is_main else ""
+  results["table"] = report_text(results)  # what `unimo-jax evaluate` prints
+  return results
+
+
+def report_text(results) -> str:
+  """A markdown table of every (step, split) evaluation's numeric task metrics."""
+  evals = results.get("evaluations", [])
+  keys = sorted({k for e in evals for k, v in e["metrics"].items()
+                 if isinstance(v, (int, float)) and k not in ("eval_seconds",)})
+  lines = ["# Fine-tuning results", "", "| step | split | " + " | ".join(keys) + " |",
+           "|---|---|" + "---|" * len(keys)]
+  for e in evals:
+    vals = [e["metrics"].get(k) for k in keys]
+    lines.append(f"| {e['step']} | {e['split']} | " + " | ".join(
+        "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in vals)
+        + " |")
+  return "\n".join(lines) + "\n"
+
+
 def finetune_from_config(config, workdir: str, *, tokenizer=None, **train_kw):
   """Wires the task's data in and runs the training loop with the task's run.
 
@@ -70,9 +176,8 @@ def finetune_from_config(config, workdir: str, *, tokenizer=None, **train_kw):
   run = run_lib.build_finetune_run(config, data.spec, model_cfg=model_cfg)
   evaluate = None
   if config.train.eval_every:
-    from unimo_jax.finetune import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-    evaluate = eval_lib.make_evaluator(config, model_cfg, run.mesh, tokenizer,
-                                       list(config.evaluation.splits))
+    evaluate = make_evaluator(config, model_cfg, run.mesh, tokenizer,
+                              list(config.evaluation.splits))
   try:
     return trainer.train(config, workdir, data=data, evaluate=evaluate, run=run, **train_kw)
   finally:

@@ -1,0 +1,219 @@
+"""Evaluation of a fine-tuned run on one split (the data come from the caller).
+
+``evaluate_split(task, params, batches, meta, mesh, settings, tokenizer)`` -> metrics dict:
+
+  classification  accuracy, f1, matthews (+ loss)
+  regression      pearson, spearman, mse
+  entailment      accuracy
+  vqa             vqa_accuracy (argmax answer against the gold answers), vqa_score (soft)
+  retrieval       dual-encoder (zero-shot CMCL embeddings) R@1/5/10 both ways, and the same
+                  after its top ``rerank_k`` candidates of every query are re-scored by the
+                  cross-encoder: (images + texts) * K cross pairs instead of images * texts
+  captioning      bleu1..4, cider of beam-searched captions against every reference
+  seq2seq         rouge1/2/L, bleu4 of beam-searched targets (bos [CLS], eos [MASK], target
+                  positions from 0, min length, length penalty, trigram blocking)
+
+``batches`` is an iterable of per-process numpy batches in file order with ``index`` and
+``row_valid`` (``data_pipelines.finetune.RowBatches(repeat=False)``); ``meta`` carries what is
+not in the rows (answer strings, reference texts, the retrieval image/caption tables).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimo_jax import parallel
+from unimo_jax.evaluation import captioning as captioning_lib
+from unimo_jax.evaluation import decoding
+from unimo_jax.evaluation import runner
+from unimo_jax.finetune import layouts
+from unimo_jax.finetune import metrics as m
+from unimo_jax.finetune.tasks import Task
+from unimo_jax.model import Unimo, reorder_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  beam_size: int = 1
+  max_length: int = 20
+  alpha: float = 0.0
+  min_length: int = 1
+  block_trigrams: bool = False
+  rerank_k: int = 10
+
+  @classmethod
+  def from_config(cls, section) -> "GenerationSettings":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(section).items() if k in names})
+
+
+def _map(fn, params, batches, mesh) -> dict:
+  return runner.map_rows(jax.jit(fn), params, batches, mesh)
+
+
+def _head_outputs(task: Task, params, batches, mesh) -> dict:
+  return _map(lambda p, b: {"out": task.outputs(p, b)}, params, batches, mesh)
+
+
+def evaluate_split(task: Task, params, batches, meta: Mapping[str, Any], mesh,
+                   settings: GenerationSettings = GenerationSettings(), tokenizer=None) -> dict:
+  kind = task.spec.kind
+  with jax.set_mesh(mesh):
+    if kind in ("classification", "regression", "entailment", "vqa"):
+      batches = list(batches)
+      out = _head_outputs(task, params, batches, mesh)
+      rows = _rows(batches)
+      if kind == "regression":
+        pred, label = out["out"], rows["label"]
+        return dict(pearson=m.pearson(pred, label), spearman=m.spearman(pred, label),
+                    mse=float(np.mean((pred - label) ** 2)), count=len(pred))
+      if kind == "vqa":
+        best = np.argmax(out["out"], -1)
+        answers = meta["answers"]
+        gold = [[g] * 3 for g in meta["gold"]]  # each question's agreed answer
+        soft = rows["answer_scores"][np.arange(len(best)), best]
+        return dict(vqa_accuracy=layouts.vqa_accuracy([answers[i] for i in best], gold),
+                    vqa_score=float(np.mean(soft)), count=len(best))
+      pred, label = np.argmax(out["out"], -1), rows["label"]
+      res = dict(accuracy=m.accuracy(pred, label), count=len(pred))
+      if kind == "classification":
+        n = task.spec.num_labels
+        res.update(f1=m.f1(pred, label, n), matthews=m.matthews(pred, label, n))
+      return res
+    if kind == "retrieval":
+      return _retrieval(task, params, meta, mesh, settings)
+    if kind == "captioning":
+      return _captioning(task, params, meta, mesh, settings, tokenizer)
+    return _seq2seq(task, params, batches, meta, mesh, settings, tokenizer)
+
+
+def _rows(batches) -> dict:
+  """The real rows of the (single-process view of) batches, in index order."""
+  keep = [b["row_valid"] for b in batches]
+  out = {}
+  for k in ("label", "answer_scores", "index"):
+    if k in batches[0]:
+      vals = np.concatenate([b[k][v] for b, v in zip(batches, keep)])
+      out[k] = vals
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    out = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in
+           out.items()}
+  order = np.argsort(out["index"], kind="stable")
+  return {k: v[order] for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------ retrieval
+def _chunks(arrays: Mapping[str, np.ndarray], size: int):
+  n = len(next(iter(arrays.values())))
+  for lo in range(0, n, size):
+    rows = np.arange(lo, min(n, lo + size))
+    batch = {k: v[rows] for k, v in arrays.items()}
+    batch["index"] = rows.astype(np.int64)
+    yield runner.pad_rows(batch, size)
+
+
+def _retrieval(task: Task, params, meta, mesh, settings) -> dict:
+  """Dual-encoder R@K (zero-shot embeddings) and the cross-encoder re-ranking of its top K."""
+  scenes = meta["scenes"]
+  table, valid = meta["caption_table"]
+  img_of, cap_of = np.nonzero(valid)
+  texts = table[img_of, cap_of]
+  size = runner.global_batch_size(32, mesh)
+  model, mp = task.model, params
+
+  def embed_images(p, b):
+    v = {k: b[k] for k in scenes.visual}
+    h = model.apply({"params": p["model"]}, v, method=Unimo.encode_image)["img"]
+    return {"e": model.apply({"params": p["model"]}, h, method=Unimo.cmcl_image)}
+
+  def embed_texts(p, b):
+    h = model.apply({"params": p["model"]}, b["ids"], method=Unimo.encode_text)["cls"]
+    return {"e": model.apply({"params": p["model"]}, h, method=Unimo.cmcl_text)}
+  img_e = _map(embed_images, mp, _chunks(scenes.visual, size), mesh)["e"]
+  txt_e = _map(embed_texts, mp, _chunks({"ids": texts}, size), mesh)["e"]
+  dual = img_e @ txt_e.T                                  # [images, texts]
+  hits = img_of[None, :] == np.arange(len(img_e))[:, None]
+  cross_jit = jax.jit(lambda p, b: {"s": task.outputs(p, b)})
+
+  def cross(image_rows, text_rows):
+    arrays = dict({k: v[image_rows] for k, v in scenes.visual.items()}, ids=texts[text_rows])
+    return runner.map_rows(cross_jit, mp, _chunks(arrays, size), mesh)["s"]
+  k = int(settings.rerank_k)
+  out = {}
+  out.update(m.recalls(m.ranks_from_scores(dual, hits), prefix="dual/i2t_"))
+  out.update(m.recalls(m.ranks_from_scores(dual.T, hits.T), prefix="dual/t2i_"))
+  out.update(m.recalls(m.rerank_ranks(dual, hits, k, cross), prefix="i2t_"))
+  out.update(m.recalls(m.rerank_ranks(dual.T, hits.T, k, lambda t, i: cross(i, t)),
+                       prefix="t2i_"))
+  out.update(images=len(img_e), texts=len(texts), rerank_k=k,
+             cross_pairs=(len(img_e) + len(texts)) * min(k, len(texts)),
+             full_cross_pairs=len(img_e) * len(texts))
+  return out
+
+
+# ------------------------------------------------------------------------------ generation
+def _captioning(task: Task, params, meta, mesh, settings, tokenizer) -> dict:
+  scenes = meta["scenes"]
+  size = runner.global_batch_size(16, mesh)
+  cs = captioning_lib.CaptionSettings(max_length=settings.max_length,
+                                      beam_size=settings.beam_size, alpha=settings.alpha,
+                                      min_length=settings.min_length,
+                                      block_trigrams=settings.block_trigrams)
+
+  def gen(p, b):
+    d = captioning_lib.generate(task.model, p["model"], {k: b[k] for k in scenes.visual}, cs)
+    return {"tokens": d.tokens[:, 0], "lengths": d.lengths[:, 0]}
+  out = _map(gen, params, _chunks(scenes.visual, size), mesh)
+  texts = captioning_lib.decode_tokens(out["tokens"], out["lengths"], tokenizer.decode,
+                                       task.cfg.sep_id)
+  ids = [int(i) for i in meta["image_ids"]]
+  scores = captioning_lib.caption_scores(dict(zip(ids, texts)),
+                                         dict(zip(ids, meta["references"])))
+  scores.pop("cider_per_image", None)
+  return dict(scores, count=len(texts), examples=texts[:3])
+
+
+def _seq2seq(task: Task, params, batches, meta, mesh, settings, tokenizer) -> dict:
+  cfg = task.cfg
+  eos = cfg.mask_token_id
+  forbidden = tuple(sorted({cfg.pad_id, cfg.cls_id, cfg.unk_id}))
+  kw = dict(max_length=settings.max_length, bos_id=cfg.cls_id, eos_id=eos, pad_id=cfg.pad_id,
+            alpha=settings.alpha, min_length=settings.min_length,
+            block_trigrams=settings.block_trigrams, forbidden_ids=forbidden)
+  model = task.model
+
+  def gen(p, b):
+    v = {"params": p["model"]}
+    _, cache = model.apply(v, settings.max_length, ids=b["source_ids"], method=Unimo.prefill)
+
+    def step_fn(tokens, step, c):
+      # targets restart their positions at 0: token t of the target sits at row offset + t
+      pos = jnp.full(tokens.shape, cfg.position_offset, jnp.int32) + step
+      out, c = model.apply(v, tokens, c, pos, method=Unimo.decode_step)
+      return out["logits"], c
+    n = b["source_ids"].shape[0]
+    if settings.beam_size == 1:
+      d = decoding.greedy_search(step_fn, cache, n, **kw)
+    else:
+      d = decoding.beam_search(step_fn, cache, n, beam_size=settings.beam_size,
+                               reorder_fn=reorder_cache, **kw)
+    return {"tokens": d.tokens[:, 0], "lengths": d.lengths[:, 0]}
+  keep = ("source_ids", "index", "row_valid")
+  out = _map(gen, params, [{k: b[k] for k in keep} for b in batches], mesh)
+  texts = captioning_lib.decode_tokens(out["tokens"], out["lengths"], tokenizer.decode, eos)
+  refs = [meta["targets"][int(i)] for i in out["index"]]
+  res = m.rouge(texts, refs)
+  bleu = captioning_lib.caption_scores(dict(enumerate(texts)), {i: [r] for i, r in
+                                                                enumerate(refs)})
+  res.update(bleu4=bleu["bleu4"], count=len(texts), examples=texts[:3])
+  return res
+
+
+def put_params(params, mesh):
+  """Host params -> replicated on the evaluation mesh."""
+  return jax.device_put(params, parallel.replicated(mesh))
