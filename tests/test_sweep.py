@@ -53,11 +53,13 @@ def test_print_names_each_trial_s_command_workdir_and_overrides(capsys, tmp_path
 
 
 def test_a_sweep_names_its_command_finetune_works_the_same(capsys, tmp_path, monkeypatch):
+  path = sweep_file(tmp_path, [{}], extra='COMMAND = "pretrain"')
+  rc, _, err = run(capsys, "--sweep", path, "--workdir", str(tmp_path / "r"), "--print")
+  assert rc == 2 and "COMMAND 'pretrain' is not a unimo-jax command" in err
   path = sweep_file(tmp_path, [{"optimizer.learning_rate": 1e-5}],
                     config="experiments/configs/finetune/vqa.py", extra='COMMAND = "finetune"')
-  rc, _, err = run(capsys, "--sweep", path, "--workdir", str(tmp_path / "r"), "--print")
-  assert rc == 2 and "COMMAND 'finetune' is not a unimo-jax command" in err  # not registered
-  monkeypatch.setitem(cli.COMMANDS, "finetune", ("unimo_jax.train.main", "fine-tune"))
+  if "finetune" not in cli.COMMANDS:
+    monkeypatch.setitem(cli.COMMANDS, "finetune", ("unimo_jax.train.main", "fine-tune"))
   rc, out, _ = run(capsys, "--sweep", path, "--workdir", str(tmp_path / "r"), "--print")
   assert rc == 0 and out.startswith("unimo-jax finetune --config experiments/configs/finetune/")
   rc, _, _ = run(capsys, "--sweep", path, "--workdir", str(tmp_path / "r"), "--array")
@@ -131,6 +133,32 @@ def test_array_script_is_valid_bash_and_runs_trial_k(capsys, tmp_path, data_dir)
   rc, out, _ = run(capsys, "--workdir", str(root), "--summary")
   assert rc == 0 and "| 2 | failed (exit 2: bad usage or config) |" in out
   assert "| 0 | not started |" in out
+
+
+def test_array_script_evaluates_a_trial_that_trained(capsys, tmp_path):
+  """The trial and evaluate commands stubbed by a `unimo-jax` on the PATH that logs its
+  arguments: train exits 0, evaluate 5 (a failed evaluation is the task's exit status)."""
+  path = sweep_file(tmp_path, [{"seed": 0}, {"seed": 1}])
+  root = tmp_path / "root"
+  assert run(capsys, "--sweep", path, "--workdir", str(root), "--array", "--evaluate")[0] == 0
+  stub = tmp_path / "bin" / "unimo-jax"
+  stub.parent.mkdir()
+  log = tmp_path / "calls.txt"
+  stub.write_text(f'#!/bin/bash\necho "$*" >> {log}\n[[ $1 == evaluate ]] && exit 5\nexit 0\n')
+  stub.chmod(0o755)
+  env = dict(os.environ, PATH=f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
+             SLURM_ARRAY_TASK_ID="1")
+  p = subprocess.run(["bash", str(root / "sweep_array.sh")], env=env, capture_output=True,
+                     text=True, timeout=60)
+  assert p.returncode == 5, p.stderr
+  train, evaluate = log.read_text().splitlines()
+  assert train.startswith("train --config ") and "--config.seed=1" in train
+  assert evaluate == f"evaluate --workdir {root}/01_seed=1"
+  with open(root / "status" / "trial_1.json") as f:
+    status = json.load(f)
+  assert (status["exit_code"], status["evaluate_exit_code"]) == (0, 5)
+  rc, out, _ = run(capsys, "report", "--workdir", str(root))  # `sweep report` == --summary
+  assert rc == 0 and "evaluate failed (exit 5)" in out
 
 
 # ------------------------------------------------------------------------------ summary

@@ -1,5 +1,5 @@
 """A real 3-trial sweep of the tiny demo config run here (2 steps a trial, the persistent
-compilation cache), one trial made to fail, then summarised: the table is checked against each
+compilation cache), one trial made to fail, each trained one evaluated, then summarised: the table is checked against each
 trial's own metrics.jsonl, read here, and the learning rate the schedule must have logged."""
 import csv
 import json
@@ -25,7 +25,7 @@ def test_three_trial_sweep_runs_and_is_summarised(tmp_path, capfd):
   path.write_text(f"CONFIG = {DEMO + ':smoke,data_dir=' + data_dir!r}\n"
                   f"def get_sweep():\n  return {trials!r}\n")
   root = str(tmp_path / "sweep")
-  rc = cli.main(["unimo-jax", "sweep", "--sweep", str(path), "--workdir", root,
+  rc = cli.main(["unimo-jax", "sweep", "--sweep", str(path), "--workdir", root, "--evaluate",
                  "--set", "train.total_steps=2", "--set", "train.log_every=1",
                  "--set", "train.progress_bar=off"])
   out, _ = capfd.readouterr()
@@ -48,6 +48,11 @@ def test_three_trial_sweep_runs_and_is_summarised(tmp_path, capfd):
       assert float(row[key]) == pytest.approx(last[key], rel=1e-12), key
     # the override reached the optimizer: step 2 trains with the 2-step linear warmup at 1/2
     assert float(row["learning_rate"]) == pytest.approx(lr / 2, rel=1e-6)
+    # --evaluate: the latest evaluation of each split in results.json, as SPLIT/KEY
+    with open(os.path.join(workdir, "results.json")) as f:
+      evaluations = json.load(f)["evaluations"]
+    test = [e for e in evaluations if e["split"] == "test"][-1]["metrics"]
+    assert float(row["test/i2t_r@1"]) == pytest.approx(test["i2t_r@1"], rel=1e-12)
   assert rows[2]["status"] == "failed (exit 2: bad usage or config)"
   assert rows[2]["model.hidden_size"] == "66" and rows[2]["loss"] == ""
   with open(os.path.join(root, "summary.md")) as f:

@@ -21,7 +21,9 @@ in its own workdir (so a re-run resumes unfinished trials). Modes:
   --array     write ROOT/commands.txt (trial k on line k+1: ``xargs``, xpk, JobSet take it) and
               ROOT/sweep_array.sh, a SLURM array script running trial $SLURM_ARRAY_TASK_ID
   --summary   ROOT/summary.md + summary.csv (every trial's overrides, status, final training
-              metrics and results.json) and summary.png (METRIC against the swept values)
+              metrics and results.json) and summary.png (METRIC against the swept values);
+              also ``unimo-jax sweep report --workdir ROOT``
+  --evaluate  (with a run or --array) ``unimo-jax evaluate`` each trial once it has trained
 
 ``ROOT/sweep.json`` lists the trials; ``ROOT/status/trial_<i>.json`` holds each finished trial's
 exit status (written by the local runner and by the array script).
@@ -166,29 +168,40 @@ def write_manifest(root: str, sweep: Sweep, cmds: Sequence[tuple[str, list[str]]
   return path
 
 
-def write_status(root: str, index: int, exit_code: int, started: float, runner: str) -> None:
+def write_status(root: str, index: int, exit_code: int, started: float, runner: str,
+                 evaluate_exit_code: int | None = None) -> None:
   os.makedirs(os.path.join(root, STATUS_DIR), exist_ok=True)
+  record = {"index": index, "exit_code": int(exit_code), "started": started,
+            "finished": time.time(), "runner": runner}
+  if evaluate_exit_code is not None:
+    record["evaluate_exit_code"] = int(evaluate_exit_code)
   with open(os.path.join(root, STATUS_DIR, f"trial_{index}.json"), "w") as f:
-    json.dump({"index": index, "exit_code": int(exit_code), "started": started,
-               "finished": time.time(), "runner": runner}, f)
+    json.dump(record, f)
 
 
 def run_local(root: str, cmds: Sequence[tuple[str, list[str]]], chosen: Sequence[int],
-              dry_run: bool = False) -> list[tuple[int, int]]:
-  """Runs the chosen trials one after another, each in a fresh process (a clean JAX runtime);
-  records each exit status (not for dry runs). Returns ``[(index, exit status)]`` of failures."""
+              dry_run: bool = False, evaluate: bool = False) -> list[tuple[int, int]]:
+  """Runs the chosen trials one after another, each in a fresh process (a clean JAX runtime),
+  with ``evaluate`` then ``unimo-jax evaluate`` of each trial that finished; records each exit
+  status (not for dry runs). Returns ``[(index, exit status)]`` of failures."""
   failed = []
   for n, i in enumerate(chosen):
-    _, cmd = cmds[i]
+    workdir, cmd = cmds[i]
     cmd = cmd + (["--dry_run"] if dry_run else [])
     print(f"[sweep] trial {i} ({n + 1}/{len(chosen)}): {shlex.join(cmd)}", flush=True)
     started = time.time()
     rc = subprocess.call([sys.executable, "-m", "unimo_jax.cli"] + cmd[1:])
+    eval_rc = None
+    if evaluate and rc == 0 and not dry_run:
+      print(f"[sweep] trial {i}: unimo-jax evaluate --workdir {workdir}", flush=True)
+      eval_rc = subprocess.call([sys.executable, "-m", "unimo_jax.cli", "evaluate", "--workdir",
+                                 workdir])
     if not dry_run:
-      write_status(root, i, rc, started, "local")
-    if rc:
-      failed.append((i, rc))
-      print(f"[sweep] trial {i} exited with {rc}", flush=True)
+      write_status(root, i, rc, started, "local", eval_rc)
+    if rc or eval_rc:
+      failed.append((i, rc or eval_rc))
+      print(f"[sweep] trial {i} exited with {rc}" + (f", its evaluation with {eval_rc}"
+                                                     if eval_rc else ""), flush=True)
   return failed
 
 
@@ -222,20 +235,37 @@ started=$(date +%s)
 set +e
 "${{cmd[@]}}" "$@"
 rc=$?
+train_rc=$rc
 set -e
-if [[ " $* " != *" --dry_run "* ]]; then
+dry=0
+if [[ " $* " == *" --dry_run "* ]]; then dry=1; fi
+eval_field=""
+if (( {evaluate} && rc == 0 && ! dry )); then
+  for ((i = 0; i < ${{#cmd[@]}} - 1; i++)); do
+    if [[ ${{cmd[i]}} == --workdir ]]; then workdir=${{cmd[i + 1]}}; fi
+  done
+  set +e
+  unimo-jax evaluate --workdir "$workdir"
+  eval_rc=$?
+  set -e
+  eval_field=", \\"evaluate_exit_code\\": $eval_rc"
+  if (( eval_rc )); then rc=$eval_rc; fi
+fi
+if (( ! dry )); then
   mkdir -p "$status_dir"
-  printf '{{"index": %d, "exit_code": %d, "started": %s, "finished": %s, "runner": "slurm", "job": "%s"}}\\n' \\
-    "$k" "$rc" "$started" "$(date +%s)" "${{SLURM_ARRAY_JOB_ID:-}}" > "$status_dir/trial_$k.json"
+  printf '{{"index": %d, "exit_code": %d, "started": %s, "finished": %s, "runner": "slurm", "job": "%s"%s}}\\n' \\
+    "$k" "$train_rc" "$started" "$(date +%s)" "${{SLURM_ARRAY_JOB_ID:-}}" "$eval_field" > "$status_dir/trial_$k.json"
 fi
 exit "$rc"
 """
 
 
 def write_array(root: str, sweep: Sweep, cmds: Sequence[tuple[str, list[str]]],
-                options: Sequence[str] = (), setup: Sequence[str] = ()) -> tuple[str, str]:
+                options: Sequence[str] = (), setup: Sequence[str] = (),
+                evaluate: bool = False) -> tuple[str, str]:
   """Writes ``ROOT/commands.txt`` (one shell-quoted command per line, trial k on line k+1) and
-  ``ROOT/sweep_array.sh``; returns their paths."""
+  ``ROOT/sweep_array.sh`` (with ``evaluate``, a trial that trained is then evaluated); returns
+  their paths."""
   os.makedirs(root, exist_ok=True)
   commands_path = os.path.join(root, COMMANDS_FILE)
   with open(commands_path, "w") as f:
@@ -243,7 +273,7 @@ def write_array(root: str, sweep: Sweep, cmds: Sequence[tuple[str, list[str]]],
   script = os.path.join(root, ARRAY_SCRIPT)
   text = ARRAY_TEMPLATE.format(
       sweep=sweep.path, commands=commands_path, script=script, job=f"sweep-{sweep.name}",
-      last=len(cmds) - 1, root=root,
+      last=len(cmds) - 1, root=root, evaluate=int(bool(evaluate)),
       options="".join(f"#SBATCH {o}\n" for o in options), setup="".join(f"{s}\n" for s in setup),
       commands_q=shlex.quote(commands_path), status_q=shlex.quote(os.path.join(root, STATUS_DIR)))
   with open(script, "w") as f:
@@ -269,6 +299,9 @@ def _parser(prog: str) -> commands_lib.ArgumentParser:
   p.add_argument("--only", default="", help="trial indices, comma separated (default: all)")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="override for every trial, e.g. --set train.total_steps=50 (repeatable)")
+  p.add_argument("--evaluate", action="store_true",
+                 help="run `unimo-jax evaluate` on each trial that trained (locally and in the "
+                      "array script): the summary then has its results.json")
   p.add_argument("--dry-run", action="store_true",
                  help="run each trial's command with --dry_run (checks every trial's config)")
   p.add_argument("--metric", default=None,
@@ -281,6 +314,8 @@ def _parser(prog: str) -> commands_lib.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+  if argv[1:2] == ["report"]:  # `unimo-jax sweep report --workdir R` == `... --summary`
+    argv = [argv[0]] + argv[2:] + ["--summary"]
   args = _parser(argv[0]).parse_args(argv[1:])
   root = os.path.abspath(os.path.expanduser(args.workdir))
   try:
@@ -312,13 +347,14 @@ def main(argv: list[str]) -> int:
       return commands_lib.OK
     write_manifest(root, s, cmds, args.set)
     if args.array:
-      commands_path, script = write_array(root, s, cmds, args.slurm_option, args.slurm_setup)
+      commands_path, script = write_array(root, s, cmds, args.slurm_option, args.slurm_setup,
+                                          evaluate=args.evaluate)
       print(f"wrote {commands_path} ({len(cmds)} trials) and {script}\n"
             f"submit: sbatch {script}   (some trials: sbatch --array=0,2 {script})")
       return commands_lib.OK
   except commands_lib.UsageError as e:
     return commands_lib.fail(argv[0], e)
-  failed = run_local(root, cmds, chosen, dry_run=args.dry_run)
+  failed = run_local(root, cmds, chosen, dry_run=args.dry_run, evaluate=args.evaluate)
   print(f"[sweep] {len(chosen) - len(failed)}/{len(chosen)} trials finished; "
         f"summary: unimo-jax sweep --workdir {root} --summary")
   return commands_lib.TRIALS_FAILED if failed else commands_lib.OK

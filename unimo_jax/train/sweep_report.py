@@ -11,7 +11,8 @@ latest step of every split, as ``SPLIT/KEY``). Writes:
   ROOT/summary.png   the sweep's metric against the swept values; failed and unfinished trials
                      are marked on the x axis
 
-A trial's status: ``done``; ``failed (exit N: what N means)``; ``stopped at step s/T`` (exit 0
+A trial's status: ``done`` (``, evaluate failed (exit N)`` if its evaluation failed);
+``failed (exit N: what N means)``; ``stopped at step s/T`` (exit 0
 before the last step, e.g. a signal); ``unfinished (step s/T)`` (no exit status: running, or
 killed); ``not started``.
 """
@@ -90,6 +91,8 @@ def trial_row(trial: Mapping, root: str) -> dict:
   elif code == 0:
     done = step is not None and (total is None or step >= total)
     row["status"] = "done" if done else f"stopped at step {step}{of}"
+    if status.get("evaluate_exit_code"):
+      row["status"] += f", evaluate failed (exit {status['evaluate_exit_code']})"
   elif not os.path.isdir(workdir):
     row["status"] = "not started"
   elif total is not None and step is not None and step >= total:
