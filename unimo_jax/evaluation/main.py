@@ -146,6 +146,9 @@ def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config, model_cfg = load_run(workdir)
+  if "task" in config:  # a fine-tuned run: its task's metrics (unimo_jax.finetune)
+    from unimo_jax.finetune import main as finetune_main  # pylint: disable=import-outside-toplevel
+    return finetune_main.evaluate_workdir(workdir, steps, splits, config, model_cfg)
   section = _eval_section(config)
   if batch_size:
     section["batch_size"] = batch_size
@@ -227,6 +230,6 @@ def main(argv) -> int:
     print(f"{argv[0]}: {e}", file=sys.stderr)                   # config problems: one line
     return 2
   if jax.process_index() == 0:
-    print(report_lib.results_table(results["evaluations"]))
+    print(results.get("table") or report_lib.results_table(results["evaluations"]))
     print(f"report: {results['report_path']}")
   return 0
