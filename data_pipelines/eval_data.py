@@ -176,8 +176,8 @@ def split_source(data_config, split: str, eval_config=None, source=None) -> dict
   raise ValueError(
       f"evaluation split {split!r} is unknown: pair source {name!r} ({describe(spec)}) has no "
       "splits of its own" + (f" and evaluation.sources has {sorted(mapped)}" if mapped else
-                             "; name the held-out files per split in evaluation.sources, e.g. "
-                             f"{{'{split}': {{'kind': '{spec.get('kind')}', 'path': ...}}}}"))
+                             "; name its held-out files with --source " + split + "=PATH, or "
+                             "per split in the config's evaluation.sources"))
 
 
 def pair_source_spec(cfg, split: str, source=None, eval_config=None) -> dict:

@@ -251,7 +251,20 @@ def _run_format(fmt, tmp_path, capsys):
 
 
 def test_own_webdataset_trains_and_evaluates_on_its_test_split(tmp_path, capsys):
+  from unimo_jax import cli
   _run_format("webdataset", tmp_path, capsys)
+  # Files named on the command line: a new split, or the training shard (refused in one line).
+  workdir, root = str(tmp_path / "run"), tmp_path / "data"
+  assert cli.main(["unimo-jax", "evaluate", "--workdir", workdir, "--split", "heldout",
+                   "--source", f"heldout={root / 'test-*.tar'}", "--no-figures"]) == 0
+  capsys.readouterr()
+  assert cli.main(["unimo-jax", "evaluate", "--workdir", workdir, "--split", "again",
+                   "--source", f"again={root / 'train-000000.tar'}", "--no-figures"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "reads the training source" in err[0]
+  with open(os.path.join(workdir, "results.json")) as f:
+    splits = {e["split"]: e for e in json.load(f)["evaluations"]}
+  assert sorted(splits) == ["heldout", "test"] and splits["heldout"]["records"] == 8
 
 
 @pytest.mark.slow

@@ -138,14 +138,20 @@ def make_train_evaluator(config, model_cfg: ModelConfig, mesh, tokenizer,
 def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),
                      splits: Sequence[str] | None = None, limit: int | None = None,
                      batch_size: int | None = None, figures: bool = True,
-                     allow_train_source: bool | None = None) -> dict:
+                     allow_train_source: bool | None = None,
+                     sources: dict | None = None) -> dict:
   """Evaluates the given checkpoint steps (ints, or "latest") of a run on its splits.
+
+  ``sources`` ({split: path or source spec}) adds to or replaces the run's
+  ``evaluation.sources`` (``data_pipelines.eval_data``) for this evaluation.
 
   Returns the content of ``results.json`` after adding these evaluations, plus
   ``report_path``.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config, model_cfg = load_run(workdir)
+  if sources:  # held-out files named on the command line, e.g. --source test=/data/test-*.tar
+    config.evaluation.sources = {**_eval_section(config).get("sources", {}), **sources}
   if "task" in config:  # a fine-tuned run: its task's metrics (unimo_jax.finetune)
     from unimo_jax.finetune import main as finetune_main  # pylint: disable=import-outside-toplevel
     return finetune_main.evaluate_workdir(workdir, steps, splits, config, model_cfg)
@@ -209,7 +215,15 @@ def main(argv) -> int:
                       help="evaluate a split even when its source is a training source")
   parser.add_argument("--verbose", action="store_true",
                       help="keep the INFO logs of absl, orbax and TensorFlow")
+  parser.add_argument("--source", action="append", default=[], metavar="SPLIT=PATH",
+                      help="held-out files of a split (a path or glob read like the training "
+                           "pair source), added to the config's evaluation.sources; repeatable")
   args = parser.parse_args(argv[1:])
+  bad = [s for s in args.source if "=" not in s or not s.split("=", 1)[1]]
+  if bad:
+    print(f"{argv[0]}: --source {bad[0]!r}: expected SPLIT=PATH", file=sys.stderr)
+    return 2
+  sources = dict(s.split("=", 1) for s in args.source)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   if not args.verbose:  # the table, not the libraries' start-up and checkpoint chatter
     import data_pipelines  # pylint: disable=import-outside-toplevel
@@ -225,7 +239,8 @@ def main(argv) -> int:
   try:
     results = evaluate_workdir(args.workdir, steps, splits, args.limit, args.batch_size,
                                figures=not args.no_figures,
-                               allow_train_source=args.allow_train_source or None)
+                               allow_train_source=args.allow_train_source or None,
+                               sources=sources)
   except (FileNotFoundError, ValueError, CheckpointError) as e:  # no (restorable) checkpoint /
     print(f"{argv[0]}: {e}", file=sys.stderr)                   # config problems: one line
     return 2
