@@ -19,6 +19,7 @@ from unimo_jax.train import train_step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
+DATA_DEFAULTS = pipeline.default_config()
 
 
 def load(name, *overrides):
@@ -35,7 +36,7 @@ def load(name, *overrides):
                                   "large.py:/mnt/data"])
 def test_configs_validate(name):
   c = load(name)
-  data = config_lib.validate(c, num_devices=8, check_files=False)
+  data = config_lib.validate(c, num_devices=8, data_defaults=DATA_DEFAULTS, check_files=False)
   assert schema.enabled_streams(data) == ("text", "image", "pair")
 
 
@@ -61,12 +62,81 @@ def _cli(*args, tmp):
     (["--config.cmcl.implementation=dense"], "cmcl.implementation"),
     (["--config.data.tokenizer=sentencepiece:/nonexistent/spm.model"], "does not exist"),
     (["--config.model.hidden_size=66"], "divisible by num_heads"),
+    # numeric ranges, named by field (a negative batch size used to switch the stream off)
+    (["--config.data.streams.pair.batch_size=-8"],
+     "data.streams.pair.batch_size must be an integer >= 0, got -8"),
+    (["--config.train.keep_checkpoints=-1"], "train.keep_checkpoints must be an integer >= 0"),
+    (["--config.train.keep_period=-5"], "train.keep_period must be an integer >= 0"),
+    (["--config.optimizer.warmup_steps=-1"], "optimizer.warmup_steps must be an integer >= 0"),
+    (["--config.optimizer.b2=1.5"], "optimizer.b2 must be a number >= 0 and <= 1, got 1.5"),
+    (["--config.objectives.label_smoothing=-0.1"], "objectives.label_smoothing"),
+    (["--config.data.num_negatives=-1"], "data.num_negatives must be an integer >= 0"),
+    (["--config.data.streams.text.mask_rate=2.0"], "data.streams.text.mask_rate"),
+    (["--config.train.eval_every=-2"], "train.eval_every must be an integer >= 0"),
+    # the evaluation keys, before anything compiles
+    (["--config.evaluation.limit=-3"], "evaluation.limit must be an integer >= 0"),
+    (["--config.train.eval_every=5", "--config.evaluation.train_splits=()"],
+     "evaluation.train_splits is empty"),
 ])
 def test_cli_rejects_bad_configs_in_one_line(tmp_path, args, fragment):
   rc, err = _cli("--config", os.path.join(CONFIGS, "demo.py"), *args, tmp=tmp_path)
   assert rc == 2 and fragment in err, err
-  assert len(err.splitlines()) == 1, err
+  assert len(err.splitlines()) == 1 and "\\n" not in err, err
   assert not os.path.exists(tmp_path / "checkpoints")  # failed before any work
+
+
+def _validate(c, **kw):
+  return config_lib.validate(c, num_devices=8, data_defaults=DATA_DEFAULTS, **kw)
+
+
+def test_evaluation_keys_validate_before_anything_compiles():
+  """``train.eval_every`` with ``evaluation.train_splits`` (documented) is a valid config, from
+  a file or the command line; an unknown evaluation key or a bad evaluator is one line."""
+  c = load("demo.py", "train.eval_every=5", "evaluation.train_splits=('validation', 'test')")
+  assert tuple(c.evaluation.train_splits) == ("validation", "test")
+  _validate(c, check_files=False)
+  c.evaluation.unlock()  # a config file adds the evaluators' settings freely
+  c.evaluation.batch_size = 16
+  c.evaluation.caption = dict(beam_size=2)
+  _validate(c, check_files=False)
+  c.evaluation.bogus = 1
+  with pytest.raises(config_lib.ConfigError, match=r"evaluation: .*\['bogus'\]"):
+    _validate(c, check_files=False)
+  del c.evaluation["bogus"]
+  c.evaluation.evaluators = ("retrieval", "telepathy")
+  with pytest.raises(config_lib.ConfigError, match="telepathy"):
+    _validate(c, check_files=False)
+  c.evaluation.evaluators = ("retrieval",)
+  c.evaluation = {"train_splits": "validation"}  # a string, not a list of names
+  with pytest.raises(config_lib.ConfigError, match="evaluation.train_splits must be a list"):
+    _validate(c, check_files=False)
+
+
+def test_unknown_stream_keys_are_named():
+  c = load("demo.py")
+  c.data.streams.text.unlock()
+  c.data.streams.text.max_lenght = 12
+  with pytest.raises(config_lib.ConfigError, match="'data.streams.text.max_lenght'"):
+    _validate(c, check_files=False)
+
+
+def test_home_relative_tokenizer_path_validates_and_loads(tmp_path, monkeypatch):
+  """``sentencepiece:~/...``: validation and the one loader both expand ``~`` (the loader used
+  to fail on the literal path after validation had passed)."""
+  from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("HOME", str(tmp_path))
+  words = [f"w{i}" for i in range(40)]
+  sentences = [" ".join(words[i:i + 6]) for i in range(34)] * 3
+  tokenizers.train_sentencepiece(sentences, str(tmp_path / "spm"), vocab_size=60,
+                                 model_type="bpe", fit_vocab=True)
+  c = load("demo.py")
+  c.data.tokenizer = "sentencepiece:~/spm.model"
+  _validate(c)
+  tok = tokenizers.load_tokenizer(c.data.tokenizer)
+  assert tok.vocab_size > 0
+  c.data.tokenizer = "sentencepiece:~/missing.model"
+  with pytest.raises(config_lib.ConfigError, match=f"{tmp_path}/missing.model does not exist"):
+    _validate(c)
 
 
 def test_unknown_key_in_a_config_file(tmp_path):
@@ -97,7 +167,7 @@ def _expected_params(m, d):
 @pytest.mark.parametrize("name, millions", [("base.py", 132), ("large.py", 366)])
 def test_paper_configs_build_sharded_on_8_devices(name, millions):
   c = load(name)
-  config_lib.validate(c, num_devices=8, check_files=False)
+  config_lib.validate(c, num_devices=8, data_defaults=DATA_DEFAULTS, check_files=False)
   run = setup_lib.build_run(c)  # no batch spec: model, mesh, optimizer and shardings only
   mcfg, abstract = run.model_cfg, run.abstract_state
   assert dict(run.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -117,7 +187,7 @@ def test_base_step_traces_at_full_size():
   """The whole base train step (every objective, batch 512/256/512, 512 tokens, 100 regions)
   traces with the config's shardings on 8 devices (abstractly: nothing is allocated)."""
   c = load("base.py")
-  data = config_lib.validate(c, num_devices=8, check_files=False)
+  data = config_lib.validate(c, num_devices=8, data_defaults=DATA_DEFAULTS, check_files=False)
   run = setup_lib.build_run(c, schema.batch_spec(data), process_count=1)
   abstract = run.abstract_state
   with step_lib.mesh_context(run.mesh, run.rules):
@@ -138,7 +208,7 @@ def test_sweeps_expand_to_valid_trials():
     for _, argv in cmds:
       overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
       c = load(os.path.relpath(os.path.join(ROOT, config_path), CONFIGS), *overrides)
-      config_lib.validate(c, num_devices=8, check_files=False)
+      config_lib.validate(c, num_devices=8, data_defaults=DATA_DEFAULTS, check_files=False)
 
 
 def test_sweep_product_and_names():

@@ -224,10 +224,13 @@ def parse_absl(fv, argv: Sequence[str], help_text: str) -> int | None:
     # load raises from its own code: all of them are bad input, said in one line.
     cause = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], Exception) else e
     if isinstance(cause, KeyError):  # config_flags: an override names no field of the config
-      key = str(cause.args[0]).strip("'\"") if cause.args else "?"
+      # ml_collections' message is "key'\nDid you mean ...?": the key, then a hint line
+      lines = [line.strip().strip("'\"") for line in str(cause.args[0] if cause.args else "?")
+               .splitlines() if line.strip()] or ["?"]
+      key, hint = lines[0], (f" ({lines[-1]})" if len(lines) > 1 else "")
       flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
                    key in a.split("=")[0].split(".")), key)
-      return fail(argv[0], f"{flag}: the config has no field {key!r}")
+      return fail(argv[0], f"{flag}: the config has no field {key!r}{hint}")
     return fail(argv[0], error_line(cause))
   return None
 

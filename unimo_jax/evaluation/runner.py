@@ -36,7 +36,7 @@ EVALUATORS = ("retrieval", "hard_negatives", "captioning", "language", "zero_sho
 _EMBED_KEYS = retrieval.VISUAL_KEYS + ("caption_ids", "negative_ids")
 _LANGUAGE_PREFIXES = ("mlm_", "s2s_", "cap_")
 # Keys of the ``evaluation`` config section read by ``main`` rather than by the runner.
-_MAIN_KEYS = {"splits", "limit", "sources", "allow_train_source", "zero_shot"}
+_MAIN_KEYS = {"splits", "limit", "train_splits", "sources", "allow_train_source", "zero_shot"}
 
 
 @dataclasses.dataclass(frozen=True)

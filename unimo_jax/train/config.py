@@ -18,9 +18,14 @@ compiled. Sections:
   train         loop, checkpoints, logging, non-finite guard, initialisation
   mesh          device mesh sizes (one may be -1), ``unimo_jax.parallel``
   axis_rules    logical axis -> mesh axes rules for parameters and activations
-  evaluation    evaluators run by ``unimo-jax evaluate`` and every ``train.eval_every`` steps
-                (owned by ``unimo_jax.evaluation``; free-form here); the loop evaluates the
-                splits ``evaluation.train_splits`` (default ``("validation",)``)
+  evaluation    evaluators run by ``unimo-jax evaluate`` and every ``train.eval_every`` steps:
+                the keys of ``unimo_jax.evaluation.runner.EvalSettings`` and of
+                ``unimo_jax.evaluation.main`` (``splits``, ``limit``, ...; checked here against
+                the runner's list); the loop evaluates ``evaluation.train_splits``
+
+Every numeric field is range-checked (batch sizes, keep counts, lengths >= 0, rates in [0, 1],
+...). ``validate`` never imports ``data_pipelines``: the command passes the pipeline's data
+defaults in (``data_defaults``).
 """
 from __future__ import annotations
 
@@ -102,7 +107,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.axis_rules = [[name, list(axes) if isinstance(axes, tuple) else axes]
                   for name, axes in parallel.DEFAULT_RULES]
+  # Declared so that the command line can set them (the rest of the section is free-form).
   c.evaluation = ml_collections.ConfigDict()
+  c.evaluation.train_splits = ("validation",)  # splits the loop evaluates every eval_every steps
+  c.evaluation.splits = ()         # `unimo-jax evaluate`'s splits (() = the source's test splits)
+  c.evaluation.limit = 0           # images per split (0 = all)
   return c
 
 
@@ -146,11 +155,8 @@ def tokenizer_path_problem(spec: str) -> str | None:
   return None
 
 
-def resolved_data(config, data_defaults: Mapping | None = None) -> dict:
+def resolved_data(config, data_defaults: Mapping) -> dict:
   """The data section merged over the pipeline's defaults (plain dicts)."""
-  if data_defaults is None:
-    from data_pipelines import pipeline  # imports TensorFlow: only when actually validating
-    return pipeline.resolve_config(config.data)
   out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in _plain(data_defaults).items()}
   out["streams"] = {s: dict(v) for s, v in out.get("streams", {}).items()}
   for k, v in _plain(config.data).items():
@@ -167,16 +173,119 @@ def enabled_streams(data: Mapping) -> tuple[str, ...]:
       data["streams"].get(s, {}).get("batch_size", 0)) > 0 and data["streams"][s].get("sources"))
 
 
-def validate(config, *, num_devices: int, process_count: int = 1,
-             data_defaults: Mapping | None = None, check_files: bool = True) -> dict:
+# Numeric fields and their ranges: (integer?, minimum, maximum, minimum excluded?).
+_COUNT = (True, 0, None, False)
+_POSITIVE_INT = (True, 1, None, False)
+_NONNEG = (False, 0, None, False)
+_RATE = (False, 0, 1, False)
+RANGES = {
+    "optimizer.learning_rate": (False, 0, None, True), "optimizer.warmup_steps": _COUNT,
+    "optimizer.end_lr_factor": _NONNEG, "optimizer.b1": _RATE, "optimizer.b2": _RATE,
+    "optimizer.eps": _NONNEG, "optimizer.weight_decay": _NONNEG, "optimizer.clip_norm": _NONNEG,
+    "optimizer.grad_accum_steps": _POSITIVE_INT,
+    "objectives.label_smoothing": _RATE, "objectives.mrp_regression_weight": _NONNEG,
+    "objectives.mrp_class_weight": _NONNEG,
+    "train.total_steps": _POSITIVE_INT, "train.log_every": _POSITIVE_INT,
+    "train.checkpoint_every": _COUNT, "train.keep_checkpoints": _COUNT,
+    "train.keep_period": _COUNT, "train.max_nonfinite_steps": _POSITIVE_INT,
+    "train.eval_every": _COUNT, "train.peak_flops_per_device": _NONNEG,
+    "data.image_size": _POSITIVE_INT, "data.patch_size": _POSITIVE_INT,
+    "data.max_image_pixels": _POSITIVE_INT, "data.num_regions": _POSITIVE_INT,
+    "data.region_feature_dim": _POSITIVE_INT, "data.num_region_classes": _POSITIVE_INT,
+    "data.region_mask_rate": _RATE, "data.region_overlap_threshold": _NONNEG,
+    "data.num_positives": _COUNT, "data.num_negatives": _COUNT,
+    "data.num_related_images": _COUNT, "data.num_related_texts": _COUNT,
+    "data.mixture_period": _POSITIVE_INT, "data.max_attempts": _POSITIVE_INT,
+    "data.parallel_batches": _POSITIVE_INT, "data.prefetch": _COUNT,
+}
+# Per stream (``data.streams.<stream>.<field>``).
+STREAM_RANGES = {
+    "batch_size": _COUNT, "max_length": _POSITIVE_INT, "max_predictions": _COUNT,
+    "s2s_max_length": _POSITIVE_INT, "s2s_max_predictions": _COUNT, "mask_rate": _RATE,
+    "infilling_rate": _RATE,
+}
+
+
+def _check_number(name: str, value, spec) -> None:
+  integer, lo, hi, open_lo = spec
+  kind = "an integer" if integer else "a number"
+  ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+  if isinstance(value, bool) or not ok_type:
+    _fail(f"{name} must be {kind}, got {value!r}")
+  bounds = [f"> {lo}" if open_lo else f">= {lo}"] + ([f"<= {hi}"] if hi is not None else [])
+  if (value <= lo if open_lo else value < lo) or (hi is not None and value > hi):
+    _fail(f"{name} must be {kind} {' and '.join(bounds)}, got {value!r}")
+
+
+def _lookup(cfg: Mapping, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _check_ranges(cfg: Mapping, data: Mapping) -> None:
+  """Every numeric field in its range (the data section as resolved over its defaults)."""
+  merged = dict(cfg, data=data)
+  for name, spec in RANGES.items():
+    value = _lookup(merged, name)
+    if value is not None:
+      _check_number(name, value, spec)
+  for stream, fields in data.get("streams", {}).items():
+    for key, spec in STREAM_RANGES.items():
+      if key in fields:
+        _check_number(f"data.streams.{stream}.{key}", fields[key], spec)
+
+
+def _unknown_data_keys(user: Mapping, ref: Mapping) -> None:
+  """Keys of ``config.data`` (and of its streams) the pipeline does not know."""
+  for key, value in user.items():
+    if key not in ref:
+      _fail(f"unknown config key 'data.{key}'")
+    if key == "streams":
+      for stream, fields in value.items():
+        if stream not in ref["streams"]:
+          _fail(f"unknown config key 'data.streams.{stream}' (streams: "
+                f"{', '.join(ref['streams'])})")
+        for field in fields:
+          if field not in ref["streams"][stream]:
+            _fail(f"unknown config key 'data.streams.{stream}.{field}'")
+
+
+def _check_evaluation(cfg: Mapping) -> None:
+  """The ``evaluation`` section: the evaluators' own settings (``runner.EvalSettings``), the
+  split lists and the numbers, before anything is compiled."""
+  from unimo_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
+  section = dict(cfg.get("evaluation") or {})
+  try:
+    runner.EvalSettings.from_config(section)
+  except (ValueError, TypeError) as e:
+    _fail(f"evaluation: {e}")
+  for key in ("train_splits", "splits"):
+    if key in section:
+      value = section[key]
+      if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        _fail(f"evaluation.{key} must be a list of split names, got {value!r}")
+  if int(cfg["train"]["eval_every"]) and not section.get("train_splits", ("validation",)):
+    _fail("train.eval_every is set but evaluation.train_splits is empty")
+  for key, spec in (("limit", _COUNT), ("batch_size", _POSITIVE_INT),
+                    ("caption_images", _COUNT)):
+    if key in section:
+      _check_number(f"evaluation.{key}", section[key], spec)
+
+
+def validate(config, *, num_devices: int, data_defaults: Mapping, process_count: int = 1,
+             check_files: bool = True) -> dict:
   """Checks a run config; raises ``ConfigError`` with one line on the first problem.
 
   Args:
     config: the run ConfigDict.
     num_devices: devices of the whole run (all processes).
     process_count: processes of the run.
-    data_defaults: the pipeline's default data config (default: imported from
-      ``data_pipelines.pipeline``).
+    data_defaults: the pipeline's data section with every default
+      (``data_pipelines.pipeline.default_config()``; the command passes it in).
     check_files: check that the tokenizer and ``train.init_from`` exist.
 
   Returns:
@@ -188,16 +297,12 @@ def validate(config, *, num_devices: int, process_count: int = 1,
   for section in FREE_FORM:
     ref[section] = ml_collections.ConfigDict()
   ref_plain = _plain(ref)
-  data_ref = _plain(data_defaults) if data_defaults is not None else None
+  data_ref = _plain(data_defaults)
   ref_plain["data"] = {}
   _unknown_keys({k: v for k, v in cfg.items() if k not in FREE_FORM + ("data",)}, ref_plain, "")
+  _unknown_data_keys(cfg.get("data", {}), data_ref)
   data = resolved_data(config, data_defaults)
-  if data_ref is None:
-    from data_pipelines import pipeline
-    data_ref = _plain(pipeline.default_config())
-  for key in cfg.get("data", {}):
-    if key not in data_ref:
-      _fail(f"unknown config key 'data.{key}'")
+  _check_ranges(cfg, data)
 
   # model
   model = dict(cfg["model"])
@@ -277,10 +382,6 @@ def validate(config, *, num_devices: int, process_count: int = 1,
   if not p["learning_rate"] > 0:
     _fail("optimizer.learning_rate must be > 0")
   t = cfg["train"]
-  if int(t["total_steps"]) < 1:
-    _fail("train.total_steps must be >= 1")
-  if int(t["log_every"]) < 1:
-    _fail("train.log_every must be >= 1")
   if t["progress_bar"] not in ("auto", "on", "off"):
     _fail("train.progress_bar must be auto|on|off")
   try:
@@ -288,8 +389,10 @@ def validate(config, *, num_devices: int, process_count: int = 1,
   except ValueError as e:
     _fail(f"axis_rules: {e}")
 
+  _check_evaluation(cfg)
+
   if check_files:
-    if any(s in streams for s in ("text", "pair")):
+    if any(s in streams for s in ("text", "pair")) or int(t["eval_every"]):
       problem = tokenizer_path_problem(str(data.get("tokenizer", "")))
       if problem:
         _fail(problem)
