@@ -179,7 +179,8 @@ class DataIterator:
     self.spec = schema.batch_spec(cfg, process_count)
     self._fingerprint = _fingerprint(cfg)
     self._dropped = {n: {} for st in streams.values() for n in st.names}
-    self._truncated = {s: 0 for s in streams}  # texts cut to fit, per stream (this process)
+    # texts cut to fit, per "<stream>/<source>" (this process's rows)
+    self._truncated = {f"{s}/{n}": 0 for s, st in streams.items() for n in st.names}
     self._slots = {s: 0 for s in streams}  # next global slot of each stream
     self._step = 0
     self._it = None
@@ -226,7 +227,10 @@ class DataIterator:
         batch[k] = v
     for s, st in self.streams.items():
       self._count(st, raw[f"{s}/_source"], raw[f"{s}/_drops"], raw.get(f"{s}/_decode_failed"))
-      self._truncated[s] += int(np.sum(raw[f"{s}/_truncated"]))
+      cut = np.bincount(raw[f"{s}/_source"], weights=raw[f"{s}/_truncated"],
+                        minlength=len(st.names))
+      for name, n in zip(st.names, cut):
+        self._truncated[f"{s}/{name}"] += int(n)
       self._slots[s] += st.global_batch
     self._step += 1
     return batch
@@ -275,7 +279,8 @@ class DataIterator:
     self._dropped = {n: {} for n in self._dropped}
     for n, c in state.get("dropped", {}).items():
       self._dropped.setdefault(n, {}).update({r: int(v) for r, v in c.items()})
-    self._truncated = {s: int(state.get("truncated", {}).get(s, 0)) for s in self.streams}
+    saved = state.get("truncated", {})
+    self._truncated = {k: int(saved.get(k, 0)) for k in self._truncated}
     self._start()
 
   def save(self, path: str):
@@ -301,7 +306,8 @@ class DataIterator:
     return out
 
   def truncated_counts(self) -> dict:
-    """{stream: texts cut to fit its lengths} in the batches handed out (this process's rows)."""
+    """{"<stream>/<source>": texts cut to fit the stream's lengths} in the batches handed out
+    (this process's rows)."""
     return dict(self._truncated)
 
   def close(self):

@@ -295,3 +295,16 @@ def test_labels_give_zero_shot_prompts_per_class(tmp_path):
   names = ["yellow", "red", "purple"]
   np.testing.assert_array_equal(data["label"], [names.index(r["label"]) if r["label"] in names
                                                 else -1 for r in _records(8, 100)])
+
+
+def test_run_summary_line_lists_drops_and_cuts_per_source():
+  from unimo_jax.train import main as train_main
+  metrics = {"data/dropped/shards/undecodable_image": 2.0, "data/dropped/shards/empty_text": 1.0,
+             "data/dropped/corpus/non_utf8_text": 0.0, "data/dropped_total": 3.0,
+             "data/truncated/pair": 5.0, "data/truncated/pair/shards": 5.0,
+             "data/truncated/text/corpus": 0.0}
+  assert train_main.data_counts(metrics) == (
+      "  data: dropped 3 records (shards/empty_text 1, shards/undecodable_image 2); "
+      "texts cut to fit: pair/shards 5")
+  assert train_main.data_counts({"data/dropped_total": 0.0}) == (
+      "  data: no record dropped; no text cut")

@@ -430,6 +430,6 @@ def test_texts_cut_to_fit_are_counted_per_stream(tmp_path):
   it = pipeline.make_pipeline(c, tokenizer=TOK)
   _take(it, 1)
   # One epoch of the 8 documents: each one longer than 6 tokens is cut once.
-  assert it.truncated_counts() == {"text": sum(n > 6 for n in lengths)}
-  assert it.get_state()["truncated"] == {"text": 4}
+  assert it.truncated_counts() == {"text/c": sum(n > 6 for n in lengths)}
+  assert it.get_state()["truncated"] == {"text/c": 4}
   it.close()

@@ -75,10 +75,11 @@ def _dropped_metrics(data) -> dict[str, float]:
         key = f"data/dropped/{source}/{reason}"
         out[key] = out.get(key, 0.0) + float(n)
   out["data/dropped_total"] = float(sum(out.values()))
-  if hasattr(data, "truncated_counts"):  # texts cut to the configured lengths, per stream
+  if hasattr(data, "truncated_counts"):  # texts cut to the configured lengths
     for counts in ckpt_lib.gather_json(data.truncated_counts()):
-      for stream, n in counts.items():
-        out[f"data/truncated/{stream}"] = out.get(f"data/truncated/{stream}", 0.0) + float(n)
+      for key, n in counts.items():  # "<stream>/<source>", and the stream's total
+        for k in (f"data/truncated/{key}", f"data/truncated/{key.split('/', 1)[0]}"):
+          out[k] = out.get(k, 0.0) + float(n)
   return out
 
 
