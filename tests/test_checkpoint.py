@@ -139,9 +139,30 @@ def _two_checkpoints(tmp_path):
 @pytest.mark.parametrize("kind", ru.DAMAGE)
 def test_restore_walks_back_from_a_damaged_checkpoint(tmp_path, kind, caplog):
   abstract, params_at_2 = _two_checkpoints(tmp_path)
-  step4 = os.path.join(str(tmp_path), "checkpoints", "4")
+  directory = os.path.join(str(tmp_path), "checkpoints")
+  step4 = os.path.join(directory, "4")
   ru.damage(step4, kind)
-  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  files = sorted(os.path.relpath(os.path.join(d, f), step4) for d, _, fs in os.walk(step4)
+                 for f in fs)
+  # An explicit request for the damaged step fails in one line naming it ...
+  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/4 cannot be restored") as e:
+    ckpt_lib.Checkpointer(str(tmp_path)).restore(abstract, step=4)
+  assert "\n" not in str(e.value)
+  # ... parameters-only restore (evaluation) walks back when the parameters are damaged (it
+  # does not read the data position), and only reads ...
+  params, step = ckpt_lib.restore_params(str(tmp_path))
+  if kind.startswith("state"):
+    assert step == 2
+    np.testing.assert_array_equal(params["up_kernel"], params_at_2["up_kernel"])
+    with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/4 cannot be restored"):
+      ckpt_lib.restore_params(str(tmp_path), step=4)
+  else:
+    assert step == 4
+    np.testing.assert_array_equal(params["up_kernel"], params_at_2["up_kernel"] + 1)
+  assert os.path.isdir(step4)
+  # ... and the training restore takes step 2 with one warning naming step 4 and the reason.
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+  caplog.clear()
   with caplog.at_level(logging.WARNING):
     state, data_state, _ = ck.restore(abstract)
   assert int(state.step) == 2 and data_state == {"position": 2}
@@ -152,35 +173,14 @@ def test_restore_walks_back_from_a_damaged_checkpoint(tmp_path, kind, caplog):
               and "cannot be restored" in r.getMessage()]
   assert len(warnings) == 1 and step4 in warnings[0], warnings
   assert "\n" not in warnings[0]
-  # An explicit request for the damaged step fails in one line naming it ...
-  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/4 cannot be restored") as e:
-    ck.restore(abstract, step=4)
-  assert "\n" not in str(e.value)
-  # ... parameters-only restore (evaluation) walks back the same way when the parameters are
-  # damaged (it does not read the data position) ...
-  params, step = ckpt_lib.restore_params(str(tmp_path))
-  if kind.startswith("state"):
-    assert step == 2
-    np.testing.assert_array_equal(params["up_kernel"], params_at_2["up_kernel"])
-    with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/4 cannot be restored"):
-      ckpt_lib.restore_params(str(tmp_path), step=4)
-  else:
-    assert step == 4
-    np.testing.assert_array_equal(params["up_kernel"], params_at_2["up_kernel"] + 1)
-  # ... and the damaged checkpoint is still there.
-  assert os.path.isdir(step4)
-  ck.close()
-
-
-def test_a_damaged_step_is_set_aside_when_saved_again(tmp_path):
-  abstract, _ = _two_checkpoints(tmp_path)
-  ru.damage(os.path.join(str(tmp_path), "checkpoints", "4"), "state_metadata")
-  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=None)
-  state, _, _ = ck.restore(abstract)
+  # The damaged checkpoint is kept, renamed, with every file it had; it no longer counts
+  # towards retention (keep=2 must not delete step 2 for it) nor blocks saving step 4 again.
+  assert sorted(os.listdir(directory)) == ["2", "4.damaged"]
+  assert sorted(os.path.relpath(os.path.join(d, f), step4 + ".damaged") for d, _, fs in
+                os.walk(step4 + ".damaged") for f in fs) == files
   assert ck.save(4, state.replace(step=state.step + 2), data_state={"position": 4})
   ck.close()
-  names = sorted(os.listdir(os.path.join(str(tmp_path), "checkpoints")))
-  assert names == ["2", "4", "4.damaged"]
+  assert sorted(os.listdir(directory)) == ["2", "4", "4.damaged"]
   restored, data_state, _ = ckpt_lib.Checkpointer(str(tmp_path)).restore(abstract)
   assert int(restored.step) == 4 and data_state == {"position": 4}
 

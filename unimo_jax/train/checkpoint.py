@@ -20,8 +20,10 @@ Layout of a workdir::
 - Restore walks back: when the latest checkpoint cannot be restored (missing or truncated files,
   a metadata mismatch, no data position) one warning names it and the reason and the newest one
   that restores is used; an explicitly requested step that fails raises ``CheckpointError``.
-  Damaged checkpoints are never deleted; one the run must write again is renamed
-  ``<step>.damaged`` (orbax ignores the name) just before the new save.
+  Damaged checkpoints are never deleted: when training resumes past one, it is renamed
+  ``<step>.damaged`` (orbax ignores the name), so it neither counts towards retention (which
+  would delete intact ones) nor blocks the new save of that step. ``restore_params``
+  (evaluation) only reads.
 - ``restore_params`` reads only the parameters (evaluation, fine-tuning), onto any shardings or
   as host numpy arrays, without knowing the optimizer that wrote them.
 - ``StopSignal`` turns SIGTERM (preemption) and SIGINT into a request that the loop serves at the
@@ -152,7 +154,6 @@ class Checkpointer:
     self._async = async_save
     self._pending: int | None = None   # the step whose write is in flight
     self._failed = False
-    self._damaged: dict[int, str] = {}  # steps found unrestorable -> reason
     quiet_orbax_tracebacks()
 
   # ------------------------------------------------------------------ queries
@@ -187,9 +188,7 @@ class Checkpointer:
     """
     self._finish()
     if step in self._manager.all_steps():
-      if step not in self._damaged:
-        return False
-      self._set_aside(step)
+      return False
     data = {"process_count": jax.process_count(), "states": gather_json(data_state)}
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data),
                               config=ocp.args.JsonSave(dict(config or {})))
@@ -206,19 +205,18 @@ class Checkpointer:
         self._finish()
     return bool(saved)
 
-  def _set_aside(self, step: int) -> None:
-    """Renames a damaged checkpoint the run is about to write again (never deletes it)."""
+  def _set_aside(self, step: int, reason: str) -> None:
+    """Renames a damaged checkpoint to ``<step>.damaged`` (kept, never deleted): it no longer
+    counts towards retention (which would delete intact ones) nor blocks a new save."""
     path, n = self._path(step) + ".damaged", 1
     while os.path.exists(path):
       n += 1
       path = f"{self._path(step)}.damaged-{n}"
     if jax.process_index() == 0:
       os.rename(self._path(step), path)
-      logging.warning("checkpoint: moved the damaged step %d (%s) to %s", step,
-                      self._damaged[step], path)
+      logging.info("checkpoint: kept the damaged step %d as %s (%s)", step, path, reason)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"unimo_jax_set_aside_{step}")
-    del self._damaged[step]
     self._manager.reload()
 
   def _finish(self) -> None:
@@ -297,7 +295,8 @@ class Checkpointer:
     out, step = _walk_back(self.directory, step,
                            lambda path: self._restore_step(abstract_state, int(
                                os.path.basename(path))), damaged)
-    self._damaged.update(damaged)
+    for bad, reason in sorted(damaged.items()):
+      self._set_aside(bad, reason)
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return out
 
@@ -369,7 +368,7 @@ def _walk_back(workdir: str, step: int | None, read: Callable[[str], Any],
     if damaged is not None:
       damaged[s] = error
     logging.warning("checkpoint %s cannot be restored (%s); trying the one before it (the "
-                    "damaged one is left in place)", path, error)
+                    "damaged one is kept)", path, error)
   raise CheckpointError(f"no checkpoint in {directory} can be restored: " + "; ".join(failures))
 
 

@@ -9,6 +9,7 @@ and calls ``release_orbax_threads`` on its way out.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -47,10 +48,27 @@ def _from_orbax(tb) -> bool:
 _FILTER = _NoOrbaxTracebacks()
 
 
+def _drop_closed_loop_callbacks(unraisable) -> None:
+  """After a failed read, tensorstore completes its pending futures into the asyncio loop
+  orbax has already closed; each prints an "Event loop is closed" traceback. Drop those."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return
+  _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 def quiet_orbax_tracebacks() -> None:
+  """Orbax's error records without tracebacks; no closed-loop noise after a failed read."""
+  global _previous_unraisablehook  # pylint: disable=global-statement
   absl_logger = logging.getLogger("absl")  # orbax logs through absl's logger
   if _FILTER not in absl_logger.filters:
     absl_logger.addFilter(_FILTER)
+  if sys.unraisablehook is not _drop_closed_loop_callbacks:
+    _previous_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _drop_closed_loop_callbacks
 
 
 def release_orbax_threads(timeout: float = 10.0) -> list[str]:
