@@ -351,6 +351,13 @@ def load_eval_split(data_config, split: str = "test", *, tokenizer=None, source=
          for j in range(c)], np.int64))
     negs = list(rec.get("hard_negatives", []))
     ids, valid = codec.texts(negs, k, length, stats)
+    # A negative the model sees as one of the image's captions (equal ids, e.g. after a cut that
+    # removed the rewritten word) is no negative: it would be a tie, counted as a loss.
+    same = (ids[:, None, :] == out["caption_ids"][-1][None, :, :]).all(-1) & (
+        out["caption_valid"][-1][None, :])
+    stats["negatives_equal_to_caption"] = stats.get("negatives_equal_to_caption", 0) + int(
+        (same.any(1) & valid).sum())
+    valid = valid & ~same.any(1)
     out["negative_ids"].append(ids)
     out["negative_valid"].append(valid)
     kinds = kinds_by_key.get(rec.get("key"), [])
@@ -377,6 +384,11 @@ def load_eval_split(data_config, split: str = "test", *, tokenizer=None, source=
     arrays["pixels"] = _decode_pixels(blobs, ratios, cfg)
   class_names = _zero_shot_arrays(arrays, [r for _, r, _, _ in recs], codec, length,
                                   _section(eval_config).get("zero_shot") or {}, split)
+  if stats.get("negatives_equal_to_caption"):
+    import logging  # pylint: disable=import-outside-toplevel
+    logging.warning("evaluation split %s: %d hard negatives equal a caption of their image as "
+                    "token ids (after the cut to %d tokens) and are left out", split,
+                    stats["negatives_equal_to_caption"], length)
   if stats.get("truncated"):
     import logging  # pylint: disable=import-outside-toplevel
     logging.warning("evaluation split %s: %d caption / negative texts are longer than "
@@ -387,5 +399,6 @@ def load_eval_split(data_config, split: str = "test", *, tokenizer=None, source=
               kind_names=tuple(kind_names), dropped=dropped,
               name=f"{spec.get('tfds_name', spec.get('name', 'pairs'))}:{split}",
               rows=[i for i, _, _, _ in recs], source=describe(spec), records=int(records),
-              truncated=int(stats.get("truncated", 0)), class_names=class_names)
+              truncated=int(stats.get("truncated", 0)), class_names=class_names,
+              negatives_equal_to_caption=int(stats.get("negatives_equal_to_caption", 0)))
   return arrays, meta

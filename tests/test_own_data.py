@@ -308,3 +308,24 @@ def test_run_summary_line_lists_drops_and_cuts_per_source():
       "texts cut to fit: pair/shards 5")
   assert train_main.data_counts({"data/dropped_total": 0.0}) == (
       "  data: no record dropped; no text cut")
+
+
+def test_a_negative_equal_to_a_caption_after_the_cut_is_left_out(tmp_path):
+  # Caption and negative differ only in their last word, beyond max_length - 2 = 4 tokens.
+  rng = np.random.default_rng(0)
+  px = fx.image_bytes(fx.random_pixels(rng, 16, 16))
+  import io
+  import tarfile
+  with tarfile.open(tmp_path / "t.tar", "w") as tar:
+    for name, data in (("a.png", px), ("a.json", json.dumps({
+        "captions": ["a red circle left of a square"],
+        "hard_negatives": ["a red circle left of a triangle", "a blue circle"]}).encode())):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  c = _pairs_config(tmp_path / "train.tar")
+  c.streams.pair.max_length = 6
+  data, meta = eval_data.load_eval_split(
+      c, "test", tokenizer=TOK, eval_config={"sources": {"test": str(tmp_path / "t.tar")}})
+  np.testing.assert_array_equal(data["negative_valid"][0], [False, True])
+  assert meta["negatives_equal_to_caption"] == 1 and meta["truncated"] == 2
