@@ -180,11 +180,6 @@ def split_source(data_config, split: str, eval_config=None, source=None) -> dict
                              "per split in the config's evaluation.sources"))
 
 
-def pair_source_spec(cfg, split: str, source=None, eval_config=None) -> dict:
-  """Compatibility name of ``split_source``."""
-  return split_source(cfg, split, eval_config, source)
-
-
 def default_splits(data_config, source=None, eval_config=None) -> list:
   """The evaluation splits: the names of ``evaluation.sources`` when it has any; for a TFDS
   pair source ``test`` and ``test_compositional`` when present (synthetic_scenes), else

@@ -201,14 +201,6 @@ def split_retrieval(image_emb, caption_emb, caption_valid, rows, ks: Sequence[in
   return rec, art
 
 
-def top_captions(image_emb, text_emb, rows, k: int = 5) -> np.ndarray:
-  """Indices of the k best captions for the given image rows: [len(rows), k] (score order,
-  ties by index; ``hit_ranks(top=...)`` gives the metric's tie order)."""
-  rows = np.asarray(list(rows))
-  scores = np.asarray(image_emb, np.float32)[rows] @ np.asarray(text_emb, np.float32).T
-  return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
 # ---------------------------------------------------------------------------------------------
 # The embedding pass (device side)
 # ---------------------------------------------------------------------------------------------
