@@ -273,3 +273,53 @@ def test_slurm_sbatch_command(monkeypatch, capsys):
                        _slurm_env("gpu[01-02]", ntasks=ntasks, procid=9, localid=1))
   assert got["process"] == f"9 of {ntasks}" and got["local devices"] == "1"
   assert got["coordinator"].startswith("gpu01:")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two real processes join through launch.initialize from SLURM variables
+# ---------------------------------------------------------------------------------------------
+
+def _worker():
+  """Run as a script: detect the plan from this process's SLURM variables, initialise, gather."""
+  import json
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  plan = launch.initialize(launch.detect(), timeout=60)
+  got = multihost_utils.process_allgather(np.asarray([10 + jax.process_index()]))
+  print("RESULT " + json.dumps(dict(launcher=plan.launcher, process=jax.process_index(),
+                                    count=jax.process_count(), devices=jax.device_count(),
+                                    gathered=np.asarray(got).reshape(-1).tolist())), flush=True)
+  jax.distributed.shutdown()
+
+
+def test_two_processes_join_from_slurm_variables_even_when_a_worker_starts_first():
+  import json
+  port = _free_port()
+  base = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}
+  base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+              JAX_COORDINATOR_PORT=str(port))
+  procs = {}
+  for rank in (1, 0):  # the worker first: it must wait for the coordinator, not fail
+    env = dict(base, **_slurm_env("localhost", ntasks=2, procid=rank, localid=0))
+    procs[rank] = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2.0 if rank == 1 else 0)
+  outs = {}
+  try:
+    for rank, p in procs.items():
+      outs[rank] = p.communicate(timeout=120)[0]
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+  for rank in (0, 1):
+    assert procs[rank].returncode == 0, outs[rank][-3000:]
+    (line,) = [l for l in outs[rank].splitlines() if l.startswith("RESULT ")]
+    got = json.loads(line[len("RESULT "):])
+    assert got == dict(launcher="slurm", process=rank, count=2, devices=2, gathered=[10, 11])
+
+
+if __name__ == "__main__":
+  _worker()
