@@ -329,3 +329,19 @@ def test_a_negative_equal_to_a_caption_after_the_cut_is_left_out(tmp_path):
       c, "test", tokenizer=TOK, eval_config={"sources": {"test": str(tmp_path / "t.tar")}})
   np.testing.assert_array_equal(data["negative_valid"][0], [False, True])
   assert meta["negatives_equal_to_caption"] == 1 and meta["truncated"] == 2
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_example_configs_validate(fmt):
+  """The full-size example configs (the smoke ones run end to end above)."""
+  import importlib
+  from unimo_jax.train import config as config_lib
+  module = importlib.import_module(f"experiments.configs.examples.{fmt}")
+  arg = "root=/data/mine" + (
+      f",{REGION_ARGS}" if fmt.startswith("regions") else "")
+  config = module.get_config(arg)
+  config_lib.validate(config, num_devices=8, data_defaults=pipeline.default_config(),
+                      check_files=False)
+  assert "test" in config.evaluation.get("sources", {}) or fmt == "tfds"
+  with pytest.raises(ValueError, match="root=DIR"):
+    module.get_config("smoke")
