@@ -159,7 +159,7 @@ def test_scenes_vqa_rows(train_scenes):
   # one exact answer per question: score 1 at its answer, 0 elsewhere
   np.testing.assert_array_equal(rows["answer_scores"].sum(1), np.ones(n))
   first = answers.index(train_scenes.qa[0][0][1])
-  assert rows["answer_scores"][0, first] == 1.0 and meta["gold"][0] == answers[first]
+  assert rows["answer_scores"][0, first] == 1.0 and meta["gold"][0] == [answers[first]] * 3
   assert train_scenes.visual["pixels"].shape == (6, 32, 32, 3)
   assert -1.0 <= train_scenes.visual["pixels"].min() and train_scenes.visual["pixels"].max() <= 1.0
 
@@ -205,3 +205,73 @@ def test_make_data_scenes_every_task():
   cfg = _config(kind="vqa", num_labels=3)
   with pytest.raises(ValueError, match="answer vocabulary has"):
     make_data(cfg, "train", TOK, training=True)
+
+
+# ---------------------------------------------------------------------------- JSONL image files
+def _image_dir(tmp_path):
+  from data_fixtures import image_bytes, random_pixels, undecodable_png
+  d = tmp_path / "images"
+  d.mkdir()
+  r = np.random.default_rng(0)
+  for name in ("a.png", "b.png", "c.png"):
+    (d / name).write_bytes(image_bytes(random_pixels(r, 20, 30)))
+  (d / "bad.png").write_bytes(undecodable_png())
+  return str(d)
+
+
+def test_jsonl_entailment_planted_bad_records(tmp_path):
+  import json
+  from data_pipelines.finetune import files
+  images = _image_dir(tmp_path)
+  lines = [json.dumps(dict(Flikr30kID="a.png", sentence2="a red circle", gold_label="entailment")),
+           json.dumps(dict(image="b.png", hypothesis="two shapes", label="contradiction")),
+           json.dumps(dict(image="a.png", hypothesis="a scene", label="neutral")),
+           "{not json",
+           json.dumps(dict(image="c.png", hypothesis="x")),                 # missing_field
+           json.dumps(dict(image="nope.png", hypothesis="x", label="neutral")),  # missing_image
+           json.dumps(dict(image="bad.png", hypothesis="x", label="neutral")),   # undecodable
+           json.dumps(dict(image="c.png", hypothesis=" ", label="neutral")),     # empty_text
+           json.dumps(dict(image="c.png", hypothesis="y", label="maybe"))]       # bad_label
+  path = tmp_path / "ve.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  rec = files.ImageRecords(str(path), "entailment", images, image_size=16)
+  assert dict(rec.dropped) == {"bad_json": 1, "missing_field": 1, "missing_image": 1,
+                               "undecodable_image": 1, "empty_text": 1, "bad_label": 1}
+  rows, _ = files.entailment_rows(rec, TOK, 8)
+  np.testing.assert_array_equal(rows["label"], [0, 2, 1])
+  np.testing.assert_array_equal(rows["image_index"], [0, 1, 0])
+  assert rec.pixels.shape == (3, 16, 16, 3) and rec.pixels.dtype == np.uint8
+  px = rec.gather(np.array([0]))["pixels"]
+  assert px.dtype == np.float32 and -1.0 <= px.min() and px.max() <= 1.0
+  wrong = tmp_path / "wrong.jsonl"
+  wrong.write_text(json.dumps(dict(image="a.png", text="a red circle", label="neutral")) + "\n")
+  with pytest.raises(ValueError, match=r"wrong.jsonl: no record has the field 'hypothesis'"):
+    files.ImageRecords(str(wrong), "entailment", images, image_size=16)
+
+
+def test_jsonl_vqa_soft_scores_and_retrieval(tmp_path):
+  import json
+  images = _image_dir(tmp_path)
+  vqa = tmp_path / "vqa.jsonl"
+  vqa.write_text("\n".join(json.dumps(r) for r in [
+      dict(image="a.png", question="how many shapes", answers=["two", "two", "2", "two"]),
+      dict(image="b.png", question="what colour", answers=["red", "Red", "blue", "blue"]),
+  ]) + "\n")
+  cfg = _config(kind="vqa", source="jsonl", train=str(vqa), validation=str(vqa),
+                image_dir=images, image_size=16, num_labels=3)
+  from data_pipelines.finetune import answer_vocabulary
+  assert answer_vocabulary(cfg) == ["blue", "red", "two"]  # the 3 most frequent (2 = 1 vote)
+  data, meta = make_data(cfg, "validation", TOK, training=False)
+  b = next(data)
+  np.testing.assert_allclose(b["answer_scores"][0], [0.0, 0.0, 1.0])
+  np.testing.assert_allclose(b["answer_scores"][1], [2 / 3, 2 / 3, 0.0])
+  assert meta["gold"][1] == ["red", "red", "blue", "blue"] and b["pixels"].shape == (4, 16, 16, 3)
+  ret = tmp_path / "ret.jsonl"
+  ret.write_text("\n".join(json.dumps(dict(image=n, captions=[f"the {c} circle", "a scene"]))
+                           for n, c in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")))
+                 + "\n")
+  cfg = _config(kind="retrieval", source="jsonl", train=str(ret), image_dir=images,
+                image_size=16, num_negative_images=2, num_negative_texts=2)
+  data, meta = make_data(cfg, "train", TOK, training=True)
+  b = next(data)
+  assert b["neg_pixels"].shape == (4, 2, 16, 16, 3) and meta["caption_table"][0].shape[:2] == (3, 2)

@@ -7,7 +7,9 @@ answer vocabulary, image ids). ``config`` is the fine-tuning run config
 (``unimo_jax.finetune.config``); its ``data`` section:
 
   source            "tsv" (text tasks: files train / validation / test) | "synthetic_scenes"
-  train, validation, test   TSV paths (``source = "tsv"``)
+                    | "jsonl" (image tasks: files train / validation / test, ``files``)
+  train, validation, test   TSV or JSONL paths
+  image_dir, image_size     jsonl: the folder the records' images are in; the model's input side
   tokenizer         tokenizer spec (``data_pipelines.tokenizers.load_tokenizer``)
   batch_size        GLOBAL rows per training step; eval_batch_size for evaluation
   max_length        text tokens (classification, hypotheses, questions, captions)
@@ -41,10 +43,24 @@ def _scenes(d, split, training):
 
 
 def answer_vocabulary(config) -> list[str]:
-  """The VQA answers: the config's, or every answer of the training scenes (sorted)."""
+  """The VQA answers: the config's; else every answer of the training scenes (sorted), or the
+  ``task.num_labels`` answers annotators gave most often in the training JSONL (ties by name)."""
   d = config.data
   if d.answers:
     return list(d.answers)
+  if d.source == "jsonl":
+    import collections  # pylint: disable=import-outside-toplevel
+    import json  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+    counts = collections.Counter()
+    with open(os.path.expanduser(d.train), "rb") as f:
+      for raw in f:
+        try:
+          counts.update(str(a).strip().lower() for a in json.loads(raw).get("answers", []))
+        except (ValueError, AttributeError):
+          continue
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return sorted(a for a, _ in ranked[:int(config.task.num_labels)])
   from data_pipelines.synthetic_scenes import generate  # pylint: disable=import-outside-toplevel
   s = d.scenes
   options = generate.SceneOptions(kind="pairs", size=s.size, image_size=int(s.image_size),
@@ -82,12 +98,31 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
       raise ValueError(f"data.source 'tsv' holds text tasks (classification, regression, "
                        f"seq2seq), not {kind!r}")
     return RowBatches(rows, batch, dropped={path: dropped}, **kw), meta
-  if d.source != "synthetic_scenes":
-    raise ValueError(f"data.source must be 'tsv' or 'synthetic_scenes', got {d.source!r}")
   from data_pipelines.finetune import scenes  # pylint: disable=import-outside-toplevel
-  sc = _scenes(d, split, training)
   length = int(d.max_length)
-  name = f"synthetic_scenes/{split}"
+  if d.source == "jsonl":
+    from data_pipelines.finetune import files  # pylint: disable=import-outside-toplevel
+    path = d.get(split)
+    if not path:
+      raise ValueError(f"data.{split} is empty: the {kind} task reads a JSONL file per split")
+    if kind not in files.FIELDS:
+      raise ValueError(f"data.source 'jsonl' holds {tuple(files.FIELDS)}, not {kind!r}")
+    sc = files.ImageRecords(path, kind, d.image_dir, image_size=int(d.image_size),
+                            pixel_mean=tuple(d.pixel_mean), pixel_std=tuple(d.pixel_std))
+    name = path
+    if kind == "entailment":
+      rows, dropped = files.entailment_rows(sc, tokenizer, length)
+      meta["image_ids"] = sc.ids
+      return RowBatches(rows, batch, dropped={name: dropped}, extra=scenes.with_images(sc),
+                        **kw), meta
+    dropped_by = {name: dict(sc.dropped)}
+  elif d.source != "synthetic_scenes":
+    raise ValueError(f"data.source must be 'tsv', 'synthetic_scenes' or 'jsonl', got "
+                     f"{d.source!r}")
+  else:
+    sc = _scenes(d, split, training)
+    name = f"synthetic_scenes/{split}"
+    dropped_by = {}
   meta["image_ids"] = sc.ids
   if kind == "vqa":
     answers = answer_vocabulary(config)
@@ -96,7 +131,8 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
                        f"has {len(answers)} answers (set task.num_labels or data.answers)")
     rows, dropped, gold = scenes.vqa_rows(sc, tokenizer, answers, length)
     meta.update(answers=answers, **gold)
-    return RowBatches(rows, batch, dropped={name: dropped}, extra=scenes.with_images(sc),
+    dropped_by.setdefault(name, {}).update(dropped)
+    return RowBatches(rows, batch, dropped=dropped_by, extra=scenes.with_images(sc),
                       **kw), meta
   if kind == "entailment":
     rows, dropped = scenes.entailment_rows(sc, tokenizer, length)
@@ -107,11 +143,12 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
                                         num_negative_images=int(d.num_negative_images),
                                         num_negative_texts=int(d.num_negative_texts))
     meta.update(scenes=sc, caption_table=scenes.caption_table(sc, tokenizer, length))
-    return RowBatches(rows, batch, extra=extra, **kw), meta
+    return RowBatches(rows, batch, extra=extra, dropped=dropped_by, **kw), meta
   if kind == "captioning":
     rows = scenes.captioning_rows(sc, tokenizer, length)
     meta.update(scenes=sc, references=sc.captions)
-    return RowBatches(rows, batch, extra=scenes.with_images(sc), **kw), meta
+    return RowBatches(rows, batch, extra=scenes.with_images(sc), dropped=dropped_by,
+                      **kw), meta
   raise ValueError(f"data.source 'synthetic_scenes' holds {scenes.TASKS}, not {kind!r}")
 
 

@@ -89,12 +89,14 @@ def _text(tokenizer, text: str, length: int) -> np.ndarray:
 
 
 def answer_vocabulary(train: Scenes) -> list[str]:
-  return sorted({a for qa in train.qa for _, a in qa})
+  return sorted({x for qa in train.qa for _, a in qa
+                 for x in ([a] if isinstance(a, str) else a)})
 
 
 def vqa_rows(scenes: Scenes, tokenizer, answers: Sequence[str], max_length: int):
-  """-> (rows dict(image_index, ids, answer_scores), dropped, meta dict(gold: the
-  answer strings per row))."""
+  """-> (rows dict(image_index, ids, answer_scores), dropped, meta dict(gold: each row's
+  annotators' answers)). ``scenes.qa`` holds (question, answer) with one agreed answer (as
+  three or more annotators giving it) or (question, [each annotator's answer])."""
   vocab = {a: i for i, a in enumerate(answers)}
   image_index, ids, scores, gold = [], [], [], []
   dropped = Counter()
@@ -102,10 +104,11 @@ def vqa_rows(scenes: Scenes, tokenizer, answers: Sequence[str], max_length: int)
     if not qa:
       dropped["no_question"] += 1
     for q, a in qa:
+      given = [a] * 3 if isinstance(a, str) else list(a)
       image_index.append(i)
       ids.append(_text(tokenizer, q, max_length))
-      scores.append(layouts.vqa_soft_scores([a] * 3, vocab))
-      gold.append(a)
+      scores.append(layouts.vqa_soft_scores(given, vocab))
+      gold.append(given)
   rows = dict(image_index=np.asarray(image_index, np.int32), ids=np.asarray(ids, np.int32),
               answer_scores=np.asarray(scores, np.float32).reshape(-1, len(vocab)))
   return rows, dict(dropped), dict(gold=gold)

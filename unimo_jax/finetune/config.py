@@ -41,10 +41,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(dataclasses.asdict(tasks_lib.TaskSpec(kind="classification")))
 
   d = c.data = ml_collections.ConfigDict()
-  d.source = "tsv"                  # 'tsv' | 'synthetic_scenes'
+  d.source = "tsv"                  # 'tsv' | 'synthetic_scenes' | 'jsonl'
   d.train = ""
   d.validation = ""
   d.test = ""
+  d.image_dir = ""                  # jsonl: the folder of the records' images
+  d.image_size = 224                # jsonl: images are resized to the model's input side
   d.tokenizer = ""
   d.batch_size = 16
   d.eval_batch_size = 32
@@ -120,12 +122,16 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
   except (ValueError, TypeError) as e:
     _fail(str(e))
   d = cfg["data"]
-  if d["source"] not in ("tsv", "synthetic_scenes"):
-    _fail(f"data.source must be 'tsv' or 'synthetic_scenes', got {d['source']!r}")
+  if d["source"] not in ("tsv", "synthetic_scenes", "jsonl"):
+    _fail(f"data.source must be 'tsv', 'synthetic_scenes' or 'jsonl', got {d['source']!r}")
   text_kinds = ("classification", "regression", "seq2seq")
   if (d["source"] == "tsv") != (spec.kind in text_kinds):
     _fail(f"task.kind={spec.kind!r} does not read data.source={d['source']!r} (text tasks read "
-          f"'tsv', image tasks 'synthetic_scenes')")
+          f"'tsv', image tasks 'synthetic_scenes' or 'jsonl')")
+  if d["source"] == "jsonl" and mcfg.visual_input != "patches":
+    _fail("data.source 'jsonl' decodes images: it needs model.visual_input='patches'")
+  if d["source"] == "jsonl" and int(d["image_size"]) != mcfg.image_size:
+    _fail(f"data.image_size={d['image_size']} differs from model.image_size={mcfg.image_size}")
   if spec.kind in tasks_lib.MULTIMODAL and d["visual_input"] != mcfg.visual_input:
     _fail(f"data.visual_input={d['visual_input']!r} differs from model.visual_input="
           f"{mcfg.visual_input!r}")
@@ -178,8 +184,11 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
       _fail(problem)
     if cfg["init_from"] and not os.path.exists(os.path.expanduser(cfg["init_from"])):
       _fail(f"init_from: {cfg['init_from']} does not exist")
-    if d["source"] == "tsv" and not d["train"]:
-      _fail("data.train is empty (the task's training TSV)")
+    if d["source"] in ("tsv", "jsonl") and not d["train"]:
+      _fail(f"data.train is empty (the task's training {d['source'].upper()} file)")
     for split in ("train", "validation", "test"):
-      if d["source"] == "tsv" and d[split] and not os.path.isfile(os.path.expanduser(d[split])):
+      if (d["source"] in ("tsv", "jsonl") and d[split]
+          and not os.path.isfile(os.path.expanduser(d[split]))):
         _fail(f"data.{split}: {d[split]} does not exist")
+    if d["source"] == "jsonl" and not os.path.isdir(os.path.expanduser(d["image_dir"])):
+      _fail(f"data.image_dir: {d['image_dir'] or '(empty)'} is not a folder")

@@ -74,7 +74,7 @@ def evaluate_split(task: Task, params, batches, meta: Mapping[str, Any], mesh,
       if kind == "vqa":
         best = np.argmax(out["out"], -1)
         answers = meta["answers"]
-        gold = [[g] * 3 for g in meta["gold"]]  # each question's agreed answer
+        gold = meta["gold"]  # each question's annotators' answers
         soft = rows["answer_scores"][np.arange(len(best)), best]
         return dict(vqa_accuracy=layouts.vqa_accuracy([answers[i] for i in best], gold),
                     vqa_score=float(np.mean(soft)), count=len(best))

@@ -1,0 +1,6 @@
+"""snli_ve: see multimodal.py for the recipe, data layout and config args (demo | base | large)."""
+from experiments.configs.finetune.multimodal import multimodal_config
+
+
+def get_config(arg=None):
+  return multimodal_config("snli_ve", arg)

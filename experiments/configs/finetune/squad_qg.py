@@ -1,0 +1,6 @@
+"""squad_qg: see seq2seq.py for the recipe, data layout and config args (demo | base | large)."""
+from experiments.configs.finetune.seq2seq import seq2seq_config
+
+
+def get_config(arg=None):
+  return seq2seq_config("squad_qg", arg)
