@@ -211,6 +211,7 @@ def test_saved_is_logged_only_once_committed(tmp_path, caplog):
   ck.close()
 
 
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("async_save", [True, False])
 def test_a_failed_save_raises_one_line_and_leaves_no_threads(tmp_path, async_save):
   mesh = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
