@@ -22,7 +22,7 @@ import struct
 import zlib
 
 import numpy as np
-import tensorflow as tf
+from data_pipelines.lazy import tensorflow as tf  # loaded on first use (row workers never do)
 
 # Already-decoded pixels (e.g. a TFDS Tensor feature) travel as RAW_MAGIC, int32 h, w, then
 # h*w*3 uint8 bytes, so one string field carries encoded and raw images alike.

@@ -36,7 +36,11 @@ Config (``data`` section; `default_config()` has every field with its default):
   num_positives, num_negatives, num_related_images, num_related_texts   Kp, Kn, Ki, Kt
   mixture_period       slots per period of the stratified mixture (see `mixture`)
   max_attempts         reads per slot before a bad record's slot becomes a padding row
-  parallel_batches     Python batch builders running at once per stream
+  parallel_batches     Python batch builders running at once per stream (in-process threads)
+  workers              row-building worker processes (`data_pipelines.workers`): -1 (default)
+                       derives it from the host's cores (cores - 2 with >= 4 cores, else 0),
+                       0 builds rows in this process; batches are identical for any value
+  worker_ahead         batches per stream in flight in the workers (0: workers + 1)
   prefetch             batches prefetched after joining the streams
   streams.<text|image|pair>:
     batch_size         GLOBAL rows per step (0 or no sources: the stream is left out)
@@ -58,6 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines import schema
+from data_pipelines import workers as workers_lib
 from data_pipelines.streams import Stream
 
 STATE_VERSION = 1
@@ -87,6 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.mixture_period = 1000
   c.max_attempts = 8
   c.parallel_batches = 2
+  c.workers = -1
+  c.worker_ahead = 0
   c.prefetch = 2
   c.streams = ml_collections.ConfigDict()
   c.streams.text = dict(batch_size=0, max_length=128, max_predictions=20, s2s_max_length=128,
@@ -166,15 +173,20 @@ def resolve_config(data_config) -> dict:
 
 def _fingerprint(cfg) -> str:
   """Hash of what decides the batches (not parallelism or prefetch)."""
-  keep = {k: v for k, v in cfg.items() if k not in ("parallel_batches", "prefetch")}
+  keep = {k: v for k, v in cfg.items()
+          if k not in ("parallel_batches", "prefetch", "workers", "worker_ahead")}
   return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class DataIterator:
   """Numpy batches of the three streams, resumable exactly (see the module docstring)."""
 
-  def __init__(self, cfg: dict, streams: dict, *, process_index: int, process_count: int):
+  def __init__(self, cfg: dict, streams: dict, *, process_index: int, process_count: int,
+               tokenizer=None):
     self.cfg, self.streams = cfg, streams
+    self._tokenizer = tokenizer
+    self.workers = workers_lib.resolve_workers(cfg.get("workers", 0))
+    self._pool = None
     self.process_index, self.process_count = process_index, process_count
     self.spec = schema.batch_spec(cfg, process_count)
     self._fingerprint = _fingerprint(cfg)
@@ -189,8 +201,19 @@ class DataIterator:
 
   # -- tf.data --------------------------------------------------------------------------------
   def _start(self):
-    self.close()
-    parts = {s: st.dataset(self._slots[s], int(self.cfg.get("parallel_batches", 2)))
+    self._release()
+    fetch = None
+    if self.workers:
+      if self._pool is None:
+        self._pool = workers_lib.WorkerPool(
+            self.cfg, self._tokenizer, process_index=self.process_index,
+            process_count=self.process_count, workers=self.workers,
+            source_names={s: st.names for s, st in self.streams.items()},
+            ahead=int(self.cfg.get("worker_ahead", 0)))
+      else:
+        self._pool.reset()
+      fetch = self._pool.fetch
+    parts = {s: st.dataset(self._slots[s], int(self.cfg.get("parallel_batches", 2)), fetch)
              for s, st in self.streams.items()}
     ds = tf.data.Dataset.zip(parts)
 
@@ -310,10 +333,22 @@ class DataIterator:
     (this process's rows)."""
     return dict(self._truncated)
 
-  def close(self):
-    """Releases the tf.data iterator (do this before exit: see ENVIRONMENT.md's hang trap)."""
+  def _release(self):
     it, self._it = self._it, None
     del it
+
+  @property
+  def worker_pids(self) -> list:
+    """Process ids of the row-building workers (empty in-process)."""
+    return self._pool.pids if self._pool is not None else []
+
+  def close(self):
+    """Releases the tf.data iterator and stops the workers (do this before exit: see
+    ENVIRONMENT.md's hang trap; exit and SIGTERM stop the workers anyway)."""
+    pool, self._pool = self._pool, None
+    if pool is not None:
+      pool.close()  # first: a batch request waiting on a worker returns at once
+    self._release()
 
   def __del__(self):
     try:
@@ -356,6 +391,7 @@ def make_pipeline(data_config, *, process_index: int = 0, process_count: int = 1
   t0 = time.time()
   streams = {s: Stream(s, cfg, tokenizer, process_index=process_index,
                        process_count=process_count) for s in enabled}
-  it = DataIterator(cfg, streams, process_index=process_index, process_count=process_count)
+  it = DataIterator(cfg, streams, process_index=process_index, process_count=process_count,
+                    tokenizer=tokenizer)
   tf.get_logger().info("data pipeline built in %.1fs", time.time() - t0)
   return it

@@ -22,12 +22,13 @@ import os
 import threading
 
 import numpy as np
-import tensorflow as tf
+from data_pipelines.lazy import tensorflow as tf  # loaded on first use (row workers never do)
 
 from data_pipelines import images, rewriting, schema
 from data_pipelines.examples import RowBuilder
 from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, load_neighbours, open_source
+from data_pipelines.workers import PoolStopped
 
 _PROBE_RECORDS = 16
 _IMAGE_SLOTS = ("_image", "_image_ratio", "_image_present")
@@ -40,7 +41,8 @@ def source_name(spec, stream: str, k: int) -> str:
 class Stream:
   """Python side of one stream in one process (see the module docstring)."""
 
-  def __init__(self, stream: str, cfg, tokenizer, *, process_index: int, process_count: int):
+  def __init__(self, stream: str, cfg, tokenizer, *, process_index: int, process_count: int,
+               probe: bool = True):
     self.stream, self.cfg = stream, cfg
     self.stream_id = schema.STREAM_IDS[stream]
     self.seed = int(cfg["seed"])
@@ -76,8 +78,9 @@ class Stream:
                            stream_id=self.stream_id, period=int(cfg.get("mixture_period", 1000)))
     self._lock = threading.Lock()
     self._logged = set()
+    self.on_row = None  # (slot, source, record) before each row: a worker's progress record
     self.out_spec = self._out_spec()
-    for s in range(len(self.sources)):
+    for s in range(len(self.sources) if probe else 0):  # workers: probed by their parent
       self._probe(s)
 
   # -- spec of the numpy_function's output ---------------------------------------------------
@@ -163,6 +166,8 @@ class Stream:
   def row(self, slot: int, s: int, i: int):
     """The row of global `slot` (record i of source s, or its replacements) + drop counts."""
     drops = np.zeros(len(schema.DROP_REASONS), np.int32)
+    if self.on_row is not None:
+      self.on_row(slot, s, i)
     for attempt in range(self.max_attempts):
       if attempt:
         with self._lock:
@@ -196,13 +201,22 @@ class Stream:
     return tuple(out)
 
   # -- tf.data ------------------------------------------------------------------------------
-  def dataset(self, base: int, parallel_batches: int = 2) -> tf.data.Dataset:
-    """Batches of this stream from slot `base` on: dict {field: [b, ...]} (internal `_*` kept)."""
+  def dataset(self, base: int, parallel_batches: int = 2, fetch=None) -> "tf.data.Dataset":
+    """Batches of this stream from slot `base` on: dict {field: [b, ...]} (internal `_*` kept).
+
+    `fetch(stream, base, step)`, if given, returns `batch(base, step)` built elsewhere (the
+    worker processes of `data_pipelines.workers`): they build ahead in parallel, so steps are
+    asked for one at a time, in order."""
     names = list(self.out_spec)
     touts = [tf.string if d == np.dtype(object) else tf.as_dtype(d)
              for _, d in self.out_spec.values()]
 
     def rows_of_step(step):
+      if fetch is not None:
+        try:
+          return fetch(self.stream, base, int(step))
+        except PoolStopped:
+          pass  # a prefetch of an iterator being released: same batch, built here, unused
       return self.batch(base, int(step))
 
     def py_batch(step):
@@ -217,7 +231,8 @@ class Stream:
       return out
 
     ds = tf.data.Dataset.range(0, np.iinfo(np.int64).max)
-    ds = ds.map(py_batch, num_parallel_calls=max(1, int(parallel_batches)), deterministic=True)
+    ds = ds.map(py_batch, num_parallel_calls=1 if fetch is not None else max(
+        1, int(parallel_batches)), deterministic=True)
     ds = ds.map(to_dict)
     if self.patches:
       # unbatch() segfaults on zero-size components in TF 2.21 (e.g. Ki = 0 related images):

@@ -1,0 +1,346 @@
+"""Row-building worker processes: whole batches built in parallel, handed out in order.
+
+`WorkerPool(cfg, tokenizer, process_index=, process_count=, workers=N)` starts N Python processes
+(``python -m data_pipelines.workers``), each holding the same `streams.Stream`s as the calling
+process. ``pool.fetch(stream, base, step)`` returns exactly what ``Stream.batch(base, step)``
+returns in-process: a batch is a pure function of (seed, stream, slot), so which worker builds
+it changes nothing, and batches are byte-identical for 0 (in-process), 1 or N workers. The pool
+keeps ``ahead`` batches per stream in flight (assigned to the least busy worker) and buffers the
+finished ones until tf.data asks for them, in any order.
+
+Guarantees kept:
+- exact O(1) resume: `reset()` (on `DataIterator.set_state`) starts a new generation; workers
+  skip stale tasks and stale results are discarded. Nothing is replayed.
+- bad records: counted from each row's ``_drops`` by the iterator, as in-process, so a record is
+  counted once whichever worker reads it.
+- errors: an exception while building a batch becomes a `WorkerError` naming the stream, step,
+  slot, source and record; a worker that dies (killed, segfault, out of memory) does the same
+  from the progress record it writes before each row (never a hang: readers see EOF).
+- shutdown: the workers read their tasks from a pipe whose only writer is this process, so when
+  it exits for any reason (close, exit, SIGTERM, SIGKILL) they see EOF and exit; `close()` also
+  terminates, then kills, any that do not stop within a few seconds.
+
+Processes are started with `subprocess` (fresh interpreters, never `fork` of a process running
+TensorFlow and JAX threads; unlike multiprocessing's spawn they do not re-import the caller's
+main module). Workers do not import TensorFlow unless a source needs it (TFDS sources do), see
+`data_pipelines.lazy`. Memory per worker: the interpreter with numpy, scipy and sentencepiece
+(~60 MB), the sources' indexes, plus ``ahead`` batches in flight (benchmarks/README.md).
+"""
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+import weakref
+
+import numpy as np
+
+from data_pipelines import schema
+
+_HEADER = struct.Struct("<Q")
+_PROGRESS = 8  # int64 per worker: generation, stream id, step, slot, source, record, -, -
+_LIVE = weakref.WeakSet()
+
+
+class WorkerError(RuntimeError):
+  """A worker failed to build a batch, or died."""
+
+
+class PoolStopped(WorkerError):
+  """The pool was closed or reset while a batch was awaited (the caller may build it itself:
+  only a tf.data iterator being released asks for it)."""
+
+
+def resolve_workers(value) -> int:
+  """``data.workers`` -> a count. -1 (auto): cores - 2 on hosts with >= 4 cores (the training
+  process keeps a core for the step and one for TF image decoding), else 0 (in-process)."""
+  n = int(value)
+  if n >= 0:
+    return n
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cores = os.cpu_count() or 1
+  return cores - 2 if cores >= 4 else 0
+
+
+def _send(fd, obj):
+  data = pickle.dumps(obj, protocol=5)
+  view = memoryview(_HEADER.pack(len(data)) + data)
+  while view:
+    view = view[os.write(fd, view):]
+
+
+def _recv(f):
+  """One object from binary file `f`, or None at EOF."""
+  head = f.read(_HEADER.size)
+  if len(head) < _HEADER.size:
+    return None
+  (n,) = _HEADER.unpack(head)
+  buf = bytearray(n)
+  view, got = memoryview(buf), 0
+  while got < n:
+    k = f.readinto(view[got:])
+    if not k:
+      return None
+    got += k
+  return pickle.loads(buf)
+
+
+class _Worker:
+  def __init__(self, index, proc, task_fd, result_file):
+    self.index, self.proc, self.task_fd, self.result_file = index, proc, task_fd, result_file
+    self.in_flight = 0
+    self.lock = threading.Lock()
+    self.thread = None
+
+
+class WorkerPool:
+  """N worker processes building `Stream.batch(base, step)` (see the module docstring)."""
+
+  def __init__(self, cfg, tokenizer, *, process_index: int, process_count: int, workers: int,
+               source_names: dict, ahead: int = 0):
+    import mmap  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    self.n = int(workers)
+    self.ahead = int(ahead) if ahead else self.n + 1
+    self.source_names = source_names  # {stream: [name per source index]}
+    try:
+      payload = pickle.dumps((cfg, tokenizer, process_index, process_count), protocol=5)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"data.workers = {self.n} needs a picklable tokenizer and config ({e!r});"
+                       " use data.workers = 0 (in-process)") from e
+    self._cond = threading.Condition()
+    self._gen = 0
+    self._next = {}  # (stream, base) -> first step not yet issued
+    self._done = {}  # (gen, stream, base, step) -> (ok, batch or message)
+    self._error = None
+    self._closing = False
+    fd, self._progress_path = tempfile.mkstemp(prefix="unimo_workers_")
+    os.write(fd, bytes(8 * _PROGRESS * self.n))
+    self._progress_mm = mmap.mmap(fd, 8 * _PROGRESS * self.n)
+    os.close(fd)
+    self._progress = np.frombuffer(self._progress_mm, np.int64).reshape(self.n, _PROGRESS)
+    self._progress[:] = -1
+    self._progress[:, 0] = 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    self._workers = []
+    try:
+      for k in range(self.n):
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "data_pipelines.workers", str(task_r), str(result_w),
+             self._progress_path, str(k)], pass_fds=(task_r, result_w), env=env,
+            stdin=subprocess.DEVNULL)
+        os.close(task_r)
+        os.close(result_w)
+        w = _Worker(k, proc, task_w, os.fdopen(result_r, "rb"))
+        _send(task_w, payload)
+        w.thread = threading.Thread(target=self._read, args=(w,), daemon=True,
+                                    name=f"input-worker-{k}")
+        w.thread.start()
+        self._workers.append(w)
+    except BaseException:
+      self.close()
+      raise
+    _LIVE.add(self)
+
+  @property
+  def pids(self):
+    return [w.proc.pid for w in self._workers]
+
+  # -- results ---------------------------------------------------------------------------------
+  def _read(self, w: _Worker):
+    while True:
+      try:
+        msg = _recv(w.result_file)
+      except (OSError, ValueError, pickle.UnpicklingError, EOFError):
+        msg = None
+      with self._cond:
+        if msg is None:
+          if not self._closing and self._error is None:
+            self._error = WorkerError(self._died(w))
+          self._cond.notify_all()
+          return
+        kind = msg[0]
+        if kind == "fatal":
+          self._error = WorkerError(f"input worker {w.index} could not start: {msg[1]}")
+        elif kind == "batch":
+          _, gen, stream, base, step, ok, value = msg
+          w.in_flight = max(0, w.in_flight - 1)
+          if gen == self._gen:
+            self._done[(gen, stream, base, step)] = (ok, value)
+        self._cond.notify_all()
+
+  def _died(self, w: _Worker) -> str:
+    try:
+      code = w.proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+      code = "unknown (still running)"
+    _, sid, step, slot, src, rec = (int(v) for v in self._progress[w.index, :6])
+    where = "before its first batch"
+    if sid >= 0:
+      stream = schema.STREAMS[sid]
+      names = self.source_names.get(stream, [])
+      name = names[src] if 0 <= src < len(names) else f"#{src}"
+      where = (f"while building stream {stream} step {step}: slot {slot}, source {name!r} "
+               f"record {rec}")
+    return f"input worker {w.index} (pid {w.proc.pid}) exited with code {code} {where}"
+
+  # -- tasks -----------------------------------------------------------------------------------
+  def _issue(self, stream, base, step):
+    w = min(self._workers, key=lambda x: (x.in_flight, x.index))
+    w.in_flight += 1
+    try:
+      with w.lock:
+        _send(w.task_fd, ("batch", self._gen, stream, int(base), int(step)))
+    except OSError:  # the worker is gone: its reader thread says why (EOF on its results)
+      self._cond.wait_for(lambda: self._error is not None or self._closing, timeout=10.0)
+      if self._error is None and self._closing:
+        raise PoolStopped("input workers closed") from None
+      raise self._error or WorkerError(self._died(w)) from None
+
+  def fetch(self, stream: str, base: int, step: int) -> tuple:
+    """`Stream.batch(base, step)` of `stream`, built by a worker; raises WorkerError."""
+    with self._cond:
+      if self._error is not None:
+        raise self._error
+      gen = self._gen
+      first = self._next.get((stream, base), 0)
+      if step >= first:  # steps [0, first) are issued; issue up to `ahead` beyond this one
+        for s in range(first, step + self.ahead + 1):
+          self._issue(stream, base, s)
+        self._next[(stream, base)] = step + self.ahead + 1
+      key = (gen, stream, base, step)
+      while key not in self._done:
+        if self._error is not None:
+          raise self._error
+        if self._closing:
+          raise PoolStopped("input workers closed")
+        if gen != self._gen:
+          raise PoolStopped("input workers restarted (data state restored)")
+        self._cond.wait(1.0)
+      ok, value = self._done.pop(key)
+    if not ok:
+      raise WorkerError(value)
+    return value
+
+  def reset(self):
+    """A new generation: in-flight and buffered batches of the old one are dropped."""
+    with self._cond:
+      self._gen += 1
+      self._progress[:, 0] = self._gen
+      self._next.clear()
+      self._done.clear()
+      self._cond.notify_all()
+
+  def close(self, timeout: float = 5.0):
+    """Stops every worker (EOF on its task pipe; terminate, then kill, if it lingers)."""
+    with self._cond:
+      if self._closing:
+        return
+      self._closing = True
+      self._cond.notify_all()
+    for w in self._workers:
+      try:
+        os.close(w.task_fd)
+      except OSError:
+        pass
+    for w in self._workers:
+      try:
+        w.proc.wait(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        w.proc.terminate()
+        try:
+          w.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+          w.proc.kill()
+          w.proc.wait()
+    for w in self._workers:
+      if w.thread is not None:
+        w.thread.join(timeout=2.0)
+      w.result_file.close()
+    self._progress = None
+    try:
+      self._progress_mm.close()
+    except BufferError:  # a numpy view still alive somewhere: the OS frees it at exit
+      pass
+    try:
+      os.unlink(self._progress_path)
+    except OSError:
+      pass
+
+  def __del__(self):
+    try:
+      self.close(timeout=1.0)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def close_all():
+  for pool in list(_LIVE):
+    pool.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker process
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_main(task_fd: int, result_fd: int, progress_path: str, index: int):
+  import mmap  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it closes us
+  tasks = os.fdopen(task_fd, "rb")
+  with open(progress_path, "r+b") as f:
+    mm = mmap.mmap(f.fileno(), 0)
+  progress = np.frombuffer(mm, np.int64).reshape(-1, _PROGRESS)[index]
+  try:
+    from data_pipelines.streams import Stream  # pylint: disable=import-outside-toplevel
+    cfg, tokenizer, process_index, process_count = pickle.loads(_recv(tasks))
+    streams = {s: Stream(s, cfg, tokenizer, process_index=process_index,
+                         process_count=process_count, probe=False)
+               for s in schema.enabled_streams(cfg)}
+  except Exception:  # pylint: disable=broad-except
+    _send(result_fd, ("fatal", traceback.format_exc(limit=6)))
+    return
+  current = {}
+
+  def on_row(slot, source, record):
+    progress[3:6] = (slot, source, record)
+    current.update(slot=slot, source=source, record=record)
+
+  for st in streams.values():
+    st.on_row = on_row
+  while True:
+    task = _recv(tasks)
+    if task is None:  # the parent closed the pipe or exited
+      return
+    _, gen, stream, base, step = task
+    if gen < progress[0]:
+      continue  # a stale task of a restored iterator: its result would be dropped anyway
+    progress[1:3] = (schema.STREAM_IDS[stream], step)
+    current.clear()
+    try:
+      msg = ("batch", gen, stream, base, step, True, streams[stream].batch(base, step))
+    except Exception as e:  # pylint: disable=broad-except
+      names = streams[stream].names
+      where = ""
+      if current:
+        name = names[current["source"]] if 0 <= current["source"] < len(names) else "?"
+        where = (f": slot {current['slot']}, source {name!r} record {current['record']}")
+      text = (f"input worker {index}: stream {stream} step {step}{where}: "
+              f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
+      msg = ("batch", gen, stream, base, step, False, text)
+    try:
+      _send(result_fd, msg)
+    except (BrokenPipeError, OSError):
+      return  # the parent is gone
+
+
+if __name__ == "__main__":
+  _worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+  os._exit(0)  # pylint: disable=protected-access  (no interpreter teardown of library threads)
