@@ -5,6 +5,8 @@ Every test here runs the same tiny text-only program (one compile, then persiste
 import json
 import os
 import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -299,3 +301,49 @@ def test_train_resumes_from_the_newest_intact_checkpoint(tmp_path, caplog):
   assert os.path.isdir(os.path.join(wd, "checkpoints", "4.damaged"))  # kept, set aside
   for (path, x), (_, y) in zip(host_params(straight), host_params(wd)):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
+
+
+class LockAt:
+  """Makes the run's checkpoint folder unwritable when batch ``at`` is fetched."""
+
+  def __init__(self, it, at, directory):
+    self.it, self.at, self.directory, self.spec, self.count = it, at, directory, it.spec, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.at:
+      import reliability_util as ru  # pylint: disable=import-outside-toplevel
+      time.sleep(1.0)  # the save before this batch has committed
+      ru.lock(self.directory)
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_a_failed_save_stops_the_run_at_the_next_step(tmp_path, caplog):
+  import reliability_util as ru  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.futures import future as ocp_future  # pylint: disable=import-outside-toplevel
+  c = text_config()
+  c.train.checkpoint_every = 3
+  c.train.log_every = 12
+  wd = str(tmp_path)
+  directory = os.path.join(wd, "checkpoints")
+  data = LockAt(tu.batches(c), at=5, directory=directory)
+  try:
+    with caplog.at_level("INFO"), pytest.raises(ckpt_lib.CheckpointError,
+                                                match="step 6 could not be saved") as e:
+      trainer.train(c, wd, data=data)
+  finally:
+    ru.unlock(directory)
+  assert "\n" not in str(e.value) and os.path.join(directory, "6") in str(e.value)
+  assert data.count <= 7  # found at the step after the failed write, not at the next save (9)
+  assert "checkpoint saved at step 3" in caplog.messages
+  assert "checkpoint saved at step 6" not in caplog.messages
+  assert not [t for t in threading.enumerate()
+              if isinstance(t, ocp_future._SignalingThread) and t.is_alive()]  # pylint: disable=protected-access
+  assert ckpt_lib.latest_step(wd) == 3

@@ -259,7 +259,6 @@ def train(config, workdir: str, *, data: Iterator,
       logging.info("step %d/%d %s", step_now, tc.total_steps, line)
     at_step = step_now - window_steps + first if first is not None else None
     window_start, data_wait, window_steps = time.time(), 0.0, 0
-    checkpointer.poll()  # logs a save committed meanwhile; raises if it failed
     if at_step is not None:
       raise nonfinite_error(at_step)
 
@@ -283,6 +282,7 @@ def train(config, workdir: str, *, data: Iterator,
       if len(in_flight) > max_in_flight:
         in_flight.pop(0).block_until_ready()
       stopping = stop.should_stop()
+      checkpointer.poll()  # host-only: logs a save committed meanwhile, raises if it failed
 
       if step % tc.log_every == 0 or step == end or stopping:  # a stop flushes the window
         log(step)
