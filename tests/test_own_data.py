@@ -345,3 +345,16 @@ def test_example_configs_validate(fmt):
   assert "test" in config.evaluation.get("sources", {}) or fmt == "tfds"
   with pytest.raises(ValueError, match="root=DIR"):
     module.get_config("smoke")
+
+
+def test_the_docs_show_every_example_and_only_existing_ones():
+  import re
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(repo, "docs", "own_data.md")) as f:
+    text = f.read()
+  named = set(re.findall(r"experiments/configs/examples/(\w+)\.py", text))
+  files = {n[:-3] for n in os.listdir(os.path.join(repo, "experiments", "configs", "examples"))
+           if n.endswith(".py") and n not in ("__init__.py", "shared.py")}
+  assert named - {"FORMAT"} == files == set(FORMATS)
+  for command in re.findall(r"^unimo-jax (\w+(?: train)?) ", text, re.M):
+    assert command in ("tokenizer train", "train", "evaluate"), command
