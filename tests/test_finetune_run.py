@@ -151,3 +151,27 @@ def test_config_errors_are_one_line(tmp_path, change, message):
   cfg.data.unknown_field = 1
   with pytest.raises(config_lib.ConfigError, match="unknown config key 'data.unknown_field'"):
     config_lib.validate(cfg, num_devices=8, check_files=False)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_one_batch(tmp_path):
+  """k micro-batches normalised by the whole batch's count give the one-batch update."""
+  from data_pipelines.finetune import make_data
+  from unimo_jax import parallel
+  out = []
+  for k in (1, 2):
+    cfg = tiny_config(tmp_path)
+    cfg.model.dropout_rate = cfg.model.attention_dropout_rate = 0.0
+    cfg.task.head_dropout = 0.0
+    cfg.optimizer.grad_accum_steps = k
+    cfg.data.batch_size = 16
+    data, _ = make_data(cfg, "train", TOK, training=True)
+    run = run_lib.build_finetune_run(cfg, data.spec, vocab_size=TOK.vocab_size)
+    batch = next(data)
+    batch["row_valid"][-3:] = False  # uneven micro-batch counts
+    state, metrics = run.step(run.new_state(), parallel.global_batch(batch, run.mesh))
+    out.append((jax.device_get(state.params), float(metrics["loss"]), float(metrics["count"])))
+  assert out[0][2] == out[1][2] == 13.0
+  assert out[0][1] == pytest.approx(out[1][1], rel=1e-5)
+  for x, y in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
