@@ -1,6 +1,7 @@
 """RoBERTa import: parity with Hugging Face's torch RoBERTa, the command, the saved format, the
 merge into a full model, and the parameter count of the base text path."""
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -118,3 +119,29 @@ def test_base_text_path_has_roberta_base_parameter_count():
              for x in jax.tree.leaves(params[k]))
   assert ours == hf_count - token_types, (ours, hf_count, token_types)
   assert jnp.dtype(jax.tree.leaves(params)[0].dtype) == jnp.float32
+
+
+def test_layer_layout_conversion_and_older_files(tmp_path):
+  """stack_layer_params stacks per-layer trees on a leading axis (what the scanned encoder
+  reads); files written in the older per-layer layout load in the scanned one."""
+  from flax import serialization
+  from unimo_jax.model.layers import stack_layer_params, unstack_layer_params
+  rng = np.random.default_rng(0)
+  layers = [{"attention": {"query": {"kernel": rng.normal(size=(4, 2, 2)), "bias": rng.normal(
+      size=(2, 2))}}, "mlp_norm": {"scale": rng.normal(size=(4,))}} for _ in range(3)]
+  enc = stack_layer_params(layers)
+  assert enc["layers"]["attention"]["query"]["kernel"].shape == (3, 4, 2, 2)
+  np.testing.assert_array_equal(enc["layers"]["mlp_norm"]["scale"][2], layers[2]["mlp_norm"]["scale"])
+  back = unstack_layer_params(enc)
+  np.testing.assert_array_equal(back[1]["attention"]["query"]["bias"],
+                                layers[1]["attention"]["query"]["bias"])
+  config = ModelConfig.tiny(num_layers=3)
+  old = {"encoder": {f"layer_{i}": layers[i] for i in range(3)}}
+  os.makedirs(tmp_path / "old")
+  with open(tmp_path / "old" / roberta.PARAMS_FILE, "wb") as f:
+    f.write(serialization.msgpack_serialize(old))
+  with open(tmp_path / "old" / roberta.CONFIG_FILE, "w") as f:
+    f.write(config.to_json())
+  _, params = roberta.load_converted(str(tmp_path / "old"))
+  np.testing.assert_array_equal(params["encoder"]["layers"]["attention"]["query"]["kernel"],
+                                enc["layers"]["attention"]["query"]["kernel"])

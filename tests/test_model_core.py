@@ -63,8 +63,8 @@ def np_encoder(x, mask, params, cfg):
   def mlp(h, m):
     return np_dense(np_gelu(np_dense(h, m["wi"])), m["wo"])
 
-  for i in range(cfg.num_layers):
-    lp = p[f"layer_{i}"]
+  for i in range(cfg.num_layers):  # the scanned layout: every leaf stacked [num_layers, ...]
+    lp = jax.tree.map(lambda a: a[i], p["layers"])
     if cfg.pre_ln:
       x = x + attention(np_ln(x, lp["attention_norm"]), lp["attention"])
       x = x + mlp(np_ln(x, lp["mlp_norm"]), lp["mlp"])
@@ -292,14 +292,19 @@ def test_init_dropout_bf16_remat_and_logical_axes():
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
   specs = nn.get_partition_spec(boxed)["params"]
   assert specs["text_embed"]["word"] == jax.sharding.PartitionSpec("vocab", "embed")
-  assert specs["encoder"]["layer_0"]["attention"]["query"]["kernel"] == (
-      jax.sharding.PartitionSpec("embed", "heads", "kv"))
+  assert specs["encoder"]["layers"]["attention"]["query"]["kernel"] == (
+      jax.sharding.PartitionSpec("layers", "embed", "heads", "kv"))
   # init follows TruncatedNormal(0.02) (std 0.88 * 0.02, |x| <= 0.04); LayerNorm = (1, 0)
   params = init_params(cfg, jax.random.PRNGKey(5))  # the same compiled init as model-info
   word = np.asarray(params["text_embed"]["word"])
   assert abs(word.std() - 0.02 * 0.88) < 2e-3 and np.abs(word).max() <= 0.04 + 1e-6
-  np.testing.assert_array_equal(params["encoder"]["layer_0"]["mlp_norm"]["scale"], 1.0)
-  np.testing.assert_array_equal(params["encoder"]["layer_0"]["mlp"]["wi"]["bias"], 0.0)
+  assert params["encoder"]["layers"]["mlp"]["wi"]["kernel"].shape == (
+      cfg.num_layers, cfg.hidden_size, cfg.mlp_dim)
+  np.testing.assert_array_equal(params["encoder"]["layers"]["mlp_norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(params["encoder"]["layers"]["mlp"]["wi"]["bias"], 0.0)
+  # layers are initialised independently (the scan splits the params rng)
+  q = np.asarray(params["encoder"]["layers"]["attention"]["query"]["kernel"])
+  assert not np.allclose(q[0], q[1])
 
   params = random_params(cfg, 5)
   ids = _ids(np.random.default_rng(5), cfg, [6, 4], 6)
@@ -308,8 +313,10 @@ def test_init_dropout_bf16_remat_and_logical_axes():
       {"params": p}, i, deterministic=False, method=Unimo.encode_text,
       rngs={"dropout": k}))(params, ids, jax.random.PRNGKey(0))["hidden"]
   assert not np.allclose(drop, ref, atol=1e-3)
-  remat = run(cfg.replace(remat=True), params, ids, method=Unimo.encode_text)["hidden"]
-  np.testing.assert_allclose(remat, ref, atol=1e-6)
+  for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable"):
+    remat = run(cfg.replace(remat=True, remat_policy=policy), params, ids,
+                method=Unimo.encode_text)["hidden"]
+    np.testing.assert_allclose(remat, ref, atol=1e-6)
   bf16 = run(cfg.replace(dtype="bfloat16"), params, ids, method=Unimo.encode_text)
   assert bf16["hidden"].dtype == jnp.bfloat16
   real = ids != cfg.pad_id

@@ -138,3 +138,7 @@ def test_fsdp_fallback_shards_large_arrays_the_rules_leave_replicated():
   assert parallel.with_fsdp_fallback(P(), (1023, 255), mesh) == P()  # nothing divisible
   mesh1 = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   assert parallel.with_fsdp_fallback(P(), big, mesh1) == P()
+  # the scanned encoder's stacked-layer axis is never the fallback's choice
+  assert parallel.with_fsdp_fallback(P(), (1024, 256), mesh,
+                                     logical=("layers", None)) == P(None, "fsdp")
+  assert parallel.with_fsdp_fallback(P(), (1024, 255), mesh, logical=("layers", None)) == P()

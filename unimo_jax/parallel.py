@@ -202,10 +202,17 @@ def unbox(tree: Any) -> Any:
 FSDP_FALLBACK_MIN_SIZE = 2**16
 
 
+# Logical names the fallback never shards: the scanned encoder's stacked-layer axis (a scan
+# step slices one layer; a layer axis split over devices would gather the whole stack).
+FSDP_FALLBACK_EXCLUDED = ("layers",)
+
+
 def with_fsdp_fallback(spec: P, shape: Sequence[int], mesh: Mesh,
-                       min_size: int = FSDP_FALLBACK_MIN_SIZE) -> P:
+                       min_size: int = FSDP_FALLBACK_MIN_SIZE,
+                       logical: Sequence[str | None] | None = None) -> P:
   """Adds ``fsdp`` to the largest unsharded dimension divisible by its size, if the array is
-  large and ``spec`` does not use ``fsdp`` yet."""
+  large and ``spec`` does not use ``fsdp`` yet. Dimensions whose logical name (``logical``) is
+  in ``FSDP_FALLBACK_EXCLUDED`` are never chosen."""
   size = mesh.shape.get("fsdp", 1)
   if size <= 1 or math.prod(shape) < min_size:
     return spec
@@ -213,7 +220,9 @@ def with_fsdp_fallback(spec: P, shape: Sequence[int], mesh: Mesh,
   used = {a for e in entries if e is not None for a in ((e,) if isinstance(e, str) else e)}
   if "fsdp" in used:
     return spec
-  free = [i for i, e in enumerate(entries) if e is None and shape[i] % size == 0]
+  names = list(logical) if logical is not None else [None] * len(shape)
+  free = [i for i, e in enumerate(entries) if e is None and shape[i] % size == 0
+          and names[i] not in FSDP_FALLBACK_EXCLUDED]
   if not free:
     return spec
   best = max(free, key=lambda i: shape[i])
@@ -240,7 +249,7 @@ def tree_shardings(abstract: Any, logical: Any, mesh: Mesh,
   for x, names in zip(flat, flat_logical):
     spec = logical_to_spec(names, np.shape(x), mesh, rules)
     if fsdp_min_size is not None:
-      spec = with_fsdp_fallback(spec, np.shape(x), mesh, fsdp_min_size)
+      spec = with_fsdp_fallback(spec, np.shape(x), mesh, fsdp_min_size, names)
     out.append(NamedSharding(mesh, spec))
   return treedef.unflatten(out)
 

@@ -9,13 +9,15 @@ bare ``RobertaModel``: then there is no ``lm_head`` in the result) onto the text
     + token_type_embeddings[0] folded into every position row (UNIMO has no token types;
       RoBERTa adds row 0 to every token, so the sum is exact)
   roberta.embeddings.LayerNorm                 -> text_embed/norm
-  encoder.layer.i.attention.self.{q,k,v}       -> encoder/layer_i/attention/{query,key,value}
+  encoder.layer.i.attention.self.{q,k,v}       -> layer i's attention/{query,key,value}
       kernel = W^T reshaped [H, heads, d] (head-major, as HF's view), bias [heads, d]
-  encoder.layer.i.attention.output.dense       -> .../attention/out  kernel [heads, d, H]
-  encoder.layer.i.attention.output.LayerNorm   -> encoder/layer_i/attention_norm
-  encoder.layer.i.intermediate.dense           -> encoder/layer_i/mlp/wi     [H, M]
-  encoder.layer.i.output.dense                 -> encoder/layer_i/mlp/wo     [M, H]
-  encoder.layer.i.output.LayerNorm             -> encoder/layer_i/mlp_norm
+  encoder.layer.i.attention.output.dense       -> layer i's attention/out  kernel [heads, d, H]
+  encoder.layer.i.attention.output.LayerNorm   -> layer i's attention_norm
+  encoder.layer.i.intermediate.dense           -> layer i's mlp/wi     [H, M]
+  encoder.layer.i.output.dense                 -> layer i's mlp/wo     [M, H]
+  encoder.layer.i.output.LayerNorm             -> layer i's mlp_norm
+  the layers' trees, stacked                   -> encoder/layers/...  [num_layers, ...]
+      (``unimo_jax.model.layers.stack_layer_params``: the encoder is one ``nn.scan``)
   lm_head.dense / lm_head.layer_norm           -> lm_head/transform/{dense,norm}
   lm_head.bias (= lm_head.decoder.bias)        -> lm_head/bias               [V]
   lm_head.decoder.weight                       tied to the word table (checked equal if saved)
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from unimo_jax.model.config import ModelConfig
+from unimo_jax.model.layers import stack_layer_params, to_scanned_layout
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
@@ -165,10 +168,10 @@ def convert_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dic
   params = {"text_embed": {"word": word, "position": position,
                            "norm": _layer_norm(state, e + "LayerNorm")}}
   heads, d, h = config.num_heads, config.head_dim, config.hidden_size
-  encoder = {}
+  layers = []
   for i in range(config.num_layers):
     p = f"roberta.encoder.layer.{i}."
-    encoder[f"layer_{i}"] = {
+    layers.append({
         "attention": {
             "query": _linear(state, p + "attention.self.query", out_shape=(heads, d)),
             "key": _linear(state, p + "attention.self.key", out_shape=(heads, d)),
@@ -179,8 +182,8 @@ def convert_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> dic
         "mlp": {"wi": _linear(state, p + "intermediate.dense"),
                 "wo": _linear(state, p + "output.dense")},
         "mlp_norm": _layer_norm(state, p + "output.LayerNorm"),
-    }
-  params["encoder"] = encoder
+    })
+  params["encoder"] = stack_layer_params(layers)
   if "lm_head.dense.weight" in state:
     bias = state.pop("lm_head.bias", None)
     decoder_bias = state.pop("lm_head.decoder.bias", None)
@@ -206,8 +209,8 @@ def _check_shapes(params, config: ModelConfig):
   te = params["text_embed"]
   for name, got, want in (("word", te["word"].shape, (v, h)),
                           ("position", te["position"].shape, (p, h)),
-                          ("mlp/wi", params["encoder"]["layer_0"]["mlp"]["wi"]["kernel"].shape,
-                           (h, m))):
+                          ("mlp/wi", params["encoder"]["layers"]["mlp"]["wi"]["kernel"].shape,
+                           (config.num_layers, h, m))):
     if tuple(got) != want:
       raise ValueError(f"{name}: checkpoint shape {tuple(got)} != config shape {want}")
 
@@ -240,12 +243,15 @@ def save(out_dir: str, config: ModelConfig, params, source: dict | None = None) 
 
 
 def load_converted(out_dir: str) -> tuple[ModelConfig, dict]:
-  """Reads what ``save`` wrote: (ModelConfig, params of numpy arrays)."""
+  """Reads what ``save`` wrote: (ModelConfig, params of numpy arrays). Files written before the
+  encoder was scanned (``encoder/layer_i``) come back in the scanned layout."""
   from flax import serialization  # pylint: disable=import-outside-toplevel
   with open(os.path.join(out_dir, CONFIG_FILE)) as f:
     config = ModelConfig.from_json(f.read())
   with open(os.path.join(out_dir, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())
+  if "encoder" in params:
+    params["encoder"] = to_scanned_layout(params["encoder"])
   return config, params
 
 

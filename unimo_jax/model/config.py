@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,10 @@ class ModelConfig:
       back to ``dtype``: on CPU a bf16 dot with bf16 output runs at a third of the f32-accumulating
       one, and softmax/logits stay accurate.
     remat: rematerialise each layer in the backward pass (memory for compute).
+    remat_policy: what a rematerialised layer keeps, a ``jax.checkpoint_policies`` name:
+      "nothing_saveable" (only the layer input; recompute everything),
+      "dots_with_no_batch_dims_saveable" (keep the projection/FFN matmul outputs, recompute
+      attention and elementwise work) or "dots_saveable" (keep every matmul output).
   Vision:
     visual_input: "patches" (raw pixels, ViT patch embedding) or "regions" (detector features).
     image_size, patch_size, num_channels: patch input; ``(image_size/patch_size)**2`` patches.
@@ -81,6 +86,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   f32_accumulate: bool = True
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   # vision
   visual_input: str = "patches"
   image_size: int = 224
@@ -179,6 +185,7 @@ class ModelConfig:
     need(self.init_std > 0, "init_std", "must be > 0")
     need(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}")
     need(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {_DTYPES}")
+    need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"must be one of {REMAT_POLICIES}")
     need(self.visual_input in ("patches", "regions"), "visual_input",
          "must be 'patches' or 'regions'")
     need(self.image_token in ("mean", "learned"), "image_token", "must be 'mean' or 'learned'")

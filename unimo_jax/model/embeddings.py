@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from unimo_jax.model.config import ModelConfig
+from unimo_jax.model.dropout import Dropout
 from unimo_jax.model.layers import HIDDEN_AXES, Dense, kernel_init, layer_norm
 
 
@@ -76,7 +77,7 @@ class TextEmbedding(nn.Module):
     self.position = self.param("position", kernel_init(cfg, (None, "embed")),
                                (cfg.max_positions, cfg.hidden_size), cfg.weight_dtype)
     self.norm = layer_norm(cfg, "norm")
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def __call__(self, ids, positions=None, deterministic: bool = True):
     """ids [B, L] int -> [B, L, H]. ``positions`` [B, L] overrides ``text_positions(ids)``.
@@ -118,7 +119,7 @@ class RegionEmbedding(nn.Module):
     x = (Dense(cfg, (cfg.hidden_size,), ("region_feature",), ("embed",), name="feature")(features)
          + Dense(cfg, (cfg.hidden_size,), (None,), ("embed",), name="box")(boxes))
     x = layer_norm(cfg, "norm")(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
     return nn.with_logical_constraint(x, HIDDEN_AXES), valid
 
@@ -158,5 +159,5 @@ class PatchEmbedding(nn.Module):
                             (1 + n, cfg.hidden_size), cfg.weight_dtype)
     x = jnp.concatenate([img, x], axis=1) + position.astype(x.dtype)[None]
     x = layer_norm(cfg, "norm")(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return nn.with_logical_constraint(x, HIDDEN_AXES), jnp.ones((b, 1 + n), bool)

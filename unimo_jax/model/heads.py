@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from unimo_jax.model.config import ModelConfig
-from unimo_jax.model.layers import Dense, accumulation_dtype, gelu, layer_norm, zeros_init
+from unimo_jax.model.layers import (HIDDEN_AXES, Dense, accumulation_dtype, gelu, layer_norm,
+                                    zeros_init)
 
 
 def gather_positions(hidden, positions):
@@ -23,7 +24,10 @@ class Transform(nn.Module):
   def __call__(self, x):
     cfg = self.config
     x = gelu(Dense(cfg, (cfg.hidden_size,), ("embed",), ("mlp",), name="dense")(x))
-    return layer_norm(cfg, "norm")(x)
+    # Pin the output to the hidden layout (batch-sharded, H whole). Left to propagation, XLA's
+    # partitioner got the backward of `LN(gelu(x W)) @ E^T` wrong on a (data 2, fsdp 2,
+    # tensor 2) mesh (gradients off by O(1) while the loss matched; tests/test_model_sharded.py).
+    return nn.with_logical_constraint(layer_norm(cfg, "norm")(x), HIDDEN_AXES)
 
 
 class LMHead(nn.Module):

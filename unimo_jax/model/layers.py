@@ -1,5 +1,5 @@
 """Transformer building blocks: dense, LayerNorm, self-attention (with a key/value cache), FFN,
-the encoder layer and the encoder stack.
+the encoder layer and the scanned encoder stack (plus the stacked-parameter layout helpers).
 
 Shapes: B batch, L query length, T key length (= L, or the cache length when decoding),
 H hidden, h heads, d head width (H = h*d), M FFN width.
@@ -9,8 +9,9 @@ to ``x = x + Dropout(sublayer(LN(x)))`` with a final LN), exact (erf) GELU, no d
 FFN, ``q *= d**-0.5``, additive attention bias, softmax in float32 (or wider).
 
 Logical axis names (every parameter is boxed with ``nn.with_logical_partitioning``):
-  parameters: ``embed`` (H), ``heads`` (h), ``kv`` (d), ``mlp`` (M, also the inner H of the
-  head transforms/poolers), ``vocab`` (V), ``region_feature`` (F, region input), ``patch``
+  parameters: ``layers`` (the leading axis of the scanned encoder's stacked parameters),
+  ``embed`` (H), ``heads`` (h), ``kv`` (d), ``mlp`` (M, also the inner H of the head
+  transforms/poolers), ``vocab`` (V), ``region_feature`` (F, region input), ``patch``
   (p*p*C, patch input); ``None`` for position rows, box (5), head outputs (F, C, projection).
   activations (``nn.with_logical_constraint``): ``batch``, ``length``, ``embed``, ``heads``,
   ``kv``, ``mlp``, ``vocab``.
@@ -21,9 +22,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from unimo_jax.model.config import ModelConfig
+from unimo_jax.model.dropout import Dropout
 
 HIDDEN_AXES = ("batch", "length", "embed")
 HEAD_AXES = ("batch", "length", "heads", "kv")
@@ -92,12 +95,29 @@ def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
       bias_init=zeros_init(("embed",)), name=name)
 
 
+def explicit_attention(config: ModelConfig, deterministic: bool) -> bool:
+  """Whether attention is computed explicitly rather than by ``jax.nn.dot_product_attention``:
+  when the probabilities are dropped (it has no dropout), or for float64 compute (it runs the
+  softmax in float32, where the mask's float64 big negative overflows to -inf)."""
+  dropped = not deterministic and config.attention_dropout_rate > 0.0
+  return dropped or jnp.dtype(config.compute_dtype).itemsize > 4
+
+
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with an additive bias and an optional key/value cache."""
+  """Multi-head self-attention with an additive bias and an optional key/value cache.
+
+  Without dropout on the attention probabilities (evaluation, decoding, or
+  ``attention_dropout_rate=0``) attention is ``jax.nn.dot_product_attention`` with
+  ``implementation=None``: XLA's fused softmax path on CPU/TPU, cuDNN flash attention on GPU
+  where it applies. It has no dropout, so a training step that drops probabilities computes them
+  explicitly (logits in float32, ``softmax``, hashed dropout, ``probs @ v``); so does float64
+  compute (``explicit_attention``).
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool, kv_cache=None, cache_index=None):
+  def __call__(self, x, bias, deterministic: bool, kv_cache=None, cache_index=None,
+               return_kv: bool = False):
     """Attends ``x`` to itself (or to the cache after writing ``x``'s keys/values into it).
 
     Args:
@@ -108,9 +128,10 @@ class SelfAttention(nn.Module):
         ``cache_index`` (positions ``cache_index .. cache_index+L-1``) and the queries attend to
         all T slots (the bias masks the empty ones).
       cache_index: int32 scalar, where to write.
+      return_kv: also return the keys/values without a cache (to build one from a prefix).
     Returns:
-      ``(out [B, L, H], (k, v))`` with k, v [B, T, h, d]: the full keys/values attended to (the
-      updated cache when decoding).
+      ``(out [B, L, H], kv)``: kv is ``(k, v)`` each [B, T, h, d], the keys/values attended to
+      (the updated cache when decoding), or None when neither decoding nor ``return_kv``.
     """
     cfg = self.config
     heads, d = cfg.num_heads, cfg.head_dim
@@ -123,19 +144,24 @@ class SelfAttention(nn.Module):
       start = (0, cache_index, 0, 0)
       k = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-    acc = accumulation_dtype(cfg)
-    softmax_dtype = jnp.promote_types(acc, jnp.float32)
-    q = q * jnp.asarray(d ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype), preferred_element_type=acc)
-    logits = logits.astype(softmax_dtype)
-    if bias is not None:
-      logits = logits + bias.astype(softmax_dtype)
-    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
-    probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(probs.dtype), preferred_element_type=acc)
-    out = nn.with_logical_constraint(out.astype(cfg.compute_dtype), HEAD_AXES)
+    dtype = cfg.compute_dtype
+    if explicit_attention(cfg, deterministic):
+      acc = accumulation_dtype(cfg)
+      softmax_dtype = jnp.promote_types(acc, jnp.float32)
+      qs = q * jnp.asarray(d ** -0.5, q.dtype)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", qs, k.astype(dtype), preferred_element_type=acc)
+      logits = logits.astype(softmax_dtype)
+      if bias is not None:
+        logits = logits + bias.astype(softmax_dtype)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+      probs = Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype), preferred_element_type=acc)
+    else:
+      out = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), bias=bias,
+                                         scale=d ** -0.5, implementation=None)
+    out = nn.with_logical_constraint(out.astype(dtype), HEAD_AXES)
     out = Dense(cfg, (cfg.hidden_size,), ("heads", "kv"), ("embed",), name="out")(out)
-    return out, (k, v)
+    return out, ((k, v) if kv_cache is not None or return_kv else None)
 
 
 class MLP(nn.Module):
@@ -151,48 +177,109 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """One Transformer block (post-LN by default, pre-LN when ``config.pre_ln``)."""
+  """One Transformer block (post-LN by default, pre-LN when ``config.pre_ln``).
+
+  The call signature is the scan body's: ``x`` is the carry, the rest are per-step inputs
+  (``kv_cache`` scanned over layers, everything else broadcast)."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool, kv_cache=None, cache_index=None):
+  def __call__(self, x, bias, deterministic: bool, kv_cache=None, cache_index=None,
+               return_kv: bool = False):
+    """x [B, L, H] -> (x [B, L, H], kv (see ``SelfAttention``) or None)."""
     cfg = self.config
-    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    drop = lambda y: Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     attention = SelfAttention(cfg, name="attention")
     attention_norm = layer_norm(cfg, "attention_norm")
     mlp, mlp_norm = MLP(cfg, name="mlp"), layer_norm(cfg, "mlp_norm")
     if cfg.pre_ln:
-      a, kv = attention(attention_norm(x), bias, deterministic, kv_cache, cache_index)
+      a, kv = attention(attention_norm(x), bias, deterministic, kv_cache, cache_index, return_kv)
       x = x + drop(a)
       x = x + drop(mlp(mlp_norm(x)))
     else:
-      a, kv = attention(x, bias, deterministic, kv_cache, cache_index)
+      a, kv = attention(x, bias, deterministic, kv_cache, cache_index, return_kv)
       x = attention_norm(x + drop(a))
       x = mlp_norm(x + drop(mlp(x)))
     return nn.with_logical_constraint(x, HIDDEN_AXES), kv
 
 
+# Parameters of the scanned stack: ``encoder/layers/<EncoderLayer params>``, each with a leading
+# [num_layers] axis whose logical name is LAYER_AXIS (no mesh axis in the rules: every device
+# holds every layer's slice of its shard).
+LAYERS = "layers"
+LAYER_AXIS = "layers"
+
+
+def remat_policy(config: ModelConfig):
+  """The ``jax.checkpoint`` policy named by ``config.remat_policy`` (what a layer keeps for the
+  backward pass; everything else is recomputed)."""
+  return getattr(jax.checkpoint_policies, config.remat_policy)
+
+
 class Encoder(nn.Module):
-  """``num_layers`` EncoderLayers (params ``layer_0 .. layer_{n-1}``), plus ``final_norm`` when
-  ``pre_ln`` (post-LN has none, as UNIMO)."""
+  """``num_layers`` EncoderLayers as ONE ``nn.scan`` (the compiled program holds one layer body
+  whatever the depth), each rematerialised with ``remat_policy`` when ``config.remat``; plus
+  ``final_norm`` when ``pre_ln`` (post-LN has none, as UNIMO).
+
+  Parameters: ``layers/...`` stacked [num_layers, ...] (``stack_layer_params`` builds this
+  layout from per-layer trees)."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool, cache=None, cache_index=None):
+  def __call__(self, x, bias, deterministic: bool, cache=None, cache_index=None,
+               return_kv: bool = False):
     """x [B, L, H], bias [B, 1|h, L, T] or None; cache None or ``(k, v)`` each
-    [layers, B, T, h, d]. Returns ``(hidden [B, L, H], (k, v) each [layers, B, T, h, d])``."""
+    [layers, B, T, h, d]. Returns ``(hidden [B, L, H], kv)``: kv is ``(k, v)`` each
+    [layers, B, T, h, d] when decoding (``cache``) or ``return_kv``, else None."""
     cfg = self.config
-    layer_cls = EncoderLayer
-    if cfg.remat and cache is None:
-      # argnum 0 is the module itself: (self, x, bias, deterministic, ...)
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,))
-    keys, values = [], []
-    for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-      x, (k, v) = layer_cls(cfg, name=f"layer_{i}")(x, bias, deterministic, layer_cache,
-                                                     cache_index)
-      keys.append(k)
-      values.append(v)
+    layer = EncoderLayer
+    if cfg.remat:
+      # argnum 0 is the module: (self, x, bias, deterministic, kv_cache, cache_index, return_kv).
+      # Inside scan nothing can be CSE'd across iterations, so prevent_cse's barriers are moot.
+      layer = nn.remat(EncoderLayer, policy=remat_policy(cfg), prevent_cse=False,
+                       static_argnums=(3, 6))
+    stack = nn.scan(layer, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+    x, kv = stack(cfg, name=LAYERS)(x, bias, deterministic, cache, cache_index, return_kv)
     if cfg.pre_ln:
       x = layer_norm(cfg, "final_norm")(x)
-    return x, (jnp.stack(keys), jnp.stack(values))
+    return x, kv
+
+
+def stack_layer_params(layers: Sequence[Any]) -> dict:
+  """THE layout conversion for checkpoint converters: per-layer encoder trees -> our encoder.
+
+  ``layers[i]`` is layer i's tree in ``EncoderLayer``'s naming (``attention/{query,key,value,
+  out}/{kernel,bias}``, ``attention_norm``, ``mlp/{wi,wo}``, ``mlp_norm``; Flax kernel shapes
+  ``[in..., out...]``). Returns ``{"layers": tree}`` with every leaf stacked on a new leading
+  [num_layers] axis: the ``encoder`` subtree of ``Unimo``'s parameters (add ``final_norm``
+  beside ``layers`` for pre-LN). Leaves may be numpy or jax arrays; numpy stays numpy.
+  """
+  if not layers:
+    raise ValueError("stack_layer_params: no layers")
+  stack = lambda *xs: (np.stack(xs) if all(isinstance(a, np.ndarray) for a in xs)
+                       else jnp.stack(xs))
+  return {LAYERS: jax.tree.map(stack, *layers)}
+
+
+def unstack_layer_params(encoder: dict) -> list:
+  """Inverse of ``stack_layer_params``: our ``encoder`` subtree -> a list of per-layer trees.
+  Also reads the older unscanned layout ``layer_0 .. layer_{n-1}``."""
+  if LAYERS in encoder:
+    n = jax.tree.leaves(encoder[LAYERS])[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], encoder[LAYERS]) for i in range(n)]
+  keys = sorted((k for k in encoder if k.startswith("layer_")), key=lambda k: int(k[6:]))
+  return [encoder[k] for k in keys]
+
+
+def to_scanned_layout(encoder: dict) -> dict:
+  """An ``encoder`` subtree in either layout -> the scanned one (``layer_i`` trees, as written
+  by this package before layers were scanned, are stacked; ``final_norm`` is kept)."""
+  if LAYERS in encoder:
+    return encoder
+  out = stack_layer_params(unstack_layer_params(encoder))
+  if "final_norm" in encoder:
+    out["final_norm"] = encoder["final_norm"]
+  return out

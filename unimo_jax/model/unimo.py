@@ -176,7 +176,7 @@ class Unimo(nn.Module):
     if text_count is None:
       text_count = jnp.zeros((x.shape[0],), jnp.int32)
     bias = masks.to_bias(masks.bidirectional(valid), x.dtype)
-    hidden, (k, v) = self.encoder(x, bias, True)
+    hidden, (k, v) = self.encoder(x, bias, True, return_kv=True)
     cache = decoding.cache_from_prefix(self.config, k, v, valid, text_count, max_decode_length)
     return dict(hidden=hidden), cache
 
