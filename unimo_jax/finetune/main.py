@@ -106,14 +106,14 @@ def evaluate_workdir(workdir: str, steps=("latest",), splits=None, config=None,
   import time  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
-  from unimo_jax.evaluation import main as eval_main  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import setup as setup_lib  # pylint: disable=import-outside-toplevel
   from unimo_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
   from unimo_jax.finetune import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
   from unimo_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if config is None:
-    config, model_cfg = eval_main.load_run(workdir)
+    config, model_cfg = setup_lib.read_run(workdir)
   tokenizer = tokenizer or load_tokenizer(config)
   mesh = parallel.make_mesh((-1, 1, 1))
   task = tasks_lib.Task(model_cfg, tasks_lib.TaskSpec.from_config(config.task))
@@ -202,12 +202,16 @@ def main(argv: list[str]) -> int:
     return commands.fail(argv[0], "--config and --workdir are required (see --help)")
   train_main.setup_logging(fv.log_level)
 
-  from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
-  try:
-    local_ids = ([int(i) for i in fv.local_device_ids.split(",")] if fv.local_device_ids
-                 else None)
-    parallel.initialize(fv.coordinator_address, fv.num_processes, fv.process_id, local_ids)
-  except ValueError as e:
+  from unimo_jax import launch  # pylint: disable=import-outside-toplevel
+  try:  # multi-host start-up exactly as `train` (unimo_jax.launch)
+    plan = launch.detect(coordinator_address=fv.coordinator_address,
+                         num_processes=fv.num_processes, process_id=fv.process_id,
+                         local_device_ids=fv.local_device_ids)
+    if fv.print_env:  # what this process WOULD do; nothing is started
+      print(launch.describe(plan))
+      return commands.OK
+    launch.initialize(plan, fv.initialization_timeout)
+  except ValueError as e:  # incomplete flags; a coordinator that never answered
     return commands.fail(argv[0], e)
 
   import jax  # pylint: disable=import-outside-toplevel
