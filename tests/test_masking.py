@@ -343,3 +343,69 @@ def test_region_mask_rate_on_disjoint_boxes():
   assert set(counts) == {12}  # round(0.15 * 80)
   m = masking.patch_mask(196, np.random.default_rng(0))
   assert m.shape == (196,) and m.sum() == 29
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast implementations equal the plain loop ones (tests/masking_reference.py), bit for bit
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_case(rng):
+  L = int(rng.integers(1, 96))
+  ids = rng.integers(0, 60, L).astype(np.int32)  # specials 0-3 anywhere, not only at the ends
+  if rng.random() < 0.5:
+    ids[int(rng.integers(L)):] = PAD
+  starts = rng.random(L) < rng.random()
+  return ids, starts
+
+
+def _assert_same_outputs_and_generator(ref_fn, fn, seed, *args, **kw):
+  r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+  a, b = ref_fn(*args, rng=r1, **kw), fn(*args, rng=r2, **kw)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), (seed, k)
+  # The row's later draws (region masks, ...) come from the same generator: same state after.
+  assert r1.bit_generator.state == r2.bit_generator.state
+
+
+def test_span_mlm_equals_the_reference_loop():
+  import masking_reference as ref
+  rng = np.random.default_rng(11)
+  for seed in range(1500):
+    ids, starts = _random_case(rng)
+    kw = dict(vocab_size=60, mask_id=59, special_ids=(CLS, PAD, SEP),
+              max_predictions=int(rng.integers(1, 24)),
+              mask_rate=float(rng.choice([0.15, 0.5, 0.95])),
+              max_span_words=int(rng.integers(1, 11)), min_span_words=int(rng.integers(0, 2)),
+              return_spans=True)
+    _assert_same_outputs_and_generator(
+        lambda i, s, rng, **k: ref.span_mlm(i, s, rng, **k),
+        lambda i, s, rng, **k: masking.span_mlm(i, s, rng, **k), seed, ids, starts, **kw)
+
+
+def test_span_mlm_equals_the_reference_at_512_tokens():
+  import masking_reference as ref
+  rng = np.random.default_rng(12)
+  for seed in range(40):
+    ids, starts = _text(rng, 510)
+    kw = dict(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS, max_predictions=80)
+    _assert_same_outputs_and_generator(
+        lambda i, s, rng, **k: ref.span_mlm(i, s, rng, **k),
+        lambda i, s, rng, **k: masking.span_mlm(i, s, rng, **k), seed, ids, starts, **kw)
+
+
+def test_infilling_equals_the_reference_loop():
+  import masking_reference as ref
+  rng = np.random.default_rng(13)
+  for seed in range(1500):
+    ids, _ = _random_case(rng)
+    if seed % 10 == 0:
+      ids, _ = _text(rng, 510)
+    kw = dict(max_length=int(rng.integers(3, 600 if len(ids) > 100 else 100)),
+              max_predictions=int(rng.integers(0, 200 if len(ids) > 100 else 40)),
+              bos_id=CLS, eos_id=59, pad_id=PAD, sep_id=SEP,
+              rate=float(rng.choice([0.1, 0.25, 0.6])), return_fragments=True)
+    _assert_same_outputs_and_generator(
+        lambda i, rng, **k: ref.infilling(i, rng, **k),
+        lambda i, rng, **k: masking.infilling(i, rng, **k), seed, ids, **kw)

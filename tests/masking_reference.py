@@ -1,0 +1,336 @@
+"""Reference for tests/test_masking.py: the plain loop implementation of span MLM and infilling.
+
+This is `unimo_jax.masking` as first written (a numpy pass per word of each span, np.isin for
+the specials, infilling's truncation by trying n, n - 1, ...). The library's versions are
+faster rewrites that must give bit-identical outputs and leave the generator in the same state;
+the tests compare them on random inputs. Not imported by the library.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+# Ids below this are the special tokens of the UNIMO/RoBERTa layout (CLS, PAD, SEP, UNK).
+FIRST_ORDINARY_ID = 4
+
+
+def _round_half_up(x: float) -> int:
+  # Python's round() rounds half to even; budgets should not depend on parity.
+  return int(np.floor(x + 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Span MLM
+# ---------------------------------------------------------------------------------------------
+
+
+def span_length_distribution(geo_p: float = 0.2, max_span_words: int = 10,
+                             min_span_words: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The span-length law of UNIMO-2's `mask`: lengths `min..max` with pmf ∝ p(1-p)^(k-min).
+
+  Returns (lengths [K] int, probs [K] float64). With the default `min_span_words=0` a drawn 0 is
+  NOT re-drawn: it masks just the anchor word (UNIMO-2's loop always masks the anchor word and
+  then adds words while `num_words < span_len`), so 0 and 1 both give one-word spans.
+  `min_span_words=1` gives the plain truncated geometric on 1..max (SpanBERT).
+  """
+  if not 0.0 < geo_p <= 1.0:
+    raise ValueError(f"geo_p must be in (0, 1], got {geo_p}")
+  if not 0 <= min_span_words <= max_span_words:
+    raise ValueError(f"need 0 <= min_span_words <= max_span_words, got "
+                     f"{min_span_words}, {max_span_words}")
+  lengths = np.arange(min_span_words, max_span_words + 1)
+  probs = geo_p * (1.0 - geo_p) ** (lengths - min_span_words)
+  return lengths, probs / probs.sum()
+
+
+def random_ordinary_ids(rng: np.random.Generator, size: int, *, vocab_size: int,
+                        excluded: Iterable[int]) -> np.ndarray:
+  """Ids drawn uniformly from `[4, vocab_size)` minus `excluded` (e.g. MASK). [size] int32."""
+  excl = sorted({int(e) for e in excluded if FIRST_ORDINARY_ID <= int(e) < vocab_size})
+  n_allowed = vocab_size - FIRST_ORDINARY_ID - len(excl)
+  if n_allowed <= 0:
+    raise ValueError(f"no ordinary ids in a vocabulary of {vocab_size}")
+  v = rng.integers(0, n_allowed, size=size) + FIRST_ORDINARY_ID
+  # Shifting past each excluded id in increasing order maps [0, n_allowed) onto the allowed ids
+  # one-to-one, so the draw stays uniform.
+  for e in excl:
+    v = v + (v >= e)
+  return v.astype(np.int32)
+
+
+def _words(ids: np.ndarray, word_starts: np.ndarray, special_ids) -> tuple[np.ndarray, ...]:
+  """Maskable words: (start [W], length [W], contiguous_with_previous [W] bool)."""
+  maskable = ~np.isin(ids, np.asarray(list(special_ids), dtype=ids.dtype))
+  prev_maskable = np.concatenate([[False], maskable[:-1]])
+  # A special token always ends a word, even if the tokenizer did not flag the next token.
+  starts = maskable & (word_starts | ~prev_maskable)
+  start_idx = np.flatnonzero(starts)
+  word_of_token = np.cumsum(starts) - 1
+  lengths = np.bincount(word_of_token[maskable], minlength=len(start_idx))[:len(start_idx)]
+  contiguous = np.zeros(len(start_idx), dtype=bool)
+  if len(start_idx) > 1:
+    contiguous[1:] = start_idx[1:] == start_idx[:-1] + lengths[:-1]
+  return start_idx, lengths, contiguous
+
+
+def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mask_id: int,
+             special_ids: Iterable[int], max_predictions: int, mask_rate: float = 0.15,
+             geo_p: float = 0.2, max_span_words: int = 10, min_span_words: int = 0,
+             mask_prob: float = 0.8, random_prob: float = 0.1,
+             return_spans: bool = False) -> dict[str, np.ndarray]:
+  """Whole-word span masking (UNIMO / UNIMO-2 span MLM) of one text.
+
+  Args:
+    ids: [L] int token ids, e.g. `[CLS] w1..wN [SEP] PAD..`.
+    word_starts: [L] bool, True where a token begins a new word (tokenizer's `word_starts`).
+    rng: the example's generator.
+    vocab_size, mask_id: vocabulary size and the [MASK] id.
+    special_ids: ids never masked; MUST include PAD, CLS, SEP (and MASK) — padding is excluded
+      only through this set. Special tokens also end words and spans.
+    max_predictions: P, the fixed length of the prediction arrays; never more are masked.
+    mask_rate: share of maskable tokens to mask (budget = round(rate * maskable), at least 1).
+    geo_p, max_span_words, min_span_words: span length in words, see `span_length_distribution`.
+    mask_prob, random_prob: per masked token, [MASK] with prob 0.8, a random ordinary id
+      (uniform over ids >= 4, not MASK, not in special_ids) with 0.1, else unchanged.
+    return_spans: also return `spans` [S, 4] int32 rows (first_token, num_tokens, num_words,
+      drawn_length) for tests and analysis.
+
+  Returns dict(input_ids [L] int32, positions [P] int32 (ascending), targets [P] int32 (the
+  original ids), weights [P] float32 (1 for a prediction, 0 for padding)).
+
+  Procedure: repeat {draw a span length k; pick an anchor word uniformly among unmasked words
+  that fit the remaining budget; mask the anchor word and the following words, up to k words in
+  all, stopping early at a special token, an already masked word, or a word that would overshoot
+  the budget} until the budget is reached or no unmasked word fits. Only whole words are masked
+  (UNIMO-2 may cut the last word at the budget; we never do), so the masked share can fall a
+  little short of `mask_rate` when words are long. If no word fits the budget at all, one word
+  (at most P tokens) is still masked, so every text with a maskable word gets a target.
+  """
+  ids = np.asarray(ids)
+  word_starts = np.asarray(word_starts, dtype=bool)
+  if ids.shape != word_starts.shape or ids.ndim != 1:
+    raise ValueError(f"ids {ids.shape} and word_starts {word_starts.shape} must be equal [L]")
+  special_ids = set(int(s) for s in special_ids) | {int(mask_id)}
+  w_start, w_len, w_contig = _words(ids, word_starts, special_ids)
+  n_words = len(w_start)
+  n_maskable = int(w_len.sum())
+  budget = 0
+  if n_maskable:
+    budget = min(max_predictions, max(1, _round_half_up(mask_rate * n_maskable)))
+
+  lengths, probs = span_length_distribution(geo_p, max_span_words, min_span_words)
+  cdf = np.cumsum(probs)
+  masked_word = np.zeros(n_words, dtype=bool)
+  count = 0
+  spans = []
+  # Each iteration masks at least one word or stops, so n_words + 1 iterations always suffice.
+  for _ in range(n_words + 1):
+    if count >= budget:
+      break
+    remaining = budget - count
+    candidates = np.flatnonzero(~masked_word & (w_len <= remaining))
+    fallback = len(candidates) == 0
+    if fallback:
+      # No whole word fits the budget: mask one word anyway, if it fits the P slots.
+      if count > 0:
+        break
+      candidates = np.flatnonzero(w_len <= max_predictions)
+      if len(candidates) == 0:
+        break
+      remaining = max_predictions
+    drawn = int(lengths[min(np.searchsorted(cdf, rng.random(), side="right"), len(cdf) - 1)])
+    k = 1 if fallback else max(1, drawn)
+    anchor = int(candidates[rng.integers(len(candidates))])
+    w, n_tok, n_w = anchor, 0, 0
+    while n_w < k and w < n_words and not masked_word[w] and n_tok + w_len[w] <= remaining:
+      if n_w > 0 and not w_contig[w]:
+        break  # a special token lies between the words: spans do not cross it
+      masked_word[w] = True
+      n_tok += int(w_len[w])
+      n_w += 1
+      w += 1
+    count += n_tok
+    spans.append((int(w_start[anchor]), n_tok, n_w, drawn))
+
+  token_masked = np.zeros(len(ids), dtype=bool)
+  for s, n in zip(w_start[masked_word], w_len[masked_word]):
+    token_masked[s:s + n] = True
+  positions = np.flatnonzero(token_masked)
+  n_pred = len(positions)
+  assert n_pred <= max_predictions
+
+  # Draw both arrays whole so the generator advances the same way whatever the outcome.
+  u = rng.random(n_pred)
+  replacement = random_ordinary_ids(rng, n_pred, vocab_size=vocab_size, excluded=special_ids)
+  input_ids = ids.astype(np.int32, copy=True)
+  to_mask = u < mask_prob
+  to_random = (u >= mask_prob) & (u < mask_prob + random_prob)
+  input_ids[positions[to_mask]] = mask_id
+  input_ids[positions[to_random]] = replacement[to_random]
+
+  out = _predictions(positions, ids[positions], max_predictions)
+  out["input_ids"] = input_ids
+  if return_spans:
+    out["spans"] = np.asarray(spans, dtype=np.int32).reshape(-1, 4)
+  return out
+
+
+def _predictions(positions, targets, max_predictions: int) -> dict[str, np.ndarray]:
+  n = len(positions)
+  pos = np.zeros(max_predictions, np.int32)
+  tgt = np.zeros(max_predictions, np.int32)
+  wts = np.zeros(max_predictions, np.float32)
+  pos[:n] = positions
+  tgt[:n] = targets
+  wts[:n] = 1.0
+  return dict(positions=pos, targets=tgt, weights=wts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seq2seq layouts: infilling (text) and captioning (image prefix)
+# ---------------------------------------------------------------------------------------------
+
+
+def _strip_text(ids, bos_id: int, sep_id: int, pad_id: int) -> np.ndarray:
+  """The words of a text: drops PAD anywhere, a leading [CLS] and a trailing [SEP]."""
+  ids = np.asarray(ids)
+  ids = ids[ids != pad_id]
+  if len(ids) and ids[0] == bos_id:
+    ids = ids[1:]
+  if len(ids) and ids[-1] == sep_id:
+    ids = ids[:-1]
+  return ids.astype(np.int32)
+
+
+def _infilling_bounds(n: int, rate: float, min_len: int) -> tuple[int, int]:
+  """Upper bounds (tokens moved to the target, number of fragments) for a text of n tokens."""
+  if n == 0:
+    return 0, 0
+  if n < min_len:
+    return n, 1
+  budget = max(1, _round_half_up(rate * n))
+  covered = min(n, budget + min_len - 1)
+  return covered, covered // min_len
+
+
+def _sample_fragments(n: int, rng: np.random.Generator, rate: float, min_len: int,
+                      max_len: int) -> list[tuple[int, int]]:
+  """Non-overlapping, non-adjacent fragments [start, end) of a text of n tokens, sorted."""
+  if n == 0:
+    return []
+  if n < min_len:
+    # Too short for one fragment: the whole text becomes the target (UNIMO-2's `_except`).
+    return [(0, n)]
+  budget = max(1, _round_half_up(rate * n))
+  taken = np.zeros(n, dtype=bool)
+  frags = []
+  covered = 0
+  while covered < budget:
+    length = int(rng.integers(min_len, max_len + 1))
+    # The last fragment is cut to the budget, but never below min_len.
+    length = min(length, max(budget - covered, min_len), n)
+    # A fragment must not touch another one: one gap in the source per fragment.
+    blocked = taken.copy()
+    blocked[1:] |= taken[:-1]
+    blocked[:-1] |= taken[1:]
+    csum = np.concatenate([[0], np.cumsum(blocked)])
+    starts = np.flatnonzero(csum[length:] - csum[:-length] == 0)
+    if len(starts) == 0:
+      break
+    s = int(starts[rng.integers(len(starts))])
+    taken[s:s + length] = True
+    frags.append((s, s + length))
+    covered += length
+  return sorted(frags)
+
+
+def infilling(ids, rng: np.random.Generator, *, max_length: int, max_predictions: int,
+              bos_id: int, eos_id: int, pad_id: int, rate: float = 0.25, min_len: int = 4,
+              max_len: int = 32, sep_id: int = 2,
+              return_fragments: bool = False) -> dict[str, np.ndarray]:
+  """Seq2seq text infilling (UNIMO's seq2seq objective) of one text, in the UniLM layout.
+
+  Fragments of U(min_len, max_len) tokens are drawn at uniformly random free places until they
+  cover `rate` of the text (budget = round(rate * n), at least 1); the last fragment is cut to
+  the budget but never below min_len, so the share can exceed `rate` by < min_len tokens.
+  Fragments never overlap or touch. The source is the text with the fragments removed (no
+  placeholder, as the paper), the target is the fragments in text order, each closed by eos:
+
+    input_ids = [CLS] source [SEP] [CLS] frag1 [EOS] frag2 [EOS] ... PAD..
+    segments  =   1     1      1     2    2     2     2     2        0
+
+  with bos = [CLS] and eos = [MASK] for seq2seq generation (UNIMO's decoder). UNIMO-2's code
+  joins fragments with [CLS] instead ([CLS] frag1 [CLS] frag2, no final eos); closing each
+  fragment with eos makes the target decodable with the same stop rule as fine-tuning.
+  Teacher forcing: the token at position t predicts the token at t+1 in the target, so
+  `positions` run over the target's [CLS]..last fragment token and `targets` are every target
+  token after the [CLS] (fragment tokens and each eos).
+
+  Args:
+    ids: [L] ids of one text; PAD, a leading [CLS] and a trailing [SEP] are ignored.
+    max_length: length of `input_ids`/`segments`. max_predictions: P.
+    bos_id, eos_id, pad_id, sep_id: [CLS], [MASK] (the seq2seq eos), [PAD], [SEP].
+    rate, min_len, max_len: share of tokens moved to the target and fragment lengths.
+    return_fragments: also return `fragments` [F, 2] int32 (start, end) in text coordinates.
+
+  Position ids (UNIMO-2): every token keeps its position in the original text, so the jumps in
+  the source's positions show where fragments were cut and each fragment token carries the
+  place it came from; the target's [CLS] and each eos take the position of the text token just
+  before the next fragment, the final eos the position just after the last fragment:
+
+    position_ids = 0 <kept i+1 ..> n+1  s1 <s1+1 .. e1> s2 <s2+1 .. e2> e_last+1  0 (pad)..
+
+  These are 0-based ([CLS] = 0, pads 0): the model's text positions are `position_offset +
+  position_ids` for real tokens and `pad_position` for pads (pass them as `positions=`). Without
+  them the model numbers the layout sequentially and infilling loses the gap locations.
+
+  Truncation: the text is cut at the end, before sampling, to the longest prefix whose worst
+  case layout (text + 3 + one eos per fragment) fits max_length and whose worst case number of
+  predictions fits P, so no fragment is ever cut. A text shorter than min_len becomes a single
+  fragment (empty source); an empty text gives no predictions.
+
+  Returns dict(input_ids [max_length] int32, segments [max_length] int32, position_ids
+  [max_length] int32, positions [P], targets [P] int32, weights [P] float32).
+  """
+  text = _strip_text(ids, bos_id, sep_id, pad_id)
+  n = len(text)
+  while n > 0:
+    covered, n_frags = _infilling_bounds(n, rate, min_len)
+    if n + 3 + n_frags <= max_length and covered + n_frags <= max_predictions:
+      break
+    n -= 1
+  text = text[:n]
+  frags = _sample_fragments(n, rng, rate, min_len, max_len)
+
+  # Text token i sits at position i + 1 ([CLS] at 0, [SEP] at n + 1) in source and target alike.
+  keep = np.ones(n, dtype=bool)
+  text_pos = np.arange(1, n + 1)
+  # The target's [CLS] and each eos stand just before the fragment they start, as UNIMO-2's
+  # per-fragment [CLS]; the final eos stands just after the last fragment.
+  starts = [s for s, _ in frags]
+  target, target_pos = [[bos_id]], [[starts[0] if frags else 0]]
+  for j, (s, e) in enumerate(frags):
+    keep[s:e] = False
+    target += [text[s:e], [eos_id]]
+    target_pos += [text_pos[s:e], [starts[j + 1] if j + 1 < len(frags) else e + 1]]
+  source = np.concatenate([[bos_id], text[keep], [sep_id]]).astype(np.int32)
+  source_pos = np.concatenate([[0], text_pos[keep], [n + 1]])
+  target = np.concatenate(target).astype(np.int32)
+  seq = np.concatenate([source, target])
+  seq_pos = np.concatenate([source_pos] + target_pos)
+  assert len(seq) <= max_length, (len(seq), max_length)
+
+  input_ids = np.full(max_length, pad_id, np.int32)
+  input_ids[:len(seq)] = seq
+  position_ids = np.zeros(max_length, np.int32)
+  position_ids[:len(seq)] = seq_pos
+  segments = np.zeros(max_length, np.int32)
+  segments[:len(source)] = 1
+  segments[len(source):len(seq)] = 2
+  positions = np.arange(len(source), len(seq) - 1)
+  out = _predictions(positions, seq[positions + 1], max_predictions)
+  out.update(input_ids=input_ids, segments=segments, position_ids=position_ids)
+  if return_fragments:
+    out["fragments"] = np.asarray(frags, dtype=np.int32).reshape(-1, 2)
+  return out
