@@ -235,6 +235,7 @@ def _run_format(fmt, tmp_path, capsys):
                    "--no-figures"]) == 0
   out = capsys.readouterr().out
   assert "image->text R@1" in out
+  assert "\ntest: " in out and "(8 records, 8 images evaluated, dropped none)" in out
   with open(os.path.join(workdir, "results.json")) as f:
     (entry,) = json.load(f)["evaluations"]
   assert entry["split"] == "test" and entry["records"] == 8 and entry["images"] == 8

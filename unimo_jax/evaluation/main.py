@@ -246,5 +246,9 @@ def main(argv) -> int:
     return 2
   if jax.process_index() == 0:
     print(results.get("table") or report_lib.results_table(results["evaluations"]))
+    for split, e in {e["split"]: e for e in results["evaluations"] if e.get("source")}.items():
+      # which files each split read: the held-out ones, never silently the training ones
+      print(f"{split}: {e['source']} ({e.get('records')} records, {e.get('images')} images "
+            f"evaluated, dropped {e.get('dropped') or 'none'})")
     print(f"report: {results['report_path']}")
   return 0
