@@ -56,3 +56,26 @@ def test_no_terminal_no_output_and_forcing_either_way():
   bar.close()
   frames = [f for f in forced.getvalue().split("\r") if f.strip()]
   assert "5/10" in frames[-1] and all(len(f.rstrip("\n")) <= 120 for f in frames)  # cut, not wrapped
+  # the metrics line is cut at a metric boundary so that the bar itself stays visible
+  assert len(frames[-1].split("|")[1]) >= 15 and frames[-1].rstrip("\n").endswith("]")
+
+
+def test_log_lines_go_above_the_bar(capsys):
+  import logging  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  logger = logging.getLogger()
+  handler = logging.StreamHandler(sys.stderr)
+  logger.addHandler(handler)
+  try:
+    bar = metrics_lib.ProgressBar(total=10, stream=sys.stderr, force=True)
+    bar.update(3, "loss=1", force=True)
+    logger.warning("checkpoint saved at step 3")
+    bar.update(10, force=True)
+    bar.close()
+  finally:
+    logger.removeHandler(handler)
+  err = capsys.readouterr().err
+  # the log line is a line of its own (the bar is redrawn after it), not glued into a frame
+  assert "\ncheckpoint saved at step 3\n" in err.replace("\r", "\n")
+  assert [line for line in err.splitlines() if "checkpoint saved" in line] == [
+      "checkpoint saved at step 3"]

@@ -11,6 +11,7 @@ restored step, so the steps it trains again are not listed twice.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -223,15 +224,46 @@ class ProgressBar:
     isatty = getattr(self.stream, "isatty", lambda: False)()
     self.enabled = isatty if force is None else bool(force)
     self._bar = None
+    self._redirect = None
+    self._isatty = isatty
     if self.enabled:
       import tqdm  # pylint: disable=import-outside-toplevel
+      from tqdm.contrib import logging as tqdm_logging  # pylint: disable=import-outside-toplevel
       # dynamic_ncols: the line is fitted to the terminal (a long metrics line is cut, never
       # wrapped); smoothing: the rate and ETA follow recent steps (compilation is excluded
       # since the bar starts after it).
+      # a terminal that reports no size (a bare pty) gets 120 columns
+      dynamic = self._width() > 0
       self._bar = tqdm.tqdm(total=self.total, initial=self.initial, file=self.stream,
                             unit=" steps", mininterval=min_interval, smoothing=0.1,
-                            dynamic_ncols=isatty, ncols=None if isatty else 120,
+                            dynamic_ncols=dynamic, ncols=None if dynamic else 120,
+                            nrows=None if dynamic else 24,  # tqdm hides its bar at 0 rows
                             bar_format=self.BAR_FORMAT, leave=True)
+      # log lines (checkpoints, evaluations) are printed above the bar, not into it
+      self._redirect = tqdm_logging.logging_redirect_tqdm()
+      self._redirect.__enter__()
+
+  def _width(self) -> int:
+    """The terminal's columns (0 when not a terminal or it reports no size)."""
+    if not self._isatty:
+      return 0
+    try:
+      return os.get_terminal_size(self.stream.fileno()).columns
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+      return 0
+
+  def _fit(self, info: str) -> str:
+    """``info`` cut at a metric boundary so that the bar itself keeps about 20 columns."""
+    width = self._width() or 120
+    room = max(20, width - 20 - 52)  # 52: percentage, counts, times and rate
+    if len(info) <= room:
+      return info
+    parts, out = info.split(" "), ""
+    for part in parts:
+      if len(out) + len(part) + 1 > room:
+        break
+      out = f"{out} {part}".strip()
+    return out
 
   def update(self, step: int, info: str = "", force: bool = False) -> None:
     """Moves the bar to ``step``; ``info`` (e.g. ``loss=2.31 pair_cmcl/loss_i2t=1.9``) replaces
@@ -239,7 +271,7 @@ class ProgressBar:
     if self._bar is None:
       return
     if info:
-      self._bar.set_postfix_str(info, refresh=False)
+      self._bar.set_postfix_str(self._fit(info), refresh=False)
     if step > self._bar.n:
       self._bar.update(step - self._bar.n)
     if force:
@@ -249,6 +281,7 @@ class ProgressBar:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+      self._redirect.__exit__(None, None, None)
 
 
 class MetricWriter:
