@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from unimo_jax.convert import roberta, unimo
+from unimo_jax.convert import cli, roberta, unimo
 from unimo_jax.model import Unimo, init_variables, masks
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -72,6 +72,17 @@ def test_config_from_shapes_and_official_json(converted):
               99, 32, 2, 4, 128, 24, 24)
   assert config.visual_input == "regions" and config.roberta_positions and not config.pre_ln
   assert config.mask_token_id == 98 and config.num_region_classes == 16
+
+
+@pytest.mark.parametrize("layers,hidden,heads", [(12, 768, 12), (24, 1024, 16)])
+def test_released_sizes_from_shapes_alone(layers, hidden, heads):
+  shapes = {"word_embedding": (50265, hidden), "pos_embedding": (514, hidden),
+            "encoder_layer_0_ffn_fc_0.w_0": (hidden, 4 * hidden), "image_emb.w_0": (2048, hidden)}
+  shapes.update({f"encoder_layer_{i}_ffn_fc_1.w_0": (4 * hidden, hidden) for i in range(layers)})
+  config = unimo.infer_config(shapes)
+  assert (config.num_layers, config.num_heads, config.mlp_dim, config.max_text_length,
+          config.mask_token_id, config.region_feature_dim) == (
+              layers, heads, 4 * hidden, 512, 50264, 2048)
 
 
 def test_text_alone_matches_paddle(converted, golden):
@@ -211,6 +222,9 @@ def test_missing_variable_is_named(tmp_path):
     unimo.load(str(d))
   with pytest.raises(FileNotFoundError, match="nowhere"):
     unimo.load(str(tmp_path / "nowhere"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="empty: no encoder_layer_<i>_.* not a UNIMO checkpoint"):
+    unimo.load(str(tmp_path / "empty"))
 
 
 def test_heads_optimizer_state_and_unknown_variables_are_reported_and_skipped(tmp_path, converted):
@@ -274,3 +288,51 @@ def test_restricted_unpickler_refuses_non_array_objects(tmp_path):
 def _dump(path, obj):
   path.write_bytes(pickle.dumps(obj, protocol=4))
   return str(path)
+
+
+# ----------------------------------------------------------------------- command, init_from
+def test_command_round_trip(tmp_path, converted, capsys):
+  out = tmp_path / "converted"
+  assert cli.main(["unimo-jax convert", "unimo", "--paddle-dir", PARAM_DIR,
+                   "--out", str(out)]) == 0
+  assert "converted" in capsys.readouterr().out
+  config, params = roberta.load_converted(str(out))
+  assert config == converted[0]
+  jax.tree.map(np.testing.assert_array_equal, params, converted[1])
+
+  d = tmp_path / "params"
+  shutil.copytree(PARAM_DIR, d)
+  os.remove(d / "image_emb.w_0")
+  assert cli.main(["unimo-jax convert", "unimo", "--paddle-dir", str(d), "--out",
+                   str(tmp_path / "x")]) == 2
+  assert "image_emb.w_0" in capsys.readouterr().err
+  assert cli.main(["unimo-jax convert", "unimo", "--paddle-dir", PDPARAMS, "--out",
+                   str(tmp_path / "y"), "--num-heads", "4"]) == 0
+
+
+@pytest.mark.slow
+def test_converted_checkpoint_is_usable_as_init_from(tmp_path, converted):
+  import train_util as tu  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  config, params = converted
+  out = str(tmp_path / "converted")
+  assert cli.main(["unimo-jax convert", "unimo", "--paddle-dir", PARAM_DIR, "--out", out]) == 0
+  c = tu.run_config("regions")
+  c.model.update(dict(vocab_size=config.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                      mlp_dim=128, max_positions=24, roberta_positions=True,
+                      region_feature_dim=24))
+  c.data.region_feature_dim = 24
+  c.data.streams.image.batch_size = 0
+  c.data.streams.pair.batch_size = 0
+  c.train.progress_bar = "off"
+  c.train.checkpoint_every = 0
+  c.train.init_from = out
+  wd = str(tmp_path / "run")
+  trainer.train(c, wd, data=tu.batches(c), max_steps=0)  # saves the initial state (step 0)
+  restored, step = ckpt_lib.restore_params(wd)
+  assert step == 0
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  got = dict(jax.tree_util.tree_flatten_with_path(restored["model"])[0])
+  for path, value in flat.items():
+    np.testing.assert_array_equal(got[path], value)

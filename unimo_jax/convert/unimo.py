@@ -19,11 +19,13 @@ Paddle fc weights are ``[in, out]`` like Flax kernels; heads split the last dim 
   image_loc.{w_0 [5, H], b_0}                    -> region_embed/box
   v_pre_encoder_layer_norm_{scale,bias}          -> region_embed/norm
   encoder_layer_{i}_multi_head_att_{query,key,value}_fc.w_0 [H, H]
-                                                 -> encoder/layer_i/attention/{..}  [H, h, d]
-  encoder_layer_{i}_multi_head_att_output_fc.w_0 -> encoder/layer_i/attention/out   [h, d, H]
-  encoder_layer_{i}_post_att_layer_norm_*        -> encoder/layer_i/attention_norm
-  encoder_layer_{i}_ffn_fc_{0,1}                 -> encoder/layer_i/mlp/{wi,wo}
-  encoder_layer_{i}_post_ffn_layer_norm_*        -> encoder/layer_i/mlp_norm
+                                                 -> layer i's attention/{..}  [H, h, d]
+  encoder_layer_{i}_multi_head_att_output_fc.w_0 -> layer i's attention/out   [h, d, H]
+  encoder_layer_{i}_post_att_layer_norm_*        -> layer i's attention_norm
+  encoder_layer_{i}_ffn_fc_{0,1}                 -> layer i's mlp/{wi,wo}
+  encoder_layer_{i}_post_ffn_layer_norm_*        -> layer i's mlp_norm
+  the layers' trees, stacked                     -> encoder/layers/...  [num_layers, ...]
+      (``unimo_jax.model.layers.stack_layer_params``, as the RoBERTa import)
   mask_lm_trans_fc, mask_lm_trans_layer_norm_*   -> lm_head/transform/{dense,norm}
   mask_lm_out_fc.b_0 [V]                         -> lm_head/bias
   pooled_fc_text / pooled_fc_image               -> text_projection/pooler, image_projection/pooler
@@ -46,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from unimo_jax.model.config import ModelConfig
+from unimo_jax.model.layers import stack_layer_params
 
 # ----------------------------------------------------------------------- LoDTensor files
 # VarType.Type of Paddle's framework.proto (the TensorDesc data_type field)
@@ -359,14 +362,11 @@ def _to_model_shape(value: np.ndarray, path: tuple[str, ...], cfg: ModelConfig) 
 
 
 def _model_layout(params: dict, config: ModelConfig) -> dict:
-  """Per-layer trees (``encoder/layer_i``) -> the model's encoder layout, through the layout
-  function the converters share (``roberta.stack_layer_params``: layers stacked for the scanned
-  encoder). Without it the per-layer trees already are the model's layout."""
-  from unimo_jax.convert import roberta  # pylint: disable=import-outside-toplevel
-  stack = getattr(roberta, "stack_layer_params", None)
-  if stack is not None:
-    params["encoder"] = stack([params["encoder"].pop(f"layer_{i}")
-                               for i in range(config.num_layers)])
+  """Per-layer trees (``encoder/layer_i``) -> the model's encoder layout (``encoder/layers``,
+  stacked on a leading [num_layers] axis for the scanned encoder) through
+  ``stack_layer_params``, the one layout function the converters share."""
+  params["encoder"] = stack_layer_params([params["encoder"].pop(f"layer_{i}")
+                                          for i in range(config.num_layers)])
   return params
 
 
