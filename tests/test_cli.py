@@ -78,6 +78,28 @@ def test_help_exits_0_and_names_the_flags(capsys, words, flag):
     assert "show this help message" in out
 
 
+def options_without_meaning(help_text):
+  """Option lines of an argparse or absl help listing that carry no one-line meaning."""
+  lines = help_text.splitlines()
+  bare = []
+  for i, line in enumerate(lines):
+    m = re.match(r"^  (-[-\w\[\]]+[^ ]*(?: [^ ]+)*)(\s{2,}\S.*)?$", line)
+    if not m or m.group(2):
+      continue
+    following = lines[i + 1] if i + 1 < len(lines) else ""
+    if not re.match(r"^\s{6,}\S", following):  # the meaning wrapped onto the next line
+      bare.append(m.group(1))
+  return bare
+
+
+@pytest.mark.parametrize("words", sorted(HELP) + [("finetune",)], ids=" ".join)
+def test_every_flag_has_a_one_line_meaning(capsys, words):
+  if words[0] not in cli.COMMANDS:
+    pytest.skip(f"{words[0]} is not a command here")
+  rc, out, _ = run(capsys, *words, "--help")
+  assert rc == 0 and options_without_meaning(out) == [], out
+
+
 def test_train_help_lists_exit_code_3_and_helpfull_is_absl_s_listing(capsys):
   rc, out, _ = run(capsys, "train", "--help")
   assert rc == 0 and "  3 " in out and "non-finite" in out
@@ -130,10 +152,14 @@ def test_exit_code_table_is_the_documented_one():
     (["tokenizer", "train", "--input", "/nonexistent/corpus.txt", "--vocab-size", "64", "--out",
       "/tmp/t"], "/nonexistent/corpus.txt"),
     (["tokenizer", "fit"], "invalid choice: 'fit'"),
+    (["finetune", "--bogus"], "Unknown command line flag 'bogus'"),
+    (["finetune", "--workdir", "/tmp/x"], "--config and --workdir are required"),
     (["sweep", "--workdir", "/tmp/x"], "--sweep"),
     (["sweep", "--sweep", "/nonexistent/s.py", "--workdir", "/tmp/x"], "/nonexistent/s.py"),
 ])
 def test_bad_usage_or_input_exits_2_with_one_line(capsys, argv, fragment):
+  if argv[0] not in cli.COMMANDS:
+    pytest.skip(f"{argv[0]} is not a command here")
   rc, _, err = run(capsys, *argv)
   assert rc == commands.USAGE, (argv, err)
   assert fragment in one_line(err), err
