@@ -122,6 +122,20 @@ def test_resumed_writer_cuts_the_jsonl_back(tmp_path):
   w.close()
   rows = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  # Two event files (the first is not overwritten); the resumed one starts with TensorBoard's
+  # purge marker at its first step (TensorBoard then keeps the earlier file's steps 1 and 2).
+  files = [_read_events(tmp_path / "tensorboard" / n) for n in
+           sorted(os.listdir(tmp_path / "tensorboard"))]
+  assert len(files) == 2
+  first, resumed = sorted(files, key=lambda ev: any(e.HasField("session_log") for e in ev))
+  assert [e.step for e in first if e.summary.value] == [1, 2, 3, 4]
+  assert resumed[1].step == 3 and resumed[1].session_log.status == event_pb2.SessionLog.START
+  assert [e.step for e in resumed if e.summary.value] == [3]
+  # TensorBoard's own reader shows each step once, the resumed run's value for step 3.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("x")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 class _Tty(io.StringIO):

@@ -38,7 +38,10 @@ class TensorBoardWriter:
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
+    self.path, n = os.path.join(logdir, name), 0
+    while os.path.exists(self.path):  # a second writer of this process within the second
+      n += 1
+      self.path = os.path.join(logdir, f"{name}.{n}")
     self._file = open(self.path, "wb")
     self._writer = RecordWriter(self._file)
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -62,6 +65,14 @@ class TensorBoardWriter:
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata,
                                                                    tensor=tensor)])
     self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def restart(self, step: int) -> None:
+    """Marks a run that resumes after ``step``: TensorBoard drops the earlier events of steps
+    after it (its purge of orphaned data: a ``SessionLog.START`` at step s keeps the steps
+    before s), as ``metrics.jsonl`` does."""
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step) + 1,
+                                session_log=event_pb2.SessionLog(
+                                    status=event_pb2.SessionLog.START)))
 
   def flush(self) -> None:
     self._writer.flush()
@@ -288,7 +299,8 @@ class MetricWriter:
   """TensorBoard + JSONL under a workdir, written by process 0 only.
 
   Files: ``WORKDIR/tensorboard/events.out.tfevents.*`` and ``WORKDIR/metrics.jsonl``.
-  ``resume_step``: the step the run starts from; ``metrics.jsonl`` keeps only the rows up to it.
+  ``resume_step``: the step the run starts from; ``metrics.jsonl`` keeps only the rows up to it
+  and TensorBoard is told to drop the earlier events of later steps.
   """
 
   def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
@@ -297,6 +309,8 @@ class MetricWriter:
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._tb = TensorBoardWriter(self.logdir) if self.enabled else None
     self._jsonl = JsonlWriter(self.jsonl_path, resume_step) if self.enabled else None
+    if self.enabled and resume_step:
+      self._tb.restart(resume_step)
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
