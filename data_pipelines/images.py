@@ -177,9 +177,15 @@ def decode_image(data, ratio_index, *, image_size: int, mean, std):
       (tf.io.is_jpeg(data), lambda: tf.switch_case(tf.cast(ratio_index, tf.int32),
                                                   [jpeg(r) for r in JPEG_RATIOS])),
   ], default=other, exclusive=True)
-  img = tf.ensure_shape(img, [None, None, 3])
-  img = tf.image.resize(tf.cast(img, tf.float32), [image_size, image_size], method="bilinear",
-                        antialias=True)
+  img = tf.cast(tf.ensure_shape(img, [None, None, 3]), tf.float32)
+  # Images stored at the model's size skip the resize: it is the identity there (exactly, on
+  # 0..255 values), and on 224 px JPEGs it cost several times the decode (0.8 vs 10 ms measured
+  # on a loaded 2-core machine).
+  img = tf.cond(tf.reduce_all(tf.equal(tf.shape(img)[:2], [image_size, image_size])),
+                lambda: img,
+                lambda: tf.image.resize(img, [image_size, image_size], method="bilinear",
+                                        antialias=True))
+  img = tf.ensure_shape(img, [image_size, image_size, 3])
   return normalise(img, mean=mean, std=std)
 
 
