@@ -171,3 +171,32 @@ def test_regions_input_end_to_end(run_dir):
 def test_evaluate_command_errors_are_one_line(tmp_path, capsys):
   assert cli.main(["unimo-jax", "evaluate", "--workdir", str(tmp_path / "missing")]) == 2
   assert "no such workdir" in capsys.readouterr().err
+
+
+def test_training_command_wires_data_and_evaluators_in(run_dir, tmp_path):
+  """``train.main.train_from_config``: the tokenizer, the pipeline and, with train.eval_every,
+  the evaluators of ``evaluation.train_splits`` (validated with the rest of the config) go into
+  the trainer, which imports none of them; the evaluation equals ``evaluate`` on the same
+  checkpoint."""
+  from data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
+  from unimo_jax.evaluation import main as eval_main
+  from unimo_jax.train import main as main_lib
+  from unimo_jax.train import metrics as metrics_lib
+  _, c, _ = run_dir
+  c = c.copy_and_resolve_references()
+  c.data.streams.pair.batch_size = 8
+  c.train.update(total_steps=2, log_every=1, checkpoint_every=0, eval_every=2,
+                 progress_bar="off")
+  c.evaluation.train_splits = ["test"]
+  c.evaluation.evaluators = ["retrieval", "hard_negatives"]
+  config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config())
+  wd = str(tmp_path / "run")
+  result = main_lib.train_from_config(c, wd)
+  assert (result.last_step, result.checkpoint_step) == (2, 2)
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+          if "eval/test/i2t_r@1" in r]
+  assert [r["step"] for r in rows] == [2]
+  stored = {e["step"]: e for e in eval_main.evaluate_workdir(wd, ["latest"], figures=False)[
+      "evaluations"]}[2]["metrics"]
+  for key in ("i2t_r@1", "t2i_r@1", "hard_negative_acc"):
+    np.testing.assert_allclose(rows[0][f"eval/test/{key}"], stored[key], rtol=1e-5, err_msg=key)

@@ -19,7 +19,6 @@ caption_images, ks) plus ``splits`` (default: ``test`` and, where the source has
 ``make_train_evaluator`` gives the training loop the same evaluators as a ``(params, step)``
 callback.
 """
-import json
 import logging
 import os
 import sys
@@ -27,7 +26,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 
 from unimo_jax import parallel
 from unimo_jax.evaluation import report as report_lib
@@ -42,21 +40,9 @@ def load_tokenizer(config):
 
 
 def load_run(workdir: str, step: int | None = None):
-  """(run config as a ConfigDict, ModelConfig) of a training workdir."""
-  from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  else:
-    config = ml_collections.ConfigDict(ckpt_lib.read_config(workdir, step))
-  mpath = os.path.join(workdir, "model_config.json")
-  if os.path.exists(mpath):
-    with open(mpath) as f:
-      model_cfg = ModelConfig.from_json(f.read())
-  else:
-    model_cfg = setup_lib.resolve_model_config(config, load_tokenizer(config).vocab_size)
-  return config, model_cfg
+  """(run config as a ConfigDict, ModelConfig) of a training workdir (``setup.read_run``; the
+  tokenizer gives the vocabulary size when the run recorded no model config)."""
+  return setup_lib.read_run(workdir, step, lambda config: load_tokenizer(config).vocab_size)
 
 
 def eval_mesh(config):
@@ -117,22 +103,10 @@ def make_train_evaluator(config, model_cfg: ModelConfig, mesh, tokenizer,
   are loaded once, on first use. Metric names are ``<split>/<metric>``.
   """
   section = _eval_section(config)
-  settings = runner.EvalSettings.from_config(section)
   splits = list(splits or section.get("splits") or _default_splits(config))
-  ev = runner.Evaluator(Unimo(model_cfg), mesh, settings, decode_fn=tokenizer.decode)
-  cache = {}
-
-  def evaluate(params, step):
-    del step
-    out = {}
-    for split in splits:
-      if split not in cache:
-        cache[split] = _load_split(config, split, tokenizer, int(section.get("limit", 0)))
-      data, meta = cache[split]
-      res = ev.run(params["model"], data, meta)
-      out.update({f"{split}/{k}": v for k, v in res["metrics"].items()})
-    return out
-  return evaluate
+  limit = int(section.get("limit", 0))
+  return runner.train_evaluator(Unimo(model_cfg), mesh, section, tokenizer.decode, splits,
+                                lambda split: _load_split(config, split, tokenizer, limit))
 
 
 def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),

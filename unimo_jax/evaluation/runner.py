@@ -294,3 +294,33 @@ class Evaluator:
   def _caption_rows(self, params, batch):
     dec = self._caption(params, batch)
     return {"tokens": dec.tokens[:, 0], "lengths": dec.lengths[:, 0], "score": dec.scores[:, 0]}
+
+
+def train_evaluator(model, mesh, section: Mapping | None, decode_fn: Callable | None,
+                    splits: Sequence[str], load_split: Callable[[str], tuple]) -> Callable:
+  """The training loop's ``evaluate`` hook: ``(params, step) -> {"<split>/<metric>": float}``.
+
+  Args:
+    model: the ``Unimo`` module; mesh: the device mesh.
+    section: the config's ``evaluation`` section (``EvalSettings`` fields and the keys of
+      ``main``); decode_fn: token ids -> text (for BLEU/CIDEr).
+    splits: the splits to evaluate.
+    load_split: ``split -> (data, meta)``, called once per split on first use (the command
+      module passes the data loader in; this module reads no data).
+
+  ``params`` is the train state's parameter tree (``{"model": ..., "cmcl": ...}``).
+  """
+  ev = Evaluator(model, mesh, EvalSettings.from_config(section), decode_fn=decode_fn)
+  cache = {}
+
+  def evaluate(params, step):
+    del step
+    out = {}
+    for split in splits:
+      if split not in cache:
+        cache[split] = load_split(split)
+      data, meta = cache[split]
+      res = ev.run(params["model"], data, meta)
+      out.update({f"{split}/{k}": v for k, v in res["metrics"].items()})
+    return out
+  return evaluate

@@ -137,13 +137,18 @@ def train_from_config(config, workdir: str, **train_kw):
     setup_lib.check_tokenizer(model_cfg, tokenizer)
   evaluate = None
   if config.train.eval_every:
-    from unimo_jax.evaluation import main as eval_main  # pylint: disable=import-outside-toplevel
+    from data_pipelines import eval_data  # pylint: disable=import-outside-toplevel
+    from unimo_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
+    from unimo_jax.model import Unimo  # pylint: disable=import-outside-toplevel
     if tokenizer is None:
       raise ValueError("train.eval_every needs data.tokenizer (the evaluators decode captions)")
-    splits = list(config.evaluation.get("train_splits", ("validation",)))
-    evaluate = eval_main.make_train_evaluator(config, model_cfg,
-                                              parallel.make_mesh(dict(config.mesh)), tokenizer,
-                                              splits)
+    section = config.evaluation.to_dict()
+    splits = list(section.get("train_splits", ("validation",)))
+    limit = int(section.get("limit", 0))
+    evaluate = runner.train_evaluator(
+        Unimo(model_cfg), parallel.make_mesh(dict(config.mesh)), section, tokenizer.decode,
+        splits, lambda split: eval_data.load_eval_split(config.data, split, tokenizer=tokenizer,
+                                                        limit=limit, eval_config=section))
   data = pipeline.make_pipeline(config.data, process_index=jax.process_index(),
                                 process_count=jax.process_count(), tokenizer=tokenizer)
   try:

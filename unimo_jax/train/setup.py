@@ -14,15 +14,19 @@ its vocabulary size (``vocab_size``) when ``config.model.vocab_size`` is 0.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Callable, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from unimo_jax import parallel
 from unimo_jax.model import ModelConfig
+from unimo_jax.train import checkpoint as ckpt_lib
 from unimo_jax.train import flops as flops_lib
 from unimo_jax.train import optimizer as opt_lib
 from unimo_jax.train import state as state_lib
@@ -53,6 +57,28 @@ def check_tokenizer(model_cfg: ModelConfig, tokenizer) -> None:
   for name, tok, mod in pairs:
     if int(tok) != int(mod):
       raise ValueError(f"tokenizer {name}={tok} but model {name}={mod} (config.model)")
+
+
+def read_run(workdir: str, step: int | None = None,
+             vocab_size: Callable[[Any], int] | None = None) -> tuple[Any, ModelConfig]:
+  """(config as a ConfigDict, ModelConfig) of a run's workdir.
+
+  The config is ``config.json`` (else the one saved with checkpoint ``step``, default the
+  newest readable); the ModelConfig is ``model_config.json``, else ``resolve_model_config``
+  of the config with ``vocab_size(config)`` (e.g. the tokenizer's) when its vocabulary is 0.
+  """
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  else:
+    config = ml_collections.ConfigDict(ckpt_lib.read_config(workdir, step))
+  mpath = os.path.join(workdir, "model_config.json")
+  if os.path.exists(mpath):
+    with open(mpath) as f:
+      return config, ModelConfig.from_json(f.read())
+  size = vocab_size(config) if vocab_size and not config.model.get("vocab_size") else None
+  return config, resolve_model_config(config, size)
 
 
 def _global_shapes(spec: Mapping[str, tuple], process_count: int) -> dict:
