@@ -65,7 +65,8 @@ def test_log_lines_go_above_the_bar(capsys):
   import sys  # pylint: disable=import-outside-toplevel
   logger = logging.getLogger()
   handler = logging.StreamHandler(sys.stderr)
-  logger.addHandler(handler)
+  saved = logger.handlers[:]
+  logger.handlers = [handler]  # only this test's console handler (earlier tests leave theirs)
   try:
     bar = metrics_lib.ProgressBar(total=10, stream=sys.stderr, force=True)
     bar.update(3, "loss=1", force=True)
@@ -73,7 +74,7 @@ def test_log_lines_go_above_the_bar(capsys):
     bar.update(10, force=True)
     bar.close()
   finally:
-    logger.removeHandler(handler)
+    logger.handlers = saved
   err = capsys.readouterr().err
   # the log line is a line of its own (the bar is redrawn after it), not glued into a frame
   assert "\ncheckpoint saved at step 3\n" in err.replace("\r", "\n")

@@ -61,12 +61,55 @@ def test_a_sweep_names_its_command_finetune_works_the_same(capsys, tmp_path, mon
   if "finetune" not in cli.COMMANDS:
     monkeypatch.setitem(cli.COMMANDS, "finetune", ("unimo_jax.train.main", "fine-tune"))
   rc, out, _ = run(capsys, "--sweep", path, "--workdir", str(tmp_path / "r"), "--print")
-  assert rc == 0 and out.startswith("unimo-jax finetune --config experiments/configs/finetune/")
+  assert rc == 0 and out.startswith("unimo-jax finetune --config ") and "finetune/vqa.py" in out
   rc, _, _ = run(capsys, "--sweep", path, "--workdir", str(tmp_path / "r"), "--array")
   with open(tmp_path / "r" / "commands.txt") as f:
     assert f.read().startswith("unimo-jax finetune ")
   with open(tmp_path / "r" / "sweep.json") as f:
     assert json.load(f)["command"] == "finetune"
+
+
+def _validate_train(config):
+  from data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  config_lib.validate(config, num_devices=8, data_defaults=pipeline.default_config(),
+                      check_files=False)
+
+
+def _validate_finetune(config):
+  from unimo_jax.finetune import config as config_lib  # pylint: disable=import-outside-toplevel
+  config_lib.validate(config, num_devices=8, check_files=False)
+
+
+VALIDATORS = {"train": _validate_train, "finetune": _validate_finetune}
+
+
+def load_config(config, overrides):
+  """A config file with ``--config.k=v`` overrides, loaded the way the commands load it."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  argv = ["prog", f"--config={config}"] + [f"--config.{o}" for o in overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n in os.listdir(os.path.join(ROOT, "experiments", "sweeps"))
+    if n.endswith(".py") and not n.startswith("__")))
+def test_every_sweep_file_expands_to_trials_its_command_accepts(name):
+  s = sweep_lib.load(os.path.join(ROOT, "experiments", "sweeps", name))
+  assert s.command in cli.COMMANDS and s.command in VALIDATORS and s.metric
+  cmds = sweep_lib.commands(os.path.join(ROOT, s.config), s.trials, "/tmp/sweep",
+                            command=s.command)
+  assert len({w for w, _ in cmds}) == len(cmds)  # one workdir per trial
+  validate = VALIDATORS[s.command]
+  for _, argv in cmds:
+    assert argv[:2] == ["unimo-jax", s.command]
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    validate(load_config(argv[3], overrides))
 
 
 @pytest.mark.parametrize("content, fragment", [
