@@ -28,7 +28,7 @@ from data_pipelines import images, rewriting, schema
 from data_pipelines.examples import RowBuilder
 from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, load_neighbours, open_source
-from data_pipelines.workers import PoolStopped
+from data_pipelines.worker_errors import PoolStopped
 
 _PROBE_RECORDS = 16
 _IMAGE_SLOTS = ("_image", "_image_ratio", "_image_present")

@@ -38,19 +38,11 @@ import weakref
 import numpy as np
 
 from data_pipelines import schema
+from data_pipelines.worker_errors import PoolStopped, WorkerError  # noqa: F401  (raised here)
 
 _HEADER = struct.Struct("<Q")
 _PROGRESS = 8  # int64 per worker: generation, stream id, step, slot, source, record, -, -
 _LIVE = weakref.WeakSet()
-
-
-class WorkerError(RuntimeError):
-  """A worker failed to build a batch, or died."""
-
-
-class PoolStopped(WorkerError):
-  """The pool was closed or reset while a batch was awaited (the caller may build it itself:
-  only a tf.data iterator being released asks for it)."""
 
 
 def resolve_workers(value) -> int:
