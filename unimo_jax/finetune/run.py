@@ -176,7 +176,7 @@ def build_finetune_run(config, batch_spec: Mapping[str, tuple] | None = None, *,
   shapes = step = None
   if batch_spec is not None:
     count = jax.process_count() if process_count is None else int(process_count)
-    shapes = setup_lib._global_shapes(batch_spec, count)  # pylint: disable=protected-access
+    shapes = setup_lib.global_shapes(batch_spec, count)
     step = make_finetune_step(task, config, tx, mesh, shardings, shapes, rules)
   return FinetuneRun(config=config, model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
                      schedule=schedule, init_params=task.init_params, rng=rng,

@@ -81,7 +81,7 @@ def read_run(workdir: str, step: int | None = None,
   return config, resolve_model_config(config, size)
 
 
-def _global_shapes(spec: Mapping[str, tuple], process_count: int) -> dict:
+def global_shapes(spec: Mapping[str, tuple], process_count: int) -> dict:
   """Per-process ``{name: (shape, dtype)}`` -> global ``ShapeDtypeStruct``s (rows x processes)."""
   out = {}
   for name, (shape, dtype) in spec.items():
@@ -180,7 +180,7 @@ def build_run(config, batch_spec: Mapping[str, tuple] | None = None, *,
   shapes = step = None
   if batch_spec is not None:
     count = jax.process_count() if process_count is None else int(process_count)
-    shapes = _global_shapes(batch_spec, count)
+    shapes = global_shapes(batch_spec, count)
     step = step_lib.make_train_step(model_cfg, config, tx, mesh, shardings, shapes, rules)
   return Run(config=config, model_cfg=model_cfg, mesh=mesh, rules=rules, tx=tx,
              schedule=schedule, init_params=init_params, rng=rng, abstract_state=abstract,
