@@ -52,6 +52,19 @@ def test_print_names_each_trial_s_command_workdir_and_overrides(capsys, tmp_path
   assert not os.path.exists(tmp_path / "r")  # --print writes nothing
 
 
+def test_trial_names_tell_keys_that_end_alike_apart():
+  assert sweep_lib.trial_name(0, {"seed": 1, "data.seed": 2}) == "00_seed=1_data.seed=2"
+  assert sweep_lib.trial_name(12, {"a.b.lr": 0.5, "c.b.lr": (1, 2)}) == "12_a.b.lr=0.5_c.b.lr=-1-2-"
+
+
+def test_print_into_a_closed_pipe_is_quiet(tmp_path):
+  path = sweep_file(tmp_path, [{"seed": i} for i in range(2000)])
+  p = subprocess.run(f"{sys.executable} -m unimo_jax.cli sweep --sweep {path} --workdir "
+                     f"{tmp_path}/r --print | head -1", shell=True, capture_output=True, text=True,
+                     env=dict(os.environ, UNIMO_JAX_COMPILATION_CACHE=""))
+  assert p.stdout.startswith("unimo-jax train ") and p.stderr == ""
+
+
 def test_a_sweep_names_its_command_finetune_works_the_same(capsys, tmp_path, monkeypatch):
   path = sweep_file(tmp_path, [{}], extra='COMMAND = "pretrain"')
   rc, _, err = run(capsys, "--sweep", path, "--workdir", str(tmp_path / "r"), "--print")

@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     rc = commands.fail(f"unimo-jax {name}", e)
   except KeyboardInterrupt:
     rc = commands.fail(f"unimo-jax {name}", "interrupted", commands.INTERRUPTED)
+  except BrokenPipeError:  # `unimo-jax sweep --print | head`: the reader has had enough
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    rc = commands.OK
   return int(rc or 0)
 
 

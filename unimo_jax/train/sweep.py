@@ -74,10 +74,23 @@ def format_value(v: Any) -> str:
   return str(v)
 
 
+def _short_keys(keys: Sequence[str]) -> list[str]:
+  """Each dotted key's shortest tail that no other key shares (``seed`` and ``data.seed``)."""
+  out = []
+  for k in keys:
+    parts = k.split(".")
+    n = 1
+    while n < len(parts) and sum(o.split(".")[-n:] == parts[-n:] for o in keys) > 1:
+      n += 1
+    out.append(".".join(parts[-n:]))
+  return out
+
+
 def trial_name(index: int, overrides: Mapping[str, Any]) -> str:
   """``03_learning_rate=0.001_temperature_init=0.05``: the index, then the last part of each
-  overridden key with its value (file-name safe)."""
-  parts = [f"{k.split('.')[-1]}={format_value(v)}" for k, v in overrides.items()]
+  overridden key (more parts where two keys end alike) with its value (file-name safe)."""
+  parts = [f"{k}={format_value(v)}" for k, v in zip(_short_keys(list(overrides)),
+                                                     overrides.values())]
   name = f"{index:02d}" + ("_" + "_".join(parts) if parts else "")
   return re.sub(r"[^A-Za-z0-9_.=+-]", "-", name)[:180]
 
