@@ -29,7 +29,7 @@ EXIT_CODES = (
     (OK, "ok"),
     (ERROR, "unexpected error, with a Python traceback"),
     (USAGE, "usage or bad input: one line on stderr naming the flag, file or config field"),
-    (NONFINITE, "train: stopped by the non-finite guard (train.max_nonfinite_steps); "
+    (NONFINITE, "train, finetune: stopped by the non-finite guard (train.max_nonfinite_steps); "
                 "the last good checkpoint is kept"),
     (TRIALS_FAILED, "sweep: one or more trials failed (`sweep --summary` marks them)"),
     (INTERRUPTED, "interrupted by Ctrl-C outside the training loop"),
