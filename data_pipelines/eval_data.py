@@ -52,9 +52,7 @@ def _tokenizer(cfg, tokenizer):
   spec = cfg.get("tokenizer") or ""
   if not spec:
     raise ValueError("data.tokenizer is empty (a spec like 'sentencepiece:/path.model')")
-  kind, sep, path = spec.partition(":")
-  return tokenizers.load_tokenizer(f"{kind}:{os.path.expanduser(path)}" if sep else
-                                   os.path.expanduser(spec))
+  return tokenizers.load_tokenizer(spec)  # expands ~
 
 
 def _section(eval_config) -> dict:

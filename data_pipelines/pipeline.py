@@ -381,8 +381,7 @@ def make_pipeline(data_config, *, process_index: int = 0, process_count: int = 1
     if not cfg.get("tokenizer"):
       raise ValueError("data.tokenizer is empty (a spec like 'sentencepiece:/path.model')")
     from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
-    kind, sep, path = cfg["tokenizer"].partition(":")
-    spec = f"{kind}:{os.path.expanduser(path)}" if sep else os.path.expanduser(kind)
+    spec = cfg["tokenizer"]  # load_tokenizer expands ~
     try:
       tokenizer = tokenizers.load_tokenizer(spec)
     except (OSError, ValueError, RuntimeError) as e:
