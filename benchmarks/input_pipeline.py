@@ -9,13 +9,20 @@ warm-up):
   - each stream alone through tf.data (rows/s), and the Python row builder alone (rows/s: the
     share of the work that tokenisation, masking and reading take);
   - the mixed three-stream pipeline (rows/s over all streams, and steps/s).
+With --paper it instead measures the paper's shapes on generated data (`paper_shapes.py`):
+per-core rows/s of the Python row builder by phase for the code at --old_rev and this checkout
+(alternated runs of each, in child processes), then rows/s through tf.data for each
+--workers value. E.g. (under 3 minutes on 2 cores):
+  python benchmarks/input_pipeline.py --paper --batch 16 --batches 6 --runs 3 --workers 0,1,2
 With --train_steps > 0 it also trains the demo model on random schema batches for that many
 steps and prints the ratio of the pipeline's steps/s to the train step's (> 1: the input keeps
 up). Without --tokenizer it trains a SentencePiece model on the synthetic corpus first.
 """
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,6 +125,99 @@ def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
   return [r["steps_per_second"] for r in rows if "steps_per_second" in r][-1]
 
 
+# ---------------------------------------------------------------------------------------------
+# --paper: the paper's shapes, old code vs new, and worker scaling
+# ---------------------------------------------------------------------------------------------
+
+PAPER_WORKER_CASES = ("text", "pair_jpeg", "image_npz", "pair_tsv")
+
+
+def _paper_tokenizer(root: str):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import paper_shapes  # pylint: disable=import-outside-toplevel
+  model = os.path.join(root, "spm.model")
+  if not os.path.exists(model):
+    tokenizers.train_sentencepiece(paper_shapes.tokenizer_sentences(root),
+                                   os.path.join(root, "spm"), 8000, fit_vocab=True)
+  return "sentencepiece:" + model
+
+
+def _profiles(tree: str, root: str, tok: str, batch: int, batches: int) -> dict:
+  """Per-row profile of every case on the code tree `tree` ("" = this checkout), in a child."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_shapes.py")
+  out = subprocess.run([sys.executable, script, "--tree", tree, "--root", root, "--tokenizer",
+                        tok, "--batch", str(batch), "--batches", str(batches)],
+                       capture_output=True, text=True, check=False)
+  line = [l for l in out.stdout.splitlines() if l.startswith("PROFILE ")]
+  if out.returncode or not line:
+    raise RuntimeError(f"profile of {tree or 'this checkout'} failed:\n{out.stderr[-3000:]}")
+  return json.loads(line[-1][len("PROFILE "):])
+
+
+def _old_tree(rev: str, workdir: str) -> str:
+  """`rev`'s data_pipelines and unimo_jax, extracted under `workdir`."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tree = os.path.join(workdir, "old_tree")
+  os.makedirs(tree)
+  archive = subprocess.run(["git", "-C", repo, "archive", rev, "data_pipelines", "unimo_jax"],
+                           capture_output=True, check=True).stdout
+  subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+  return tree
+
+
+def paper_benchmark(args) -> int:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import paper_shapes  # pylint: disable=import-outside-toplevel
+  root = paper_shapes.write_paper_data(os.path.expanduser(args.paper_dir),
+                                      docs=args.paper_docs, images=args.paper_images)
+  tok_spec = _paper_tokenizer(root)
+  print(f"paper shapes under {root}: text L 512 (MLM P 80 + infilling P2 160); pairs 5 captions, "
+        f"224 px JPEG, Kp 2, Kn 4 (TF-IDF + lexicon), Ki 1, Kt 1; regions R 100, F 2048, "
+        f"C 1601 (npz / TSV); batch {args.batch}; os.cpu_count() {os.cpu_count()}")
+  runs = {"old": [], "new": []}
+  with tempfile.TemporaryDirectory() as tmp:
+    old = _old_tree(args.old_rev, tmp)
+    for _ in range(args.runs):  # alternated, so a change in the machine's load hits both
+      runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches))
+      runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches))
+  med = {k: {case: {p: statistics.median(r[case][p] for r in v) for p in v[0][case]}
+             for case in v[0]} for k, v in runs.items()}
+  print(f"\nPython row building per core: rows per CPU second (median of {args.runs} "
+        f"alternated runs; old = {args.old_rev}, new = this checkout); CPU microseconds per "
+        f"row by phase, old>new")
+  phases = paper_shapes.PHASES
+  print(f"  {'case':<11} {'old rows/s':>10} {'new rows/s':>10} {'x':>5}  " +
+        " ".join(f"{p:>13}" for p in phases) + f" {'TF decode':>13}")
+  for case in med["new"]:
+    o, n = med["old"][case], med["new"][case]
+    cells = " ".join(f"{1e6 * o[p]:>6.0f}>{1e6 * n[p]:<6.0f}" for p in phases)
+    dec = (f"{1e6 * o['decode']:>6.0f}>{1e6 * n['decode']:<6.0f}" if "decode" in n
+           else f"{'-':>13}")
+    print(f"  {case:<11} {1 / o['total']:>10,.0f} {1 / n['total']:>10,.0f} "
+          f"{o['total'] / n['total']:>5.2f}  {cells} {dec}")
+  print(f"\nthrough tf.data (new code, this process + data.workers processes), rows per wall "
+        f"second; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
+  counts = [int(w) for w in args.workers.split(",")]
+  print(f"  {'case':<11} " + " ".join(f"{f'workers={w}':>11}" for w in counts) +
+        f" {'x (max/0)':>10}")
+  tok = tokenizers.load_tokenizer(tok_spec)
+  for case, visual, stream in paper_shapes.CASES:
+    if case not in PAPER_WORKER_CASES:
+      continue
+    rates = []
+    for w in counts:
+      cfg = only(paper_shapes.paper_config(root, visual, args.batch), stream)
+      cfg.workers = w
+      it = pipeline.make_pipeline(cfg, tokenizer=tok)
+      try:
+        rates.append(args.batch / time_iterator(it, args.batches, 1))
+      finally:
+        it.close()
+    print(f"  {case:<11} " + " ".join(f"{r:>11,.0f}" for r in rates) +
+          f" {max(rates[1:] or rates) / rates[0]:>10.2f}")
+  return 0
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--size", default="demo", help="synthetic_scenes size preset")
@@ -130,7 +230,16 @@ def main(argv=None) -> int:
   p.add_argument("--vocab_size", type=int, default=2000)
   p.add_argument("--train_steps", type=int, default=0,
                  help="also time this many demo train steps (compiles the model)")
+  p.add_argument("--paper", action="store_true",
+                 help="the paper's shapes on generated data: old vs new code, worker scaling")
+  p.add_argument("--paper_dir", default="~/.cache/unimo_jax/paper_shapes")
+  p.add_argument("--paper_docs", type=int, default=96, help="--paper: documents written")
+  p.add_argument("--paper_images", type=int, default=48, help="--paper: images written")
+  p.add_argument("--old_rev", default="fc1e2af", help="--paper: the commit timed as 'old'")
+  p.add_argument("--workers", default="0,1,2", help="--paper: data.workers values to time")
   args = p.parse_args(argv)
+  if args.paper:
+    return paper_benchmark(args)
 
   base = demo_data(args.size, args.data_dir, args.batch)
   with tempfile.TemporaryDirectory() as tmp:

@@ -78,3 +78,37 @@ def test_train_step(tmp_path, monkeypatch):
   res = json.loads(out.read_text())
   assert res["layers"] == 1 and res["batch"] == dict(text=8, image=8, pair=8)
   assert res["step_seconds"] > 0 and res["analytic_tflop_per_step"] > 0
+
+
+def test_paper_shapes_data_and_profile(tmp_path):
+  """The generated paper-shape files feed every stream; the profile splits a row's time."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import paper_shapes
+  from data_pipelines import pipeline, tokenizers
+  from data_pipelines.streams import Stream
+  root = paper_shapes.write_paper_data(str(tmp_path / "paper"), docs=4, images=4)
+  tok = tokenizers.load_tokenizer("sentencepiece:" + tokenizers.train_sentencepiece(
+      paper_shapes.tokenizer_sentences(root), str(tmp_path / "spm"), 200, fit_vocab=True))
+  for case, visual, stream in paper_shapes.CASES:
+    cfg = pipeline.resolve_config(paper_shapes.paper_config(root, visual, batch=2))
+    st = Stream(stream, cfg, tok, process_index=0, process_count=1)
+    total, phases = paper_shapes.profile_rows(st, 1)
+    assert total > 0 and set(phases) == set(paper_shapes.PHASES), case
+    assert sum(phases.values()) <= total * 1.01 + 1e-6, case
+    assert phases["read"] > 0, case
+    if stream == "text":
+      assert st.builder.d["L"] == 512 and phases["mask"] > 0 and phases["tokenise"] > 0
+    if visual == "regions":
+      assert st.builder.d["R"] == 100 and phases["regions"] > 0
+
+
+@pytest.mark.slow
+def test_input_pipeline_paper_mode(tmp_path, capsys):
+  bench = _load("input_pipeline")
+  assert bench.main(["--paper", "--paper_dir", str(tmp_path / "paper"), "--paper_docs", "4",
+                     "--paper_images", "4", "--batch", "2", "--batches", "1", "--runs", "1",
+                     "--workers", "0,1", "--old_rev", "HEAD"]) == 0
+  out = capsys.readouterr().out
+  assert re.findall(r"^  (text|pair_jpeg|image_jpeg|image_npz|pair_tsv) +[\d,]+", out,
+                    flags=re.M)[:5] == ["text", "pair_jpeg", "image_jpeg", "image_npz", "pair_tsv"]
+  assert "workers=1" in out
