@@ -38,7 +38,7 @@ import ml_collections
 from unimo_jax import parallel
 from unimo_jax.train import objectives as obj_lib
 
-FREE_FORM = ("evaluation",)  # sections whose keys other modules validate
+FREE_FORM = ("evaluation", "neighbours")  # sections whose keys other modules validate
 
 
 class ConfigError(ValueError):
