@@ -22,20 +22,22 @@ def _task(kind, **kw):
 
 
 def _params(task, seed=0):
-  return nn.unbox(task.init_params(jax.random.key(seed)))
+  # one compiled program (op-by-op init compiles every differently shaped initialiser)
+  return jax.jit(lambda k: nn.unbox(task.init_params(k)))(jax.random.key(seed))
 
 
 def test_classification_loss_is_cross_entropy_of_the_head_on_encode_text():
   task = _task("classification")
   params = _params(task)
   batch = jax.tree.map(jnp.asarray, random_batch("classification", task.cfg))
-  cls = task.model.apply({"params": params["model"]}, batch["ids"], method=Unimo.encode_text)["cls"]
+  cls = jax.jit(lambda p, ids: task.model.apply({"params": p}, ids, method=Unimo.encode_text)[
+      "cls"])(params["model"], batch["ids"])
   logits = np.asarray(task.head.apply({"params": params["head"]}, cls), np.float64)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   nll = -np.log(p[np.arange(8), np.asarray(batch["label"])])
   w = np.asarray(batch["row_valid"], np.float64)
-  loss_sum, sums = task.loss(params, batch, None, deterministic=True)
+  loss_sum, sums = jax.jit(lambda p, bt: task.loss(p, bt, None, deterministic=True))(params, batch)
   np.testing.assert_allclose(loss_sum, (nll * w).sum(), rtol=1e-5)
   assert float(sums["count"]) == 7.0
 
@@ -44,7 +46,8 @@ def test_retrieval_joint_scoring_equals_scoring_each_pair():
   task = _task("retrieval", ranking_loss="circle")
   params = _params(task)
   b = random_batch("retrieval", task.cfg, b=3, negatives=2)
-  score = lambda pix, ids: float(task.outputs(params, {"pixels": pix[None], "ids": ids[None]})[0])
+  one = jax.jit(lambda p, pix, ids: task.outputs(p, {"pixels": pix[None], "ids": ids[None]})[0])
+  score = lambda pix, ids: float(one(params, pix, ids))
   from test_finetune_losses import _circle_np
   ref = []
   for i in range(3):
@@ -54,7 +57,8 @@ def test_retrieval_joint_scoring_equals_scoring_each_pair():
     li = _circle_np(np.array([sp]), si[None], b["neg_image_valid"][i][None], 0.2, 1.0)[0]
     lt = _circle_np(np.array([sp]), st[None], b["neg_text_valid"][i][None], 0.2, 1.0)[0]
     ref.append(0.5 * (li + lt)[0] * b["row_valid"][i])
-  loss_sum, sums = task.loss(params, jax.tree.map(jnp.asarray, b), None, deterministic=True)
+  loss_sum, sums = jax.jit(lambda p, bt: task.loss(p, bt, None, deterministic=True))(
+      params, jax.tree.map(jnp.asarray, b))
   np.testing.assert_allclose(loss_sum, sum(ref), rtol=1e-4)
   assert float(sums["count"]) == 2.0
 
@@ -63,7 +67,8 @@ def test_captioning_and_seq2seq_count_target_tokens():
   for kind in ("captioning", "seq2seq"):
     task = _task(kind)
     b = random_batch(kind, task.cfg)
-    _, sums = task.loss(_params(task), jax.tree.map(jnp.asarray, b), None, deterministic=True)
+    _, sums = jax.jit(lambda p, bt: task.loss(p, bt, None, deterministic=True))(
+        _params(task), jax.tree.map(jnp.asarray, b))
     assert float(sums["count"]) == float((b["weights"] * b["row_valid"][:, None]).sum())
 
 
