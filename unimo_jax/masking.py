@@ -15,6 +15,7 @@ Objectives (facts in shared/UNIMO.md, decisions written next to each function):
 from __future__ import annotations
 
 import bisect
+import functools
 from typing import Iterable
 
 import numpy as np
@@ -50,6 +51,13 @@ def span_length_distribution(geo_p: float = 0.2, max_span_words: int = 10,
   lengths = np.arange(min_span_words, max_span_words + 1)
   probs = geo_p * (1.0 - geo_p) ** (lengths - min_span_words)
   return lengths, probs / probs.sum()
+
+
+@functools.lru_cache(maxsize=16)
+def _span_table(geo_p, max_span_words, min_span_words):
+  """(span lengths, their cumulative probabilities) as lists, for `bisect` draws."""
+  lengths, probs = span_length_distribution(geo_p, max_span_words, min_span_words)
+  return lengths.tolist(), np.cumsum(probs).tolist()
 
 
 def random_ordinary_ids(rng: np.random.Generator, size: int, *, vocab_size: int,
@@ -131,15 +139,20 @@ def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mas
   if n_maskable:
     budget = min(max_predictions, max(1, _round_half_up(mask_rate * n_maskable)))
 
-  lengths, probs = span_length_distribution(geo_p, max_span_words, min_span_words)
-  cdf = np.cumsum(probs).tolist()
-  lengths = lengths.tolist()
-  # The loop runs once per span (~budget / 3 times): Python lists for the word-by-word walk and
-  # one numpy pass per span for the candidates (the draws are the same calls in the same order
-  # as a plain loop over numpy arrays, so the masks are too).
+  lengths, cdf = _span_table(geo_p, max_span_words, min_span_words)
+  # The loop runs once per span (~20 times at 512 tokens) and costs what its numpy calls cost,
+  # so it works on Python lists: `unmasked` (ascending word indices) IS the candidate list
+  # while the remaining budget fits the longest word, and one numpy pass finds the candidates
+  # only near the end of the budget. The draws are the same calls in the same order as a plain
+  # loop over numpy arrays (tests/masking_reference.py), so the masks are too.
   masked_word = np.zeros(n_words, dtype=bool)
+  # A masked word's length set past any budget: one comparison finds the unmasked words that fit.
+  avail_len = w_len.copy()
   masked_list = [False] * n_words
   len_list, contig_list, start_list = w_len.tolist(), w_contig.tolist(), w_start.tolist()
+  unmasked = list(range(n_words))
+  longest = max(len_list) if n_words else 0
+  no_word = np.iinfo(avail_len.dtype).max
   count = 0
   spans = []
   # Each iteration masks at least one word or stops, so n_words + 1 iterations always suffice.
@@ -147,19 +160,22 @@ def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mas
     if count >= budget:
       break
     remaining = budget - count
-    candidates = np.flatnonzero(~masked_word & (w_len <= remaining))
+    every = remaining >= longest
+    candidates = unmasked if every else np.flatnonzero(avail_len <= remaining)
     fallback = len(candidates) == 0
     if fallback:
       # No whole word fits the budget: mask one word anyway, if it fits the P slots.
       if count > 0:
         break
       candidates = np.flatnonzero(w_len <= max_predictions)
+      every = False
       if len(candidates) == 0:
         break
       remaining = max_predictions
     drawn = lengths[min(bisect.bisect_right(cdf, rng.random()), len(cdf) - 1)]
     k = 1 if fallback else max(1, drawn)
-    anchor = int(candidates[rng.integers(len(candidates))])
+    j = int(rng.integers(len(candidates)))
+    anchor = int(candidates[j])
     w, n_tok, n_w = anchor, 0, 0
     while n_w < k and w < n_words and not masked_list[w] and n_tok + len_list[w] <= remaining:
       if n_w > 0 and not contig_list[w]:
@@ -170,6 +186,10 @@ def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mas
       w += 1
     if n_w:
       masked_word[anchor:w] = True
+      avail_len[anchor:w] = no_word
+      # anchor..w-1 were all unmasked, so they sit together in `unmasked` from anchor's place.
+      pos = j if every else bisect.bisect_left(unmasked, anchor)
+      del unmasked[pos:pos + n_w]
     count += n_tok
     spans.append((start_list[anchor], n_tok, n_w, drawn))
 
@@ -244,23 +264,22 @@ def _sample_fragments(n: int, rng: np.random.Generator, rate: float, min_len: in
     # Too short for one fragment: the whole text becomes the target (UNIMO-2's `_except`).
     return [(0, n)]
   budget = max(1, _round_half_up(rate * n))
-  taken = np.zeros(n, dtype=bool)
+  # blocked = the fragments and their neighbours (a fragment must not touch another one: one
+  # gap in the source per fragment), kept up to date instead of recomputed from the fragments.
+  blocked = np.zeros(n, dtype=np.int32)
+  csum = np.zeros(n + 1, dtype=np.int64)
   frags = []
   covered = 0
   while covered < budget:
     length = int(rng.integers(min_len, max_len + 1))
     # The last fragment is cut to the budget, but never below min_len.
     length = min(length, max(budget - covered, min_len), n)
-    # A fragment must not touch another one: one gap in the source per fragment.
-    blocked = taken.copy()
-    blocked[1:] |= taken[:-1]
-    blocked[:-1] |= taken[1:]
-    csum = np.concatenate([[0], np.cumsum(blocked)])
-    starts = np.flatnonzero(csum[length:] - csum[:-length] == 0)
+    np.cumsum(blocked, out=csum[1:])
+    starts = np.flatnonzero(csum[length:] == csum[:-length])
     if len(starts) == 0:
       break
     s = int(starts[rng.integers(len(starts))])
-    taken[s:s + length] = True
+    blocked[max(0, s - 1):s + length + 1] = 1
     frags.append((s, s + length))
     covered += length
   return sorted(frags)
