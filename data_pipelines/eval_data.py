@@ -72,7 +72,8 @@ def _training_pair_spec(cfg, source=None) -> dict:
 
 
 # Keys of a training source that describe its training use, not its records.
-_TRAIN_ONLY = ("name", "weight", "tfidf_negatives", "neighbours", "lexicon_negatives")
+_TRAIN_ONLY = ("name", "weight", "tfidf_negatives", "neighbours", "lexicon_negatives",
+               "related_images")
 
 
 def eval_sources(cfg, eval_config=None) -> dict:

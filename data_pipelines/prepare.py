@@ -2,6 +2,7 @@
 
     unimo-jax prepare synthetic_scenes --data-dir D [--size demo|tiny|small|...]
     unimo-jax prepare tfidf --captions captions.jsonl --out negatives.jsonl [--k 4]
+    unimo-jax prepare neighbours --config C[:ARG] [--workdir W --step S] [--out F]
 
 ``synthetic_scenes`` builds the three TFDS configs (pairs, text, images) under D, trains the
 default SentencePiece tokenizer on their captions, QA and corpus (D/tokenizer/spm.model for the
@@ -12,6 +13,11 @@ A manifest D/prepared-<config>.json records paths, sizes and timings.
 
 ``tfidf`` computes the same side file for any captioned data: a JSONL with one
 {"id": int, "captions": [str, ...]} object per image.
+
+``neighbours`` writes the related images X_I and related texts X_T of every training pair of a
+training config (`data_pipelines.neighbours`; its ``neighbours`` section picks the scorers) to
+F, by default the ``neighbours`` file the config's pair source reads. It prints the builder's
+throughput and, on synthetic_scenes, precision@k against the ground truth.
 """
 import json
 import os
@@ -169,7 +175,42 @@ def _parser(prog):
   t.add_argument("--captions", required=True, help='JSONL of {"id": int, "captions": [str]}')
   t.add_argument("--out", required=True, help="the side file (JSONL) to write")
   t.add_argument("--k", type=int, default=4, help="TF-IDF negatives per image")
+  n = sub.add_parser("neighbours", help="related images / texts side file of a training config")
+  n.add_argument("--config", required=True,
+                 help="training config file, path[:ARG] (its get_config(ARG) is used)")
+  n.add_argument("--workdir", default=None,
+                 help="a training run whose checkpoint the embedding scorer uses")
+  n.add_argument("--step", type=int, default=None,
+                 help="the checkpoint step of --workdir (default: the latest)")
+  n.add_argument("--out", default=None,
+                 help="the side file to write (default: the pair source's neighbours file)")
   return p
+
+
+def load_config_file(spec: str):
+  """``path[:ARG]`` -> the ConfigDict of the file's ``get_config(ARG)``."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config {path}: no such file")
+  module_spec = importlib.util.spec_from_file_location("_neighbours_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def prepare_neighbours(config_spec: str, out: str | None, workdir: str | None,
+                       step: int | None) -> dict:
+  from data_pipelines import neighbours  # pylint: disable=import-outside-toplevel
+  config = load_config_file(config_spec)
+  if not out:
+    specs = list(config.data.streams.pair.sources) if "pair" in config.data.streams else []
+    out = (dict(specs[0]).get("neighbours") if specs else None)
+    if not out:
+      raise ValueError(f"--config {config_spec}: its pair source has no 'neighbours' file; "
+                       "pass --out")
+  return neighbours.build(config, os.path.expanduser(out), workdir=workdir, step=step,
+                          log=lambda line: _log(line))
 
 
 def main(argv) -> int:
@@ -184,6 +225,9 @@ def main(argv) -> int:
 def _run(args) -> int:
   if args.dataset == "tfidf":
     prepare_tfidf(args.captions, args.out, args.k)
+    return 0
+  if args.dataset == "neighbours":
+    prepare_neighbours(args.config, args.out, args.workdir, args.step)
     return 0
   manifest = prepare_synthetic(args.data_dir, size=args.size, image_size=args.image_size,
                                feature_dim=args.feature_dim, seed=args.seed,

@@ -14,6 +14,8 @@ A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   regions     {kind: region_npz | region_tsv, path}: region features joined by image key (needed
               with visual_input "regions" when the source has no regions of its own)
   neighbours  JSON lines side file of related images / texts (see `base.load_neighbours`)
+  related_images  pairs: {source spec} of the image collection the neighbours' image keys may
+              name besides the pair source's own (`related.RelatedImages`)
   tfidf_negatives    pairs: side file of TF-IDF-nearest captions of other images, keyed by the
                      numeric example id (`rewriting.write_tfidf_side_file`, `unimo-jax prepare`)
   lexicon_negatives  pairs: fill missing hard negatives with word-level rewrites of the caption
@@ -22,6 +24,7 @@ from data_pipelines.sources.base import BadRecord, Source, load_neighbours
 from data_pipelines.sources.files import (CocoCaptionsSource, ImageFolderSource, JsonlSource,
                                           TextSource)
 from data_pipelines.sources.regions import NpzRegionSource, RegionJoin, TsvRegionSource
+from data_pipelines.sources.related import RelatedImages
 from data_pipelines.sources.tfds_source import TfdsSource, load_builder
 from data_pipelines.sources.webdataset import WebDatasetSource
 
@@ -30,7 +33,8 @@ KINDS = ("tfds", "webdataset", "coco", "image_folder", "text", "jsonl", "region_
 
 __all__ = ["BadRecord", "Source", "open_source", "load_neighbours", "load_builder", "KINDS",
            "TfdsSource", "WebDatasetSource", "CocoCaptionsSource", "ImageFolderSource",
-           "TextSource", "JsonlSource", "NpzRegionSource", "TsvRegionSource", "RegionJoin"]
+           "TextSource", "JsonlSource", "NpzRegionSource", "TsvRegionSource", "RegionJoin",
+           "RelatedImages"]
 
 
 def _need(spec, key, name):
@@ -67,4 +71,7 @@ def open_source(spec, *, name: str) -> Source:
     rspec = dict(spec["regions"])
     store = open_source(rspec, name=f"{name}.regions")
     src = RegionJoin(src, store)
+  if spec.get("related_images"):
+    rspec = dict(spec["related_images"])
+    src = RelatedImages(src, open_source(rspec, name=str(rspec.get("name") or f"{name}.related")))
   return src
