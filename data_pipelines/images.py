@@ -191,8 +191,13 @@ def decode_image(data, ratio_index, *, image_size: int, mean, std):
 
 def normalise(img, *, mean, std):
   """``(img / 255 - mean) / std`` per channel (img float32 in 0..255)."""
-  mean = tf.constant(np.asarray(mean, np.float32).reshape(1, 1, 3))
-  std = tf.constant(np.asarray(std, np.float32).reshape(1, 1, 3))
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  if np.all(mean == mean[0]) and np.all(std == std[0]):
+    # The same values as scalars: the same float32 arithmetic per pixel, but TF's broadcast of
+    # a [1, 1, 3] operand cost more than the JPEG decode (1.5 vs 0.6 ms CPU at 224 px).
+    return (img / 255.0 - mean[0]) / std[0]
+  mean = tf.constant(mean.reshape(1, 1, 3))
+  std = tf.constant(std.reshape(1, 1, 3))
   return (img / 255.0 - mean) / std
 
 

@@ -1,4 +1,4 @@
-"""decode_image skips the resize of images already at the model's size: same pixels as resizing."""
+"""Fast paths of image decoding give the same pixels: the skipped same-size resize, scalar normalisation."""
 import numpy as np
 import tensorflow as tf
 
@@ -21,3 +21,14 @@ def test_same_size_decode_equals_the_resized_reference():
   out = images.decode_image(tf.constant(fx.image_bytes(px)), tf.constant(0), image_size=16,
                             mean=(0.5,) * 3, std=(0.5,) * 3)
   assert out.shape == (16, 16, 3)
+
+
+def test_normalise_equals_numpy_per_channel():
+  """Equal per-channel constants take a scalar path: the same float32 values either way."""
+  rng = np.random.default_rng(1)
+  img = rng.integers(0, 256, (5, 7, 3)).astype(np.float32)
+  for mean, std in (((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                    ((0.45,) * 3, (0.27,) * 3)):
+    got = images.normalise(tf.constant(img), mean=mean, std=std).numpy()
+    want = (img / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes(), mean
