@@ -1,4 +1,4 @@
-"""Fast paths of image decoding give the same pixels: the skipped same-size resize, scalar normalisation."""
+"""Fast paths of image decoding give the same pixels: same-size resize skipped, scalar norm."""
 import numpy as np
 import tensorflow as tf
 
