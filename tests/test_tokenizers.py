@@ -66,8 +66,9 @@ def test_encode_padded_layout(spm_model):
 
 
 def test_sentencepiece_fit_vocab_and_determinism(tmp_path):
-  with pytest.raises(RuntimeError):
+  with pytest.raises(ValueError, match="vocabulary size 5000 is too large for this corpus") as e:
     tok.train_sentencepiece(CORPUS, str(tmp_path / "a"), vocab_size=5000, model_type="bpe")
+  assert "\n" not in str(e.value)
   path = tok.train_sentencepiece(CORPUS, str(tmp_path / "b"), vocab_size=5000,
                                  model_type="bpe", fit_vocab=True)
   again = tok.train_sentencepiece(CORPUS, str(tmp_path / "c"), vocab_size=5000,
