@@ -22,6 +22,9 @@ stateful random stream (resuming it means replaying every earlier choice, and ea
 offset depends on all of them); `Mixture` gives the same weighted mixture with exact per-period
 proportions, computable for any slot directly. A stream's rows are mixed before they are
 batched (no per-source pipelines or buffers), and one prefetch follows the join of the streams.
+Row building scales with the host's cores through `data.workers` processes (`workers`), each
+building whole batches; since a batch is a pure function of (seed, stream, step), the batches,
+drop counts and states are the same for any worker count (0 builds them in this process).
 
 Config (``data`` section; `default_config()` has every field with its default):
   seed                 int, data seed (mixture, record order, masking)

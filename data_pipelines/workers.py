@@ -49,6 +49,9 @@ def resolve_workers(value) -> int:
   """``data.workers`` -> a count. -1 (auto): cores - 2 on hosts with >= 4 cores (the training
   process keeps a core for the step and one for TF image decoding), else 0 (in-process)."""
   n = int(value)
+  if n < -1:
+    raise ValueError(f"data.workers must be -1 (from the host's cores), 0 (in-process) or a "
+                     f"count, got {value!r}")
   if n >= 0:
     return n
   try:

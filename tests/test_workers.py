@@ -87,6 +87,8 @@ def test_resolve_workers():
   assert workers.resolve_workers(0) == 0 and workers.resolve_workers(3) == 3
   cores = len(os.sched_getaffinity(0))
   assert workers.resolve_workers(-1) == (cores - 2 if cores >= 4 else 0)
+  with pytest.raises(ValueError, match="data.workers"):
+    workers.resolve_workers(-2)
 
 
 def test_batches_identical_for_0_1_2_workers(data):
