@@ -6,6 +6,16 @@
 The tiny preset runs a real forward pass of a random text, image and image-text batch (jitted;
 the first call includes compilation) and prints output shapes and times; base/large are traced
 with ``jax.eval_shape`` only (shapes and counts, no memory, no compute).
+
+  unimo-jax model-info --preset base|large --compile [--layers 6,12,24] [--batch 64,32,64]
+                       [--no-remat] [--remat-policy P]
+
+lowers and compiles (never runs) the FULL UNIMO train step of the paper's config
+(``experiments/configs/base.py``: regions, 512 text tokens, all seven objectives, ring CMCL,
+global batch text,image,pair rows) over every device with FSDP, once per depth, and prints the
+compile time and the per-device memory of the compiled step (``memory_analysis``: temporaries,
+arguments, outputs). For the paper's 8-way layout on a CPU:
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 """
 import time
 
@@ -78,6 +88,50 @@ def _forwards(config: ModelConfig):
   return text, image, pair
 
 
+def compile_train_step(preset: str, layers: int, batch=(64, 32, 64), remat: bool = True,
+                       remat_policy: str = "nothing_saveable") -> dict:
+  """Lowers and compiles the paper config's full train step at ``layers`` layers.
+
+  Returns dict(layers, compile_seconds, temp/argument/output GiB per device, devices)."""
+  try:
+    from experiments.configs import base as paper  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise SystemExit("model-info --compile: needs the repository's experiments/configs/base.py "
+                     "on the path (run from the repository root)") from e
+  from data_pipelines import schema  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import setup as setup_lib  # pylint: disable=import-outside-toplevel
+  c = paper.get_config(size=preset)
+  c.model.num_layers = layers
+  c.model.remat = remat
+  c.model.remat_policy = remat_policy
+  c.train.init_from = ""
+  for stream, rows in zip(("text", "image", "pair"), batch):
+    c.data.streams[stream].batch_size = int(rows)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  spec = schema.batch_spec(c.data.to_dict())
+  run = setup_lib.build_run(c, spec, vocab_size=50265, process_count=1)
+  t0 = time.time()
+  compiled = run.compile()
+  seconds = time.time() - t0
+  mem = compiled.memory_analysis()
+  gib = lambda b: b / 2**30
+  return dict(layers=layers, compile_seconds=seconds, devices=jax.device_count(),
+              temp_gib=gib(mem.temp_size_in_bytes), argument_gib=gib(mem.argument_size_in_bytes),
+              output_gib=gib(mem.output_size_in_bytes))
+
+
+def _print_compile_table(preset: str, depths, batch, remat: bool, policy: str) -> None:
+  print(f"full UNIMO train step, {preset} (experiments/configs/base.py), global batch "
+        f"{'/'.join(map(str, batch))} rows, {jax.device_count()} x {jax.devices()[0].platform} "
+        f"devices (FSDP), remat {'on (' + policy + ')' if remat else 'off'}: lower + compile only")
+  print("| layers | compile s | temp GiB / device | arguments GiB / device |")
+  print("|---|---|---|---|")
+  for n in depths:
+    r = compile_train_step(preset, n, batch, remat, policy)
+    print(f"| {n} | {r['compile_seconds']:.0f} | {r['temp_gib']:.2f} | {r['argument_gib']:.2f} |",
+          flush=True)
+
+
 def _shapes(tree) -> str:
   return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tree.items()))
 
@@ -95,7 +149,23 @@ def main(argv) -> int:
   parser.add_argument("--num-regions", type=int, default=None, help="default 10 tiny, 100 else")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype of the forward pass")
+  parser.add_argument("--compile", action="store_true",
+                      help="base/large: compile the paper's full train step per --layers and "
+                           "print compile time and per-device memory")
+  parser.add_argument("--layers", default="6,12,24", help="--compile: depths to compile")
+  parser.add_argument("--batch", default="64,32,64",
+                      help="--compile: global text,image,pair rows per step")
+  parser.add_argument("--no-remat", action="store_true", help="--compile: remat off")
+  parser.add_argument("--remat-policy", default="nothing_saveable",
+                      help="--compile: jax.checkpoint policy of each layer")
   args = parser.parse_args(argv[1:])
+  if args.compile:
+    if args.preset == "tiny":
+      parser.error("--compile is for --preset base or large (the paper's configs)")
+    _print_compile_table(args.preset, [int(x) for x in args.layers.split(",")],
+                         [int(x) for x in args.batch.split(",")], not args.no_remat,
+                         args.remat_policy)
+    return 0
 
   config = ModelConfig.preset(args.preset, visual_input=args.visual, dtype=args.dtype)
   tiny = args.preset == "tiny"

@@ -74,9 +74,38 @@ def peak_flops_per_device(device_kind: str, dtype: str = "float32", platform: st
   return peak
 
 
+_MEASURED_CPU_PEAK: dict[str, float] = {}
+
+
+def measured_cpu_peak(dtype: str = "float32", n: int = 2048) -> float:
+  """Matmul FLOP/s of this host's CPU, measured once per process and dtype: the median of 5
+  timed ``[n, n] @ [n, n]`` dots on the first local device (16-bit dtypes accumulate in float32,
+  as the model's matmuls). CPUs of one machine kind differ by 2x (ENVIRONMENT.md), so MFU on a
+  CPU is against this, not a table entry."""
+  import statistics
+  import time
+  import jax.numpy as jnp
+  key = f"{dtype}:{n}"
+  if key not in _MEASURED_CPU_PEAK:
+    dt = jnp.dtype(dtype if dtype in ("bfloat16", "float16") else "float32")
+    a = jax.device_put(jnp.ones((n, n), dt), jax.local_devices()[0])
+    f = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+    jax.block_until_ready(f(a, a))
+    times = []
+    for _ in range(5):
+      t = time.perf_counter()
+      jax.block_until_ready(f(a, a))
+      times.append(time.perf_counter() - t)
+    _MEASURED_CPU_PEAK[key] = 2.0 * n ** 3 / statistics.median(times)
+  return _MEASURED_CPU_PEAK[key]
+
+
 def current_peak_flops(dtype: str = "float32", override: float = 0.0) -> float:
-  """Peak FLOP/s of one of this process's devices (see ``peak_flops_per_device``)."""
+  """Peak FLOP/s of one of this process's devices (see ``peak_flops_per_device``); on a CPU the
+  host's measured matmul rate (``measured_cpu_peak``) shared by its local devices."""
   d = jax.local_devices()[0]
+  if d.platform == "cpu" and not (override and override > 0):
+    return measured_cpu_peak(dtype) / jax.local_device_count()
   return peak_flops_per_device(d.device_kind, dtype, d.platform, jax.local_device_count(),
                                override)
 

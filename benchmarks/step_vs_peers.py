@@ -1,0 +1,352 @@
+"""Text-MLM train-step time of this framework beside its peers, side by side in one run.
+
+  python benchmarks/step_vs_peers.py                 # S1 and S2, f32, 2 rounds, 10 steps each
+  python benchmarks/step_vs_peers.py --bf16          # plus a bf16 row per shape
+  python benchmarks/step_vs_peers.py --shapes S2 --steps 5 --rounds 1
+  python benchmarks/step_vs_peers.py --smoke         # tiny shapes, 2 steps: checks the plumbing
+
+Every implementation runs in its OWN process (fresh allocator, no shared thread pools), one
+after another; the rounds alternate the order (round 2 runs the list backwards) so that a load
+change on the machine hits every implementation alike. Implementations:
+
+  ours        the framework's train step through its public API, the one ``unimo-jax train``
+              builds (``unimo_jax.train.setup.build_run``): a text stream with span MLM only;
+  flax        the same model written the obvious way in flax.linen + optax (post-LN BERT, the
+              LM head at the masked positions), defined in this file;
+  hf          Hugging Face ``RobertaForMaskedLM`` (random init, no download), stock: the LM head
+              over every position, labels -100 elsewhere; torch.optim.AdamW;
+  hf_masked   the same torch model with the head applied at the masked positions only.
+
+Shapes (post-LN, dropout 0.1 on hidden and attention probabilities, 15% of tokens predicted):
+  S1: 4 layers, H 768, 12 heads, FFN 3072, vocab 32000, 16 x 128 tokens
+  S2: 4 layers, H 256, 4 heads, FFN 1024, vocab 8000, 32 x 128 tokens
+
+Each process: build, compile/warm up (2 steps), then the median of ``--steps`` step times
+(``block_until_ready`` / torch is synchronous on CPU), its peak RSS, and GFLOP/s from the
+analytic training FLOPs (3x the forward matmul FLOPs of the encoder and of the LM head at the
+predicted positions: the same useful work for every implementation, so the stock HF row's extra
+head work is not credited). The JAX f32 matmul ceiling (2048^2, median of 10) is measured at the
+start and the end; the fraction of the ceiling uses their mean.
+
+bf16 row (``--bf16``): ours with ``model.dtype = bfloat16`` (float32 parameters, bf16 matmuls
+accumulating in float32) beside HF masked-head under ``torch.autocast("cpu", bfloat16)``. To add
+another row, add a name to ``IMPLS`` and a ``_worker_<name>(shape, steps, dtype)`` function
+returning the built one-step callable (``step_fn`` gives it to in-process comparisons).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SHAPES = {
+    "S1": dict(layers=4, hidden=768, heads=12, mlp=3072, vocab=32000, batch=16, length=128),
+    "S2": dict(layers=4, hidden=256, heads=4, mlp=1024, vocab=8000, batch=32, length=128),
+    # --smoke: seconds, not a measurement
+    "T1": dict(layers=2, hidden=64, heads=4, mlp=128, vocab=500, batch=4, length=32),
+}
+IMPLS = ("ours", "flax", "hf", "hf_masked")
+BF16_IMPLS = ("ours", "hf_masked")
+DROPOUT = 0.1
+
+
+def predictions(shape) -> int:
+  return max(1, round(0.15 * shape["length"]))
+
+
+def train_flops(shape) -> float:
+  """Analytic FLOPs of one training step (3 x forward matmuls; LM head at the P slots)."""
+  b, l, h, m, v = (shape[k] for k in ("batch", "length", "hidden", "mlp", "vocab"))
+  p = predictions(shape)
+  per_layer = b * l * 2 * (4 * h * h + 2 * h * m) + b * 2 * 2 * l * l * h
+  head = b * p * 2 * (h * h + h * v)
+  return 3.0 * (shape["layers"] * per_layer + head)
+
+
+# ------------------------------------------------------------------------------ data
+def mlm_batch(shape, seed=0):
+  """Random ids [B, L] (no padding), P predicted slots per row and their targets (numpy)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  b, l, v, p = shape["batch"], shape["length"], shape["vocab"], predictions(shape)
+  ids = rng.integers(4, v - 1, (b, l)).astype(np.int32)
+  pos = np.stack([np.sort(rng.choice(np.arange(1, l - 1), p, replace=False)) for _ in range(b)])
+  targets = np.take_along_axis(ids, pos, 1).copy()
+  masked = ids.copy()
+  np.put_along_axis(masked, pos, v - 1, 1)
+  return masked, pos.astype(np.int32), targets.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------ workers
+def _time(step, steps: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _worker_ceiling(shape, steps, dtype):
+  import jax
+  import jax.numpy as jnp
+  n = 256 if shape is SHAPES["T1"] else 2048
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(f(a, a))
+  sec = _time(lambda: jax.block_until_ready(f(a, a)), 10)
+  return dict(seconds=sec, gflops=2 * n ** 3 / sec / 1e9)
+
+
+def step_fn(name: str, shape_name: str, dtype: str = "float32"):
+  """The one-step callable of implementation ``name`` (built and compiled, not yet run)."""
+  return globals()[f"_worker_{name}"](SHAPES[shape_name], 0, dtype)
+
+
+def _worker_ours(shape, steps, dtype):
+  import jax
+  import ml_collections
+  from data_pipelines import schema
+  from unimo_jax import parallel
+  from unimo_jax.train import config as config_lib
+  from unimo_jax.train import random_data
+  from unimo_jax.train import setup as setup_lib
+
+  c = config_lib.default_config()
+  c.model.update(dict(
+      vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_layers=shape["layers"],
+      num_heads=shape["heads"], mlp_dim=shape["mlp"], max_positions=shape["length"] + 2,
+      roberta_positions=True, dropout_rate=DROPOUT, attention_dropout_rate=DROPOUT,
+      dtype=dtype, remat=False))
+  src = [dict(name="random", kind="text", path="unused")]
+  c.data = ml_collections.ConfigDict(dict(
+      seed=0, tokenizer="", visual_input="patches", image_size=c.model.image_size,
+      patch_size=c.model.patch_size, num_regions=1, region_feature_dim=1, num_region_classes=1,
+      num_positives=0, num_negatives=0, num_related_images=0, num_related_texts=0,
+      streams=dict(text=dict(batch_size=shape["batch"], max_length=shape["length"],
+                             max_predictions=predictions(shape), objectives=("mlm",),
+                             sources=src))))
+  c.objectives.text_mode = "mlm"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  c.seed = 0
+  spec = schema.batch_spec(c.data.to_dict())
+  run = setup_lib.build_run(c, spec, process_count=1)
+  state = run.new_state()
+  compiled = run.compile()
+  batch = parallel.global_batch(next(random_data.RandomBatches(spec, shape["vocab"])), run.mesh)
+  box = [state]
+
+  def step():
+    box[0], m = compiled(box[0], batch)
+    jax.block_until_ready(m["loss"])
+  return step
+
+
+def _worker_flax(shape, steps, dtype):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  h, heads, m, v, l = (shape[k] for k in ("hidden", "heads", "mlp", "vocab", "length"))
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      a = nn.MultiHeadDotProductAttention(num_heads=heads, dropout_rate=DROPOUT,
+                                          deterministic=not train)(x, x)
+      x = nn.LayerNorm(epsilon=1e-5)(x + nn.Dropout(DROPOUT, deterministic=not train)(a))
+      f = nn.Dense(h)(nn.gelu(nn.Dense(m)(x), approximate=False))
+      return nn.LayerNorm(epsilon=1e-5)(x + nn.Dropout(DROPOUT, deterministic=not train)(f))
+
+  class Bert(nn.Module):
+    @nn.compact
+    def __call__(self, ids, pos, train=True):
+      word = nn.Embed(v, h)
+      x = word(ids) + nn.Embed(l, h)(jnp.arange(l))[None]
+      x = nn.Dropout(DROPOUT, deterministic=not train)(nn.LayerNorm(epsilon=1e-5)(x))
+      for _ in range(shape["layers"]):
+        x = Layer()(x, train)
+      x = jnp.take_along_axis(x, pos[..., None], axis=1)
+      x = nn.LayerNorm(epsilon=1e-5)(nn.gelu(nn.Dense(h)(x), approximate=False))
+      return word.attend(x) + self.param("bias", nn.initializers.zeros, (v,))
+
+  ids, pos, targets = mlm_batch(shape)
+  model = Bert()
+  params = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, ids, pos)
+  tx = optax.adamw(1e-4)
+  opt = tx.init(params)
+
+  @jax.jit
+  def train_step(params, opt, ids, pos, targets, key):
+    def loss_fn(p):
+      logits = model.apply(p, ids, pos, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  box = [params, opt, 0]
+
+  def step():
+    box[0], box[1], loss = train_step(box[0], box[1], ids, pos, targets,
+                                      jax.random.key(box[2]))
+    box[2] += 1
+    jax.block_until_ready(loss)
+  return step
+
+
+def _hf(shape, masked_head: bool, dtype: str, steps: int):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.RobertaConfig(
+      vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+      num_attention_heads=shape["heads"], intermediate_size=shape["mlp"],
+      max_position_embeddings=shape["length"] + 2, hidden_dropout_prob=DROPOUT,
+      attention_probs_dropout_prob=DROPOUT, type_vocab_size=1, layer_norm_eps=1e-5)
+  model = transformers.RobertaForMaskedLM(cfg).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  ids, pos, targets = (torch.from_numpy(a).long() for a in mlm_batch(shape))
+  labels = torch.full_like(ids, -100).scatter_(1, pos, targets)
+  autocast = dtype == "bfloat16"
+
+  def step():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      if masked_head:
+        hidden = model.roberta(input_ids=ids).last_hidden_state
+        picked = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = model.lm_head(picked)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+      else:
+        loss = model(input_ids=ids, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+  return step
+
+
+def _worker_hf(shape, steps, dtype):
+  return _hf(shape, False, dtype, steps)
+
+
+def _worker_hf_masked(shape, steps, dtype):
+  return _hf(shape, True, dtype, steps)
+
+
+def worker(name: str, shape_name: str, steps: int, dtype: str) -> None:
+  shape = SHAPES[shape_name]
+  t0 = time.perf_counter()
+  if name == "ceiling":
+    out = _worker_ceiling(shape, steps, dtype)
+  else:
+    out = dict(seconds=_time(globals()[f"_worker_{name}"](shape, steps, dtype), steps))
+  out.update(impl=name, shape=shape_name, dtype=dtype, wall=time.perf_counter() - t0,
+             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------ driver
+def spawn(name, shape, steps, dtype, timeout):
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--shape", shape,
+         "--steps", str(steps), "--dtype", dtype]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one device, as a user's single-machine run
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                        cwd=REPO)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[7:])
+  raise RuntimeError(f"{name} {shape} {dtype} failed (exit {proc.returncode}):\n"
+                     f"{proc.stderr[-3000:]}")
+
+
+def _fmt_range(xs):
+  return f"{min(xs):.3f}" if len(xs) == 1 else f"{min(xs):.3f}-{max(xs):.3f}"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--worker", default="")
+  p.add_argument("--shape", default="S1")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--shapes", default="S1,S2")
+  p.add_argument("--impls", default=",".join(IMPLS))
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--bf16", action="store_true", help="add ours-bf16 and hf_masked-autocast rows")
+  p.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps, 1 round")
+  p.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
+  p.add_argument("--json", default="", help="also write every result to this file")
+  a = p.parse_args(argv)
+  if a.worker:
+    worker(a.worker, a.shape, a.steps, a.dtype)
+    return 0
+  if a.smoke:
+    a.shapes, a.steps, a.rounds = "T1", 2, 1
+  shapes = a.shapes.split(",")
+  impls = a.impls.split(",")
+  unknown = [s for s in shapes if s not in SHAPES] + [i for i in impls if i not in IMPLS]
+  if unknown:
+    p.error(f"unknown shape/implementation {unknown}; shapes {list(SHAPES)}, impls {IMPLS}")
+  load = os.getloadavg()[0]
+  print(f"load average at start: {load:.2f} on {os.cpu_count()} cores", flush=True)
+  results = []
+  ceiling_shape = "T1" if a.smoke else "S1"
+  ceilings = [spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout)]
+  runs = [(i, s, "float32") for s in shapes for i in impls]
+  if a.bf16:
+    runs += [(i, s, "bfloat16") for s in shapes for i in BF16_IMPLS if i in impls]
+  for r in range(a.rounds):
+    for name, shape, dtype in (runs if r % 2 == 0 else runs[::-1]):
+      res = spawn(name, shape, a.steps, dtype, a.timeout)
+      res["round"] = r
+      results.append(res)
+      print(f"  round {r} {shape} {name:<10} {dtype:<8} {res['seconds']:.3f} s/step", flush=True)
+  ceilings.append(spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout))
+  ceiling = statistics.mean(c["gflops"] for c in ceilings)
+  print_table(results, ceilings, ceiling, shapes, impls, a.bf16)
+  print(f"load average at end: {os.getloadavg()[0]:.2f}")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(dict(results=results, ceilings=ceilings), f, indent=2)
+  return 0
+
+
+def print_table(results, ceilings, ceiling, shapes, impls, bf16):
+  cs = ", ".join(f"{c['gflops']:.0f}" for c in ceilings)
+  print(f"\nJAX f32 matmul ceiling: {cs} GFLOP/s (start, end)")
+  print("step time: median of each process, range over rounds; ratio = ours / peer per round "
+        "(range); GFLOP/s and fraction of the ceiling from the analytic FLOPs")
+  head = "| shape | dtype | impl | s/step | ours / impl | GFLOP/s | of ceiling | peak RSS MiB |"
+  print(head)
+  print("|" + "---|" * 8)
+  for shape in shapes:
+    flops = train_flops(SHAPES[shape])
+    for dtype in (("float32", "bfloat16") if bf16 else ("float32",)):
+      for name in impls:
+        rows = [x for x in results if x["impl"] == name and x["shape"] == shape
+                and x["dtype"] == dtype]
+        if not rows:
+          continue
+        ours = {x["round"]: x["seconds"] for x in results if x["impl"] == "ours"
+                and x["shape"] == shape and x["dtype"] == dtype}
+        ratios = [ours[x["round"]] / x["seconds"] for x in rows if x["round"] in ours]
+        secs = [x["seconds"] for x in rows]
+        med = statistics.median(secs)
+        gflops = flops / med / 1e9
+        print(f"| {shape} | {dtype} | {name} | {_fmt_range(secs)} | "
+              f"{_fmt_range(ratios) if ratios else '-'} | {gflops:.0f} | "
+              f"{gflops / ceiling:.2f} | {max(x['peak_rss_mib'] for x in rows):.0f} |")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

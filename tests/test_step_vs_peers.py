@@ -1,0 +1,63 @@
+"""The peer benchmark's plumbing (never its speed): the analytic FLOPs on a hand-computed case,
+the MLM batch, the table's ratios, the matmul-ceiling worker; the whole ``--smoke`` run (one
+process per implementation) under ``-m slow``."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATH = os.path.join(REPO, "benchmarks", "step_vs_peers.py")
+
+
+def _bench():
+  spec = importlib.util.spec_from_file_location("step_vs_peers", PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_flops_batch_and_table(capsys):
+  bench = _bench()
+  shape = dict(layers=2, hidden=4, heads=2, mlp=8, vocab=10, batch=3, length=20)
+  p = 3  # round(0.15 * 20)
+  assert bench.predictions(shape) == p
+  # per layer: B L 2 (4 H^2 + 2 H M) + B 2 2 L^2 H; head: B P 2 (H^2 + H V); x3 for training
+  layer = 3 * 20 * 2 * (4 * 16 + 2 * 32) + 3 * 4 * 400 * 4
+  head = 3 * p * 2 * (16 + 40)
+  assert bench.train_flops(shape) == 3 * (2 * layer + head)
+
+  ids, pos, targets = bench.mlm_batch(shape)
+  assert ids.shape == (3, 20) and pos.shape == targets.shape == (3, p)
+  assert np.all(np.take_along_axis(ids, pos, 1) == 9)  # the mask id: vocab - 1
+  assert np.all(np.diff(pos, axis=1) > 0) and targets.max() < 9
+
+  results = [dict(impl=i, shape="T1", dtype="float32", round=r, seconds=s, peak_rss_mib=100)
+             for r, (a, b) in enumerate(((1.0, 2.0), (1.5, 2.0))) for i, s in (("ours", a),
+                                                                               ("flax", b))]
+  ceilings = [dict(gflops=10.0), dict(gflops=30.0)]
+  bench.print_table(results, ceilings, 20.0, ["T1"], ["ours", "flax"], False)
+  out = capsys.readouterr().out
+  assert "10, 30 GFLOP/s" in out
+  flax_row = next(line for line in out.splitlines() if "| flax |" in line)
+  assert "| 0.500-0.750 |" in flax_row  # ours / flax in rounds 0 and 1
+  gflops = bench.train_flops(bench.SHAPES["T1"]) / 2.0 / 1e9
+  assert f"| {gflops:.0f} | {gflops / 20:.2f} |" in flax_row
+
+
+def test_ceiling_worker():
+  bench = _bench()
+  out = bench._worker_ceiling(bench.SHAPES["T1"], 1, "float32")
+  assert out["gflops"] > 0 and out["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_smoke_run_spawns_every_implementation():
+  proc = subprocess.run([sys.executable, PATH, "--smoke"], capture_output=True, text=True,
+                        timeout=900, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for impl in ("ours", "flax", "hf", "hf_masked"):
+    assert f"| T1 | float32 | {impl} |" in proc.stdout, proc.stdout
