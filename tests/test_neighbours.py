@@ -206,3 +206,8 @@ def test_settings_and_command_errors(data, tmp_path):
     neighbours.build(c, str(tmp_path / "x.jsonl"))
   rc = prepare.main(["unimo-jax prepare", "neighbours", "--config", str(tmp_path / "no.py")])
   assert rc == 2
+
+
+def test_missing_neighbours_file_is_one_line_naming_it(tmp_path):
+  with pytest.raises(ValueError, match=r"neighbours file .*none.jsonl.*prepare neighbours"):
+    load_neighbours(str(tmp_path / "none.jsonl"))

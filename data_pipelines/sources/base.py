@@ -258,7 +258,10 @@ def load_neighbours(path: str) -> dict:
   a key are skipped (the file is advisory: a missing neighbour is masked, never an error).
   """
   out = {}
-  with open(path, "rb") as f:
+  if not os.path.exists(os.path.expanduser(path)):
+    raise ValueError(f"neighbours file {path} (a pair source's 'neighbours') does not exist; "
+                     "build it with: unimo-jax prepare neighbours --config CONFIG")
+  with open(os.path.expanduser(path), "rb") as f:
     for line in f:
       line = line.strip()
       if not line:
