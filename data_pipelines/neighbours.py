@@ -33,6 +33,9 @@ may get fewer than k. Exclusions: an image whose bytes (or region features) equa
 equal to one of the pair's captions, are never neighbours; of several identical collection items
 only the first can be picked. When every source is synthetic_scenes, relatedness has a ground
 truth (`synthetic_scenes.related`: shared objects) and precision@k of each side is reported.
+
+Periodic refresh: `train_with_refresh(config, workdir, N)` trains N steps at a time and rebuilds
+the file in place with the newest checkpoint's towers between rounds.
 """
 import hashlib
 import json
@@ -426,3 +429,35 @@ def _summary(report):
   if "embedding" in report:
     e = report["embedding"]
     yield f"  embedding (checkpoint step {e['step']}): {e['items']} items, {e['items_per_s']} items/s"
+
+
+def train_with_refresh(config, workdir: str, every: int, *, images: str = "embedding",
+                       texts: str = "embedding", log=print):
+  """Trains ``config`` in rounds of ``every`` steps, re-mining the neighbours between rounds.
+
+  The pair source's ``neighbours`` file is built first with the config's own scorers if absent;
+  after each round it is rebuilt IN PLACE from the round's last checkpoint with the ``images``
+  / ``texts`` scorers (default: the model's own towers, i.e. the periodic refresh), and the next
+  round resumes from that checkpoint reading the new file (the same path, so the data state's
+  fingerprint is unchanged and the data position continues exactly). What a round trained on
+  is therefore the file as mined at its start; a round interrupted and resumed by hand reads the
+  current file. Returns the last round's ``TrainResult``.
+  """
+  from unimo_jax.train import main as main_lib  # pylint: disable=import-outside-toplevel
+  if int(every) < 1:
+    raise ValueError(f"every must be >= 1, got {every}")
+  specs = list(config.data.streams.pair.sources)
+  out = dict(specs[0]).get("neighbours") if specs else None
+  if not out:
+    raise ValueError("the config's pair source has no 'neighbours' file to refresh")
+  if not os.path.exists(out):
+    build(config, out, log=log)
+  mined = config.copy_and_resolve_references() if hasattr(
+      config, "copy_and_resolve_references") else json.loads(json.dumps(config))
+  mined.neighbours = dict(settings(config), images=images, texts=texts)
+  while True:
+    result = main_lib.train_from_config(config, workdir, max_steps=int(every))
+    if result.stopped_by != "max_steps" or result.checkpoint_step is None:
+      return result
+    log(f"refreshing the neighbours with the checkpoint of step {result.checkpoint_step}")
+    build(mined, out, workdir=workdir, step=int(result.checkpoint_step), log=log)

@@ -90,3 +90,28 @@ def test_training_resume_is_exact_with_neighbours_on(data, tmp_path):
   pb, _ = ckpt_lib.restore_params(split, 4)
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_with_refresh_remines_with_each_checkpoint(data, tmp_path):
+  c = _config(data)
+  c.train.checkpoint_every = 2
+  path = dict(c.data.streams.pair.sources[0])["neighbours"]
+  with open(path) as f:
+    before = f.read()
+  workdir = str(tmp_path / "run")
+  try:
+    r = neighbours.train_with_refresh(c, workdir, every=2, log=lambda line: None)
+    assert (r.last_step, r.stopped_by) == (4, "done")
+    with open(path) as f:
+      after = [json.loads(line) for line in f]
+    # The file is the embedding scorer's ranking at the round's checkpoint (step 2).
+    mined = _config(data)
+    mined.neighbours.images = mined.neighbours.texts = "embedding"
+    again = str(tmp_path / "again.jsonl")
+    neighbours.build(mined, again, workdir=workdir, step=2, log=lambda line: None)
+    with open(again) as f:
+      assert after == [json.loads(line) for line in f]
+    assert [json.loads(line) for line in before.splitlines()] != after
+  finally:
+    with open(path, "w") as f:  # the module's other tests read the objects / tfidf file
+      f.write(before)

@@ -19,14 +19,13 @@ earlier row), ``exclude[i]`` lists collection rows removed for query i alone (it
 caption, a duplicate of the query); ``-1`` pads that list. A query with fewer than k eligible
 rows gets index -1 and score -inf in the missing slots.
 
-Periodic refresh (re-mining with the current checkpoint every N steps) is not run inside
-training: mining is a separate pass (``unimo-jax prepare neighbours --workdir W --step S``) that
-writes a new side file, and a run picks it up when it is restarted with that file in its config
-(the pipeline loads a neighbours file once, when it is built). A refresh loop is therefore:
-train N steps, mine with the newest checkpoint, resume with the new file; the data position and
-the seeds stay exact across the restart, only the neighbours change. Doing it in-process would
-need the pipeline to swap its neighbours table at a step boundary and record which table each
-step used in the data state, so that a resume reproduces the batches.
+Periodic refresh (re-mining with the current checkpoint every N steps) runs between training
+rounds, not inside a step: ``data_pipelines.neighbours.train_with_refresh(config, workdir, N)``
+trains N steps, rebuilds the pair source's neighbours file in place with the newest checkpoint's
+towers (this module's ``top_k`` over ``embed_all`` embeddings), and resumes; the pipeline loads
+the file once per round, and the data position and seeds continue exactly across rounds. Swapping
+the table inside a running pipeline would also need the data state to record which table each
+step used, so that a resume reproduces the batches: not done.
 """
 from __future__ import annotations
 
