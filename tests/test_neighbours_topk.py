@@ -77,6 +77,12 @@ def test_float_case_callable_collection_and_stats():
   np.testing.assert_allclose(vals, ref_vals, rtol=1e-5, atol=1e-5)
   assert stats["block"] == 64 and stats["scores_per_device"] == 7 * 8
   assert stats["items_per_s"] > 0
+  # The per-device buffer is set by the block, not the collection: 10x the rows, same bound.
+  big = rng.normal(size=(2030, 16)).astype(np.float32)
+  more = {}
+  _, idx = neighbours.top_k(q, big, 3, block_size=64, query_block=7, stats=more)
+  assert more["scores_per_device"] == stats["scores_per_device"]
+  np.testing.assert_array_equal(idx, _reference(q, big, 3)[1])
 
 
 def test_single_device_mesh_gives_the_same_result():
