@@ -180,6 +180,9 @@ def tfidf_matrices(query_texts, collection_texts, max_features: int):
   return mat[:n], mat[n:]
 
 
+_DECODE_CHUNK = 4096  # images decoded per embedding pass
+
+
 class Embedder:
   """A checkpoint's CMCL towers: projected h[IMG] of images, projected h[CLS] of texts."""
 
@@ -221,6 +224,13 @@ class Embedder:
     return nb.default_mesh(self.mesh.devices.reshape(-1))
 
   def images(self, recs, batch_size: int) -> np.ndarray:
+    """[n, d] embeddings of the records' images, decoded ``_DECODE_CHUNK`` at a time (the
+    pixels of a whole collection would not fit)."""
+    out = [self._images(recs[a:a + _DECODE_CHUNK], batch_size)
+           for a in range(0, len(recs), _DECODE_CHUNK)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+  def _images(self, recs, batch_size: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     if self.cfg["visual_input"] == "patches":
       from data_pipelines import eval_data  # pylint: disable=import-outside-toplevel
