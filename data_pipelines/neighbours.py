@@ -29,10 +29,11 @@ pipeline finds them. Config section ``neighbours`` (every key optional):
   limit         read at most this many records per source (0: all; for quick checks)
 
 Objects and TF-IDF neighbours need a score above 0 (a zero shares no object or word), so a pair
-may get fewer than k. Exclusions: an image whose bytes (or region features) equal the pair's own image, and a text
-equal to one of the pair's captions, are never neighbours; of several identical collection items
-only the first can be picked. When every source is synthetic_scenes, relatedness has a ground
-truth (`synthetic_scenes.related`: shared objects) and precision@k of each side is reported.
+may get fewer than k. Exclusions: an image whose bytes (or region features) equal the pair's own
+image, and a text equal to one of the pair's captions, are never neighbours; of several identical
+collection items only the first can be picked. When every source is synthetic_scenes, relatedness
+has a ground truth (`synthetic_scenes.related`: shared objects) and precision@k of each side is
+reported.
 
 Periodic refresh: `train_with_refresh(config, workdir, N)` trains N steps at a time and rebuilds
 the file in place with the newest checkpoint's towers between rounds.
@@ -239,7 +240,8 @@ class Embedder:
         row = self.rows.build(rec, rng)
         blobs.append(row["_image"][0])
         ratios.append(int(row["_image_ratio"][0]))
-      arrays = {"pixels": eval_data._decode_pixels(blobs, ratios, self.cfg)}  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      arrays = {"pixels": eval_data._decode_pixels(blobs, ratios, self.cfg)}
     else:
       keys = ("region_features", "region_boxes", "region_valid")
       rows = [self.rows.build(rec, rng) for rec in recs]
@@ -438,7 +440,8 @@ def _summary(report):
                f"({gt['neighbours']} neighbours; a random pick: {gt.get('base_rate', 0):.3f})")
   if "embedding" in report:
     e = report["embedding"]
-    yield f"  embedding (checkpoint step {e['step']}): {e['items']} items, {e['items_per_s']} items/s"
+    yield (f"  embedding (checkpoint step {e['step']}): {e['items']} items, "
+           f"{e['items_per_s']} items/s")
 
 
 def train_with_refresh(config, workdir: str, every: int, *, images: str = "embedding",
