@@ -1,5 +1,6 @@
 """``unimo-jax model-info``: parameter counts per component and forward passes."""
-from unimo_jax import cli, model_info
+from unimo_jax import cli
+from unimo_jax.model_info import main as model_info
 
 
 def test_model_info_tiny_runs_and_base_traces(capsys):

@@ -16,7 +16,7 @@ COMMANDS = {
     "convert": ("unimo_jax.convert.cli", "import weights: convert roberta --hf-dir D --out O"),
     "finetune": ("unimo_jax.finetune.main", "fine-tune on a task: finetune --config experiments/configs/finetune/T.py --workdir DIR"),
     "evaluate": ("unimo_jax.evaluation.main", "evaluate a run's checkpoint: retrieval, hard negatives, captioning, language; report"),
-    "model-info": ("unimo_jax.model_info", "parameter counts and a timed forward pass: model-info [--preset tiny|base|large]"),
+    "model-info": ("unimo_jax.model_info.main", "parameter counts and a timed forward pass: model-info [--preset tiny|base|large]"),
     "prepare": ("data_pipelines.prepare", "build a dataset (synthetic_scenes), its tokenizer and side files"),
     "tokenizer": ("data_pipelines.tokenizer_cli", "train a SentencePiece tokenizer: tokenizer train --input F --vocab-size N --out P"),
     "train": ("unimo_jax.train.main", "pre-train: train --config experiments/configs/demo.py --workdir DIR"),

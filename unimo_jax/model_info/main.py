@@ -22,84 +22,21 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from unimo_jax.model import ModelConfig, Unimo, init_params, init_variables
-
-# component -> top-level parameter collections
-_COMPONENTS = (
-    ("text embedding", ("text_embed",)),
-    ("visual embedding", ("patch_embed", "region_embed")),
-    ("encoder", ("encoder",)),
-    ("LM head (tied)", ("lm_head",)),
-    ("region heads", ("region_head",)),
-    ("CMCL projections", ("text_projection", "image_projection")),
-)
+from data_pipelines import schema
+from unimo_jax import model_info as info
+from unimo_jax.model import ModelConfig, init_params, init_variables
 
 
-def count_params(params) -> dict[str, int]:
-  """{component: number of parameters} for a (possibly abstract) parameter tree."""
-  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-  out = {name: sum(size(params[k]) for k in keys if k in params) for name, keys in _COMPONENTS}
-  out["total"] = size(params)
-  out["text path (RoBERTa-comparable)"] = size({k: params[k] for k in
-                                                ("text_embed", "encoder", "lm_head")})
-  return out
-
-
-def random_batch(config: ModelConfig, batch: int, length: int, regions: int, seed: int = 0):
-  """Random ids [B, L] (with padding) and visual inputs of the config's kind."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(4, config.vocab_size - 1, (batch, length)).astype(np.int32)
-  ids[:, 0] = config.cls_id
-  for b, n in enumerate(rng.integers(max(2, length // 2), length + 1, batch)):
-    ids[b, n - 1] = config.sep_id
-    ids[b, n:] = config.pad_id
-  if config.visual_input == "regions":
-    visual = dict(
-        region_features=rng.normal(size=(batch, regions, config.region_feature_dim)).astype(
-            np.float32),
-        region_boxes=rng.uniform(size=(batch, regions, 5)).astype(np.float32),
-        region_valid=np.ones((batch, regions), bool))
-  else:
-    s = config.image_size
-    visual = dict(pixels=rng.uniform(size=(batch, s, s, config.num_channels)).astype(np.float32))
-  return ids, visual
-
-
-def _forwards(config: ModelConfig):
-  model = Unimo(config)
-
-  def text(params, ids):
-    return model.apply(params, ids, method=Unimo.encode_text)
-
-  def image(params, visual):
-    return model.apply(params, visual, method=Unimo.encode_image)
-
-  def pair(params, visual, ids):
-    out = model.apply(params, visual, ids, method=Unimo.encode_pair)
-    positions = jnp.zeros((ids.shape[0], max(1, ids.shape[1] // 7)), jnp.int32)
-    out["lm_logits@P"] = model.apply(params, out["text_hidden"], positions,
-                                     method=Unimo.lm_logits)
-    out["cmcl_text"] = model.apply(params, out["cls"], method=Unimo.cmcl_text)
-    out["cmcl_image"] = model.apply(params, out["img"], method=Unimo.cmcl_image)
-    return out
-
-  return text, image, pair
-
-
-def compile_train_step(preset: str, layers: int, batch=(64, 32, 64), remat: bool = True,
-                       remat_policy: str = "nothing_saveable") -> dict:
-  """Lowers and compiles the paper config's full train step at ``layers`` layers.
-
-  Returns dict(layers, compile_seconds, temp/argument/output GiB per device, devices)."""
+def paper_config(preset: str, layers: int, batch=(64, 32, 64), remat: bool = True,
+                 remat_policy: str = "nothing_saveable"):
+  """The paper's run config (``experiments/configs/base.py``) at ``layers`` layers, FSDP over
+  every device, global ``batch`` text,image,pair rows; with its per-process batch spec."""
   try:
     from experiments.configs import base as paper  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise SystemExit("model-info --compile: needs the repository's experiments/configs/base.py "
                      "on the path (run from the repository root)") from e
-  from data_pipelines import schema  # pylint: disable=import-outside-toplevel
-  from unimo_jax.train import setup as setup_lib  # pylint: disable=import-outside-toplevel
   c = paper.get_config(size=preset)
   c.model.num_layers = layers
   c.model.remat = remat
@@ -108,16 +45,7 @@ def compile_train_step(preset: str, layers: int, batch=(64, 32, 64), remat: bool
   for stream, rows in zip(("text", "image", "pair"), batch):
     c.data.streams[stream].batch_size = int(rows)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-  spec = schema.batch_spec(c.data.to_dict())
-  run = setup_lib.build_run(c, spec, vocab_size=50265, process_count=1)
-  t0 = time.time()
-  compiled = run.compile()
-  seconds = time.time() - t0
-  mem = compiled.memory_analysis()
-  gib = lambda b: b / 2**30
-  return dict(layers=layers, compile_seconds=seconds, devices=jax.device_count(),
-              temp_gib=gib(mem.temp_size_in_bytes), argument_gib=gib(mem.argument_size_in_bytes),
-              output_gib=gib(mem.output_size_in_bytes))
+  return c, schema.batch_spec(c.data.to_dict())
 
 
 def _print_compile_table(preset: str, depths, batch, remat: bool, policy: str) -> None:
@@ -127,13 +55,9 @@ def _print_compile_table(preset: str, depths, batch, remat: bool, policy: str) -
   print("| layers | compile s | temp GiB / device | arguments GiB / device |")
   print("|---|---|---|---|")
   for n in depths:
-    r = compile_train_step(preset, n, batch, remat, policy)
+    r = info.compile_train_step(*paper_config(preset, n, batch, remat, policy))
     print(f"| {n} | {r['compile_seconds']:.0f} | {r['temp_gib']:.2f} | {r['argument_gib']:.2f} |",
           flush=True)
-
-
-def _shapes(tree) -> str:
-  return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tree.items()))
 
 
 def main(argv) -> int:
@@ -184,11 +108,11 @@ def main(argv) -> int:
   else:
     variables = nn.unbox(jax.eval_shape(lambda: init_variables(config, rng)))
   print(f"\nparameters ({'initialised' if tiny else 'eval_shape'} in {time.time() - start:.2f}s)")
-  for name, n in count_params(variables["params"]).items():
+  for name, n in info.count_params(variables["params"]).items():
     print(f"  {name:<32} {n:>14,}")
 
-  ids, visual = random_batch(config, args.batch_size, length, regions)
-  text, image, pair = _forwards(config)
+  ids, visual = info.random_batch(config, args.batch_size, length, regions)
+  text, image, pair = info.forwards(config)
   nv = 1 + (regions if config.visual_input == "regions" else config.num_patches)
   print(f"\nforward passes: batch {args.batch_size}, text length {length}, visual tokens {nv} "
         f"({'run' if tiny else 'eval_shape only'})")
@@ -207,5 +131,5 @@ def main(argv) -> int:
     else:
       out = jax.eval_shape(fn, variables, *inputs)
       timing = "shapes only"
-    print(f"  {name:<6} {timing}\n         {_shapes(out)}")
+    print(f"  {name:<6} {timing}\n         {info.shapes(out)}")
   return 0
