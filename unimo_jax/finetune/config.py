@@ -14,7 +14,8 @@ Task files (``experiments/configs/finetune/*.py``) start from ``default_config()
   data          the task reader (``data_pipelines.finetune``: every field documented there)
   evaluation    what ``unimo-jax evaluate`` computes on a fine-tuned run: splits, beam search
                 (beam_size, max_length, alpha, min_length, block_trigrams), retrieval re-ranking
-                (rerank_k: the dual-encoder's top K re-scored by the cross-encoder)
+                (rerank_k: the dual-encoder's top K re-scored by the cross-encoder;
+                dual_encoder: that dual encoder is init_from's ("init") or the run's)
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.min_length = 1
   e.block_trigrams = False
   e.rerank_k = 10
+  e.dual_encoder = "init"           # retrieval top-K from: 'init' (init_from's) | 'finetuned'
   return c
 
 
@@ -172,6 +174,8 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
     _fail("train.init_from is pre-training's; fine-tuning starts from config.init_from")
   if t["progress_bar"] not in ("auto", "on", "off"):
     _fail("train.progress_bar must be auto|on|off")
+  if cfg["evaluation"].get("dual_encoder", "init") not in ("init", "finetuned"):
+    _fail("evaluation.dual_encoder must be 'init' or 'finetuned'")
   if int(cfg["init_step"]) < 0:
     _fail("init_step must be >= 0 (0 = the latest checkpoint)")
   try:

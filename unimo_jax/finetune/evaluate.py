@@ -6,9 +6,12 @@
   regression      pearson, spearman, mse
   entailment      accuracy
   vqa             vqa_accuracy (argmax answer against the gold answers), vqa_score (soft)
-  retrieval       dual-encoder (zero-shot CMCL embeddings) R@1/5/10 both ways, and the same
-                  after its top ``rerank_k`` candidates of every query are re-scored by the
-                  cross-encoder: (images + texts) * K cross pairs instead of images * texts
+  retrieval       dual-encoder (CMCL embeddings) R@1/5/10 both ways, and the same after its
+                  top ``rerank_k`` candidates of every query are re-scored by the
+                  cross-encoder: (images + texts) * K cross pairs instead of images * texts.
+                  The dual encoder is the run's starting checkpoint (``init_from``, zero-shot)
+                  by default (``evaluation.dual_encoder``): cross-encoder fine-tuning leaves
+                  the CMCL projections untrained while it moves the encoder under them
   captioning      bleu1..4, cider of beam-searched captions against every reference
   seq2seq         rouge1/2/L, bleu4 of beam-searched targets (bos [CLS], eos [MASK], target
                   positions from 0, min length, length penalty, trigram blocking)
@@ -60,7 +63,11 @@ def _head_outputs(task: Task, params, batches, mesh) -> dict:
 
 
 def evaluate_split(task: Task, params, batches, meta: Mapping[str, Any], mesh,
-                   settings: GenerationSettings = GenerationSettings(), tokenizer=None) -> dict:
+                   settings: GenerationSettings = GenerationSettings(), tokenizer=None,
+                   dual_params=None) -> dict:
+  """Metrics of ``task`` on one split (see the module docstring). ``dual_params``: retrieval's
+  dual encoder (``{"model": ...}``, e.g. the pre-trained checkpoint the run started from);
+  default the evaluated params' own."""
   kind = task.spec.kind
   with jax.set_mesh(mesh):
     if kind in ("classification", "regression", "entailment", "vqa"):
@@ -85,7 +92,7 @@ def evaluate_split(task: Task, params, batches, meta: Mapping[str, Any], mesh,
         res.update(f1=m.f1(pred, label, n), matthews=m.matthews(pred, label, n))
       return res
     if kind == "retrieval":
-      return _retrieval(task, params, meta, mesh, settings)
+      return _retrieval(task, params, meta, mesh, settings, dual_params)
     if kind == "captioning":
       return _captioning(task, params, meta, mesh, settings, tokenizer)
     return _seq2seq(task, params, batches, meta, mesh, settings, tokenizer)
@@ -117,8 +124,9 @@ def _chunks(arrays: Mapping[str, np.ndarray], size: int):
     yield runner.pad_rows(batch, size)
 
 
-def _retrieval(task: Task, params, meta, mesh, settings) -> dict:
-  """Dual-encoder R@K (zero-shot embeddings) and the cross-encoder re-ranking of its top K."""
+def _retrieval(task: Task, params, meta, mesh, settings, dual_params=None) -> dict:
+  """Dual-encoder R@K (CMCL embeddings of ``dual_params``, default ``params``) and the
+  cross-encoder (``params``) re-ranking of its top K."""
   scenes = meta["scenes"]
   table, valid = meta["caption_table"]
   img_of, cap_of = np.nonzero(valid)
@@ -134,8 +142,9 @@ def _retrieval(task: Task, params, meta, mesh, settings) -> dict:
   def embed_texts(p, b):
     h = model.apply({"params": p["model"]}, b["ids"], method=Unimo.encode_text)["cls"]
     return {"e": model.apply({"params": p["model"]}, h, method=Unimo.cmcl_text)}
-  img_e = _map(embed_images, mp, _chunks(scenes.visual, size), mesh)["e"]
-  txt_e = _map(embed_texts, mp, _chunks({"ids": texts}, size), mesh)["e"]
+  dp = mp if dual_params is None else dual_params
+  img_e = _map(embed_images, dp, _chunks(scenes.visual, size), mesh)["e"]
+  txt_e = _map(embed_texts, dp, _chunks({"ids": texts}, size), mesh)["e"]
   dual = img_e @ txt_e.T                                  # [images, texts]
   hits = img_of[None, :] == np.arange(len(img_e))[:, None]
   cross_jit = jax.jit(lambda p, b: {"s": task.outputs(p, b)})

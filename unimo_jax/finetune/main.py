@@ -120,6 +120,13 @@ def evaluate_workdir(workdir: str, steps=("latest",), splits=None, config=None,
   settings = eval_lib.GenerationSettings.from_config(config.evaluation)
   splits = list(splits or config.evaluation.get("splits") or ["validation"])
   loaded = {s: load_split(config, s, tokenizer, mesh) for s in splits}
+  dual = None
+  if (task.spec.kind == "retrieval" and config.get("init_from")
+      and config.evaluation.get("dual_encoder", "init") == "init"):
+    from unimo_jax.finetune import init as init_lib  # pylint: disable=import-outside-toplevel
+    model, _, _ = init_lib.load_source(config.init_from, int(config.get("init_step", 0)),
+                                       model_cfg)
+    dual = eval_lib.put_params({"model": model}, mesh)
   results = report_lib.load_results(workdir)
   is_main = jax.process_index() == 0
   for step in steps:
@@ -127,7 +134,9 @@ def evaluate_workdir(workdir: str, steps=("latest",), splits=None, config=None,
     params, got = ckpt_lib.restore_params(workdir, want, parallel.replicated(mesh))
     for split, (batches, meta) in loaded.items():
       t0 = time.time()
-      res = eval_lib.evaluate_split(task, params, batches, meta, mesh, settings, tokenizer)
+      res = eval_lib.evaluate_split(task, params, batches, meta, mesh, settings, tokenizer,
+                                    dual_params=dual)
+      res["dual_encoder"] = "init_from" if dual is not None else "fine-tuned"
       res["eval_seconds"] = time.time() - t0
       if is_main:
         results = report_lib.add_result(
