@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 
 # ------------------------------------------------------------------------------ exit codes
 OK = 0           # done (train: also stopped cleanly by a signal after saving a checkpoint)
-ERROR = 1        # unexpected error: Python prints a traceback (a bug or a broken environment)
+ERROR = 1        # unexpected error (a traceback: a bug or a broken environment), or a checkpoint
+                 # that could not be saved or restored (one line naming the path)
 USAGE = 2        # usage or bad input: one line on stderr naming the flag, file or config field
 NONFINITE = 3    # train/finetune: stopped by the non-finite guard; the last good checkpoint stays
 TRIALS_FAILED = 4  # sweep: some trials failed (the others ran; ``sweep --summary`` marks them)
@@ -27,7 +28,7 @@ INTERRUPTED = 130  # Ctrl-C outside a training loop (the shell's 128 + SIGINT)
 
 EXIT_CODES = (
     (OK, "ok"),
-    (ERROR, "unexpected error, with a Python traceback"),
+    (ERROR, "unexpected error (a traceback), or a checkpoint not saved or restored (one line)"),
     (USAGE, "usage or bad input: one line on stderr naming the flag, file or config field"),
     (NONFINITE, "train, finetune: stopped by the non-finite guard (train.max_nonfinite_steps); "
                 "the last good checkpoint is kept"),

@@ -225,6 +225,7 @@ def main(argv: list[str]) -> int:
 
   import jax  # pylint: disable=import-outside-toplevel
   from unimo_jax.finetune import config as config_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from unimo_jax.train import trainer  # pylint: disable=import-outside-toplevel
   try:
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
@@ -238,6 +239,8 @@ def main(argv: list[str]) -> int:
     result = finetune_from_config(config, fv.workdir)
   except trainer.NonFiniteError as e:
     return commands.fail(argv[0], e, commands.NONFINITE)
+  except ckpt_lib.CheckpointError as e:  # a failed save (disk), or no checkpoint restores
+    return commands.fail(argv[0], e, commands.ERROR)
   except (ValueError, FileNotFoundError) as e:  # data files, tokenizer, init_from mismatches
     return commands.fail(argv[0], e)
   if jax.process_index() == 0:
