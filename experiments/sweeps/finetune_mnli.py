@@ -11,24 +11,11 @@ The config's base size and recipe (experiments/configs/finetune/glue.py); append
 the batch size (10 epochs), so each trial sets train.total_steps and its 6% warmup too.
 """
 from experiments.configs.finetune import glue
-from unimo_jax.train import sweep
 
 CONFIG = "experiments/configs/finetune/mnli.py:base"
 COMMAND = "finetune"
 METRIC = "validation/accuracy"  # after `unimo-jax evaluate` of each trial (--evaluate)
 
-SEEDS = (1, 2, 3, 4, 5)
-
-
-def _steps(batch: int) -> int:
-  examples = glue.TASKS["mnli"][3]
-  return max(1, int(10 * examples / batch))
-
 
 def get_sweep():
-  batches = [16, 32]
-  return sweep.product(
-      {"data.batch_size": batches, "train.total_steps": [_steps(b) for b in batches],
-       "optimizer.warmup_steps": [int(0.06 * _steps(b)) for b in batches]},
-      {"optimizer.learning_rate": [1e-5, 2e-5, 3e-5]},
-      {"seed": list(SEEDS), "data.seed": list(SEEDS)})
+  return glue.official_grid("mnli")

@@ -52,3 +52,16 @@ def glue_config(name: str, arg=None):
   if args["smoke"]:
     common.smoke(c)
   return c
+
+
+def official_grid(name: str, seeds=(1, 2, 3, 4, 5)):
+  """UNIMO's official grid for task ``name``: batch {16, 32} x lr {1e-5, 2e-5, 3e-5} x seeds,
+  10 epochs (the step count and its 6% warmup follow the batch size)."""
+  from unimo_jax.train import sweep  # pylint: disable=import-outside-toplevel
+  batches = [16, 32]
+  steps = [max(1, int(10 * TASKS[name][3] / b)) for b in batches]
+  return sweep.product(
+      {"data.batch_size": batches, "train.total_steps": steps,
+       "optimizer.warmup_steps": [int(0.06 * n) for n in steps]},
+      {"optimizer.learning_rate": [1e-5, 2e-5, 3e-5]},
+      {"seed": list(seeds), "data.seed": list(seeds)})
