@@ -194,34 +194,13 @@ def finetune_from_config(config, workdir: str, *, tokenizer=None, **train_kw):
 
 
 def main(argv: list[str]) -> int:
-  fv = train_main._flags(argv)  # pylint: disable=protected-access  (the same flags as train)
+  fv = train_main.command_flags(argv)  # the same flags as train
   rc = commands.parse_absl(fv, argv, help_text(fv, argv[0]))
   if rc is not None:
     return rc
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  try:
-    config = fv.config
-    if config is not None:
-      config.keys()
-  except Exception as e:  # pylint: disable=broad-except  (a missing or broken config file)
-    last = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
-    return commands.fail(argv[0], f"--config {config_flags.get_config_filename(fv['config'])}: "
-                                  f"{last[-1]}")
-  if config is None or not fv.workdir:
-    return commands.fail(argv[0], "--config and --workdir are required (see --help)")
-  train_main.setup_logging(fv.log_level)
-
-  from unimo_jax import launch  # pylint: disable=import-outside-toplevel
-  try:  # multi-host start-up exactly as `train` (unimo_jax.launch)
-    plan = launch.detect(coordinator_address=fv.coordinator_address,
-                         num_processes=fv.num_processes, process_id=fv.process_id,
-                         local_device_ids=fv.local_device_ids)
-    if fv.print_env:  # what this process WOULD do; nothing is started
-      print(launch.describe(plan))
-      return commands.OK
-    launch.initialize(plan, fv.initialization_timeout)
-  except ValueError as e:  # incomplete flags; a coordinator that never answered
-    return commands.fail(argv[0], e)
+  config, _, rc = train_main.load_and_launch(fv, argv, describe_config=False)
+  if rc is not None:
+    return rc
 
   import jax  # pylint: disable=import-outside-toplevel
   from unimo_jax.finetune import config as config_lib  # pylint: disable=import-outside-toplevel

@@ -44,7 +44,7 @@ CONFIG_HELP = (
 )
 
 
-def _flags(argv: list[str]) -> flags.FlagValues:
+def command_flags(argv: list[str]) -> flags.FlagValues:
   fv = flags.FlagValues()
   # sys_argv: config_flags finds the --config.x=y overrides in this list (default sys.argv,
   # which is not what the `unimo-jax` dispatcher or a test passes).
@@ -197,21 +197,23 @@ def summary(result, workdir: str) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-  fv = _flags(argv)
-  rc = commands.parse_absl(fv, argv, help_text(fv, argv[0]))
-  if rc is not None:
-    return rc
+def load_and_launch(fv: flags.FlagValues, argv: list[str], *, describe_config: bool = True):
+  """The start shared by ``train`` and ``finetune``: the loaded config (a file that fails to load
+  is one line), logging, and the multi-host start-up (``unimo_jax.launch``; ``--print_env`` prints
+  what this process WOULD do and starts nothing).
+
+  Returns ``(config, plan, rc)``: the launch plan, and rc an exit status to return now or None
+  to go on."""
   try:
     config = fv.config
     if config is not None:
       config.keys()  # a config file that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except  (a missing or broken config file)
     last = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
-    return commands.fail(argv[0], f"--config {config_flags.get_config_filename(fv['config'])}: "
-                                  f"{last[-1]}")
+    return None, None, commands.fail(
+        argv[0], f"--config {config_flags.get_config_filename(fv['config'])}: {last[-1]}")
   if config is None or not fv.workdir:
-    return commands.fail(argv[0], "--config and --workdir are required (see --help)")
+    return None, None, commands.fail(argv[0], "--config and --workdir are required (see --help)")
   setup_logging(fv.log_level)
 
   from unimo_jax import launch  # pylint: disable=import-outside-toplevel
@@ -220,13 +222,27 @@ def main(argv: list[str]) -> int:
                          num_processes=fv.num_processes, process_id=fv.process_id,
                          local_device_ids=fv.local_device_ids)
     if fv.print_env:  # what this process WOULD do; nothing is started
-      import jax  # pylint: disable=import-outside-toplevel
-      print(launch.describe(plan, config, len(plan.local_device_ids or ()) or
-                            jax.local_device_count()))
-      return commands.OK
+      if describe_config:
+        import jax  # pylint: disable=import-outside-toplevel
+        print(launch.describe(plan, config, len(plan.local_device_ids or ()) or
+                              jax.local_device_count()))
+      else:
+        print(launch.describe(plan))
+      return config, plan, commands.OK
     launch.initialize(plan, fv.initialization_timeout)
   except ValueError as e:  # incomplete flags; a coordinator that never answered (LaunchError)
-    return commands.fail(argv[0], e)
+    return config, None, commands.fail(argv[0], e)
+  return config, plan, None
+
+
+def main(argv: list[str]) -> int:
+  fv = command_flags(argv)
+  rc = commands.parse_absl(fv, argv, help_text(fv, argv[0]))
+  if rc is not None:
+    return rc
+  config, plan, rc = load_and_launch(fv, argv)
+  if rc is not None:
+    return rc
 
   import jax  # pylint: disable=import-outside-toplevel
   from unimo_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -238,6 +254,7 @@ def main(argv: list[str]) -> int:
   except config_lib.ConfigError as e:
     return commands.fail(argv[0], f"config error: {e}")
   if fv.dry_run:
+    from unimo_jax import launch  # pylint: disable=import-outside-toplevel
     print(launch.describe(plan, config, jax.local_device_count()))
     print(dry_run(config, fv.workdir, argv))
     return commands.OK
