@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
 
 import ml_collections
 
@@ -90,35 +89,11 @@ def _fail(msg: str):
   raise ConfigError(msg.replace("\n", " "))
 
 
-def _unknown(cfg: Mapping, ref: Mapping, prefix: str):
-  for key, value in cfg.items():
-    if key not in ref:
-      close = [k for k in ref if k.lower().startswith(str(key)[:3].lower())]
-      _fail(f"unknown config key {prefix + key!r}"
-            + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if isinstance(value, Mapping) and isinstance(ref[key], Mapping) and ref[key]:
-      _unknown(value, ref[key], f"{prefix}{key}.")
-
-
-def _plain(x):
-  return x.to_dict() if isinstance(x, (ml_collections.ConfigDict,
-                                       ml_collections.FrozenConfigDict)) else x
-
-
 def validate(config, *, num_devices: int, process_count: int = 1, check_files: bool = True):
   """Raises ``ConfigError`` with one line naming the first bad field."""
-  from unimo_jax.model import ModelConfig
-  cfg = _plain(config)
-  _unknown(cfg, _plain(default_config()), "")
-  model = dict(cfg["model"])
-  if model.get("vocab_size", 0) == 0:
-    model["vocab_size"] = 1000  # placeholder: the tokenizer decides
-  if model.get("dtype") == "auto":
-    model["dtype"] = "float32"
-  try:
-    mcfg = ModelConfig.from_dict(model)
-  except (ValueError, TypeError) as e:
-    _fail(f"model: {e}")
+  cfg = train_config.plain(config)
+  train_config.unknown_keys(cfg, train_config.plain(default_config()), "")
+  mcfg = train_config.check_model(cfg["model"])
   try:
     spec = tasks_lib.TaskSpec.from_config(cfg["task"])
   except (ValueError, TypeError) as e:

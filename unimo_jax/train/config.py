@@ -120,7 +120,7 @@ def _fail(msg: str):
   raise ConfigError(msg.replace("\n", " "))
 
 
-def _unknown_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
+def unknown_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
   for key, value in cfg.items():
     name = f"{prefix}{key}"
     if key not in ref:
@@ -128,13 +128,28 @@ def _unknown_keys(cfg: Mapping, ref: Mapping, prefix: str) -> None:
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       _fail(f"unknown config key {name!r}{hint}")
     if isinstance(value, Mapping) and isinstance(ref[key], Mapping) and ref[key]:
-      _unknown_keys(value, ref[key], name + ".")
+      unknown_keys(value, ref[key], name + ".")
 
 
-def _plain(x):
+def plain(x):
   if isinstance(x, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
     return x.to_dict()
   return x
+
+
+def check_model(model: Mapping):
+  """The ``model`` section as a ModelConfig (``vocab_size = 0`` and ``dtype = "auto"`` take
+  placeholders for the structural checks; the tokenizer and the backend decide them later)."""
+  from unimo_jax.model import ModelConfig  # pylint: disable=import-outside-toplevel
+  model = dict(model)
+  if model.get("vocab_size", 0) == 0:
+    model["vocab_size"] = 1000
+  if model.get("dtype") == "auto":
+    model["dtype"] = "float32"
+  try:
+    return ModelConfig.from_dict(model)
+  except (ValueError, TypeError) as e:
+    _fail(f"model: {e}")
 
 
 def tokenizer_path_problem(spec: str) -> str | None:
@@ -157,9 +172,9 @@ def tokenizer_path_problem(spec: str) -> str | None:
 
 def resolved_data(config, data_defaults: Mapping) -> dict:
   """The data section merged over the pipeline's defaults (plain dicts)."""
-  out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in _plain(data_defaults).items()}
+  out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in plain(data_defaults).items()}
   out["streams"] = {s: dict(v) for s, v in out.get("streams", {}).items()}
-  for k, v in _plain(config.data).items():
+  for k, v in plain(config.data).items():
     if k == "streams":
       for s, sv in v.items():
         out["streams"].setdefault(s, {}).update(sv)
@@ -291,29 +306,20 @@ def validate(config, *, num_devices: int, data_defaults: Mapping, process_count:
   Returns:
     The resolved data section (plain dicts), for the caller's use.
   """
-  from unimo_jax.model import ModelConfig
   ref = default_config()
-  cfg = _plain(config)
+  cfg = plain(config)
   for section in FREE_FORM:
     ref[section] = ml_collections.ConfigDict()
-  ref_plain = _plain(ref)
-  data_ref = _plain(data_defaults)
+  ref_plain = plain(ref)
+  data_ref = plain(data_defaults)
   ref_plain["data"] = {}
-  _unknown_keys({k: v for k, v in cfg.items() if k not in FREE_FORM + ("data",)}, ref_plain, "")
+  unknown_keys({k: v for k, v in cfg.items() if k not in FREE_FORM + ("data",)}, ref_plain, "")
   _unknown_data_keys(cfg.get("data", {}), data_ref)
   data = resolved_data(config, data_defaults)
   _check_ranges(cfg, data)
 
-  # model
-  model = dict(cfg["model"])
-  if model.get("vocab_size", 0) == 0:
-    model["vocab_size"] = 1000  # placeholder for the structural checks; the tokenizer decides
-  if model.get("dtype") == "auto":
-    model["dtype"] = "float32"
-  try:
-    mcfg = ModelConfig.from_dict(model)
-  except (ValueError, TypeError) as e:
-    _fail(f"model: {e}")
+  model = cfg["model"]
+  mcfg = check_model(model)
 
   # mesh and batch sizes
   try:
