@@ -10,7 +10,9 @@ after another; the rounds alternate the order (round 2 runs the list backwards) 
 change on the machine hits every implementation alike. Implementations:
 
   ours        the framework's train step through its public API, the one ``unimo-jax train``
-              builds (``unimo_jax.train.setup.build_run``): a text stream with span MLM only;
+              builds (``unimo_jax.train.setup.build_run``): a text stream with span MLM only,
+              the default ``model.scan_unroll = 1`` (one scanned layer body);
+  ours_unrolled  the same with ``model.scan_unroll = layers`` (the layer scan unrolled);
   flax        the same model written the obvious way in flax.linen + optax (post-LN BERT, the
               LM head at the masked positions), defined in this file;
   hf          Hugging Face ``RobertaForMaskedLM`` (random init, no download), stock: the LM head
@@ -51,8 +53,9 @@ SHAPES = {
     # --smoke: seconds, not a measurement
     "T1": dict(layers=2, hidden=64, heads=4, mlp=128, vocab=500, batch=4, length=32),
 }
-IMPLS = ("ours", "flax", "hf", "hf_masked")
-BF16_IMPLS = ("ours", "hf_masked")
+IMPLS = ("ours", "ours_unrolled", "flax", "hf", "hf_masked")
+OURS = ("ours", "ours_unrolled")
+BF16_IMPLS = ("ours", "ours_unrolled", "hf_masked")
 DROPOUT = 0.1
 
 
@@ -111,7 +114,7 @@ def step_fn(name: str, shape_name: str, dtype: str = "float32"):
   return globals()[f"_worker_{name}"](SHAPES[shape_name], 0, dtype)
 
 
-def _worker_ours(shape, steps, dtype):
+def _worker_ours(shape, steps, dtype, unroll: int = 1):
   import jax
   import ml_collections
   from data_pipelines import schema
@@ -125,7 +128,7 @@ def _worker_ours(shape, steps, dtype):
       vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_layers=shape["layers"],
       num_heads=shape["heads"], mlp_dim=shape["mlp"], max_positions=shape["length"] + 2,
       roberta_positions=True, dropout_rate=DROPOUT, attention_dropout_rate=DROPOUT,
-      dtype=dtype, remat=False))
+      dtype=dtype, remat=False, scan_unroll=unroll))
   src = [dict(name="random", kind="text", path="unused")]
   c.data = ml_collections.ConfigDict(dict(
       seed=0, tokenizer="", visual_input="patches", image_size=c.model.image_size,
@@ -148,6 +151,10 @@ def _worker_ours(shape, steps, dtype):
     box[0], m = compiled(box[0], batch)
     jax.block_until_ready(m["loss"])
   return step
+
+
+def _worker_ours_unrolled(shape, steps, dtype):
+  return _worker_ours(shape, steps, dtype, unroll=shape["layers"])
 
 
 def _worker_flax(shape, steps, dtype):
@@ -346,6 +353,26 @@ def print_table(results, ceilings, ceiling, shapes, impls, bf16):
         print(f"| {shape} | {dtype} | {name} | {_fmt_range(secs)} | "
               f"{_fmt_range(ratios) if ratios else '-'} | {gflops:.0f} | "
               f"{gflops / ceiling:.2f} | {max(x['peak_rss_mib'] for x in rows):.0f} |")
+  for line in best_ratios(results):
+    print(line)
+
+
+def best_ratios(results):
+  """Per (shape, dtype) and round: the fastest of ours ÷ the fastest peer, as lines."""
+  lines = []
+  for shape, dtype in sorted({(x["shape"], x["dtype"]) for x in results}):
+    per_round = []
+    for r in sorted({x["round"] for x in results}):
+      rows = [x for x in results if (x["shape"], x["dtype"], x["round"]) == (shape, dtype, r)]
+      ours = [x for x in rows if x["impl"] in OURS]
+      peers = [x for x in rows if x["impl"] not in OURS]
+      if ours and peers:
+        o, q = min(ours, key=lambda x: x["seconds"]), min(peers, key=lambda x: x["seconds"])
+        per_round.append(f"{o['seconds'] / q['seconds']:.3f} ({o['impl']} / {q['impl']})")
+    if per_round:
+      lines.append(f"{shape} {dtype}: fastest ours / fastest peer per round: "
+                   + ", ".join(per_round))
+  return lines
 
 
 if __name__ == "__main__":

@@ -324,6 +324,32 @@ def test_init_dropout_bf16_remat_and_logical_axes():
   assert err.max() < 0.15, err.max()
 
 
+def test_scan_unroll_changes_no_value_or_gradient():
+  """The unrolled layer scan computes what the rolled one does: hidden states with dropout
+  (the per-layer dropout rngs are split the same way) and parameter gradients."""
+  cfg = ModelConfig.tiny(num_layers=4)
+  params = random_params(cfg, 7)
+  ids = _ids(np.random.default_rng(7), cfg, [6, 4], 6)
+
+  def loss_and_grad(c):
+    def loss(p):
+      h = Unimo(c).apply({"params": p}, ids, deterministic=False, method=Unimo.encode_text,
+                         rngs={"dropout": jax.random.PRNGKey(3)})["hidden"]
+      return jnp.sum(jnp.sin(h)), h
+    (value, h), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return h, g
+
+  ref_h, ref_g = loss_and_grad(cfg)
+  for unroll in (2, 4):
+    h, g = loss_and_grad(cfg.replace(scan_unroll=unroll))
+    np.testing.assert_allclose(h, ref_h, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g, ref_g)
+  with pytest.raises(ValueError, match="scan_unroll"):
+    ModelConfig.tiny(num_layers=4, scan_unroll=3)
+  with pytest.raises(ValueError, match="scan_unroll"):
+    ModelConfig.tiny(scan_unroll=0)
+
+
 def test_config_presets_validation_and_json():
   tiny, base, large = ModelConfig.tiny(), ModelConfig.base(), ModelConfig.large()
   assert (base.num_layers, base.hidden_size, base.num_heads, base.mlp_dim) == (12, 768, 12, 3072)

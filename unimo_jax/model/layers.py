@@ -241,7 +241,8 @@ class Encoder(nn.Module):
     stack = nn.scan(layer, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+                    length=cfg.num_layers, unroll=cfg.scan_unroll,
+                    metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
     x, kv = stack(cfg, name=LAYERS)(x, bias, deterministic, cache, cache_index, return_kv)
     if cfg.pre_ln:
       x = layer_norm(cfg, "final_norm")(x)
