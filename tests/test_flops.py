@@ -103,11 +103,14 @@ def test_step_flops_alternation_averages_phases():
             "text/s2s_positions": (8, 10), "text/row_valid": (8,)}
   enc = lambda b, l: flops_lib.encoder_flops(b, l, cfg.hidden_size, cfg.mlp_dim, cfg.num_layers)
   mlm = enc(8, 32) + flops_lib.lm_head_flops(8, 5, cfg.hidden_size, cfg.vocab_size)
-  # Both objectives' rows are padded to the longer text (40) and slot count (10).
-  padded = enc(8, 40) + flops_lib.lm_head_flops(8, 10, cfg.hidden_size, cfg.vocab_size)
+  s2s = enc(8, 40) + flops_lib.lm_head_flops(8, 10, cfg.hidden_size, cfg.vocab_size)
+  # Alternating: each phase runs one objective's rows at their own shape.
   alt = flops_lib.step_flops(cfg, _objectives(), shapes)
-  assert alt["train"] == pytest.approx(3 * padded)
-  assert alt["text_mlm"] == pytest.approx(3 * padded / 2)  # half the steps each
+  assert alt["train"] == pytest.approx(3 * (mlm + s2s) / 2)
+  assert alt["text_mlm"] == pytest.approx(3 * mlm / 2)  # half the steps each
+  assert alt["text_s2s"] == pytest.approx(3 * s2s / 2)
+  # 'both': the two sets of rows share one pass, padded to the longer text (40) and slots (10).
+  padded = s2s
   both = flops_lib.step_flops(cfg, _objectives(text_mode="both"), shapes)
   assert both["train"] == pytest.approx(3 * 2 * padded)
   off = flops_lib.step_flops(cfg, _objectives(text_mode="both", text_s2s=0.0), shapes)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from unimo_jax.model.config import ModelConfig
-from unimo_jax.model.layers import (HIDDEN_AXES, Dense, accumulation_dtype, gelu, layer_norm,
-                                    zeros_init)
+from unimo_jax.model.layers import (HIDDEN_AXES, Dense, accumulation_dtype, add_bias, gelu,
+                                    layer_norm, zeros_init)
 
 
 def gather_positions(hidden, positions):
@@ -43,7 +43,7 @@ class LMHead(nn.Module):
     logits = lax.dot_general(x, embedding.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
                              preferred_element_type=acc)
     bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
-    logits = logits.astype(acc) + bias.astype(acc)
+    logits = add_bias(logits.astype(acc), bias.astype(acc))
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 

@@ -86,6 +86,32 @@ class Dense(nn.Module):
     return y.astype(self.out_dtype or dtype)
 
 
+@jax.custom_vjp
+def add_bias(x, bias):
+  """``x + bias`` (bias [N] on x [..., N]) whose bias gradient is a matmul with ones.
+
+  XLA:CPU lowers the autodiff bias gradient, a sum over every leading axis, as a column
+  reduction that is pathologically slow at vocabulary width: 325 ms for [1024, 50265] against
+  6 ms for ``ones @ g`` on 2 cores (the LM head of a captioning step spent a third of its time
+  there). The value and the gradient are the same up to float summation order."""
+  return x + bias.astype(x.dtype)
+
+
+def _add_bias_fwd(x, bias):
+  return add_bias(x, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+  lead = tuple(range(g.ndim - 1))
+  ones = jnp.ones(g.shape[:-1], g.dtype)
+  db = lax.dot_general(ones, g, ((lead, lead), ((), ())),
+                       preferred_element_type=jnp.promote_types(g.dtype, jnp.float32))
+  return g, db.astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
   """LayerNorm over H with statistics in float32 (or wider) and the two-pass variance."""
   return nn.LayerNorm(

@@ -181,34 +181,37 @@ def forward_flops(model: Any, objectives_cfg: Any, shapes: Mapping[str, tuple], 
   out: dict[str, float] = {}
 
   # Language rows of a stream are padded to the longest text and slot count of the stream's
-  # language objectives (see unimo_objectives); alternating objectives share one set of rows.
+  # language objectives when both run in one step ('both'); alternating objectives run alone,
+  # each at its own rows' shape (see unimo_objectives._by_phase).
   fields = {o.name: (f"{o.stream}/{o.prefix}ids", f"{o.stream}/{o.prefix}positions")
             for o in obj_lib.REGISTRY.values() if o.kind == "language"}
 
-  def padded(names, extra_length=0):
-    present = [n for n in every if n in names]
-    if not present:
-      return 0, 0
+  def padded(stream, name, extra_length=0):
+    pair = obj_lib.language_objectives(stream)
+    present = [n for n in every if n in pair]
+    if objectives_cfg[obj_lib.MODE_KEYS[stream]] == "alternate" and len(present) == 2:
+      present = [name]
     length = max([shapes[fields[n][0]][1] for n in present] + [extra_length])
     return length, max(shapes[fields[n][1]][1] for n in present)
 
-  text_l, text_p = padded(obj_lib.language_objectives("text"))
   for name in obj_lib.language_objectives("text"):
     if name in run:
       b = shapes["text/row_valid"][0]
+      text_l, text_p = padded("text", name)
       out[name] = enc(b, text_l) + lm_head_flops(b, text_p, H, V)
 
   if "pair/row_valid" in shapes:
     b = shapes["pair/row_valid"][0]
     n, r = _visual_tokens(model, shapes, "pair")
-    pair_l, pair_p = padded(obj_lib.language_objectives("pair"),
-                            shapes["pair/caption_ids"][1] if "pair_mrp" in every else 0)
-    joint = lambda: visual_embed_flops(b, model, r) + enc(b, 1 + n + pair_l)
+    caption = shapes["pair/caption_ids"][1] if "pair_mrp" in every else 0
+    joint = lambda length: visual_embed_flops(b, model, r) + enc(b, 1 + n + length)
+    pair_l = caption
     for name in obj_lib.language_objectives("pair"):
       if name in run:
-        out[name] = joint() + lm_head_flops(b, pair_p, H, V)
+        pair_l, pair_p = padded("pair", name, caption)
+        out[name] = joint(pair_l) + lm_head_flops(b, pair_p, H, V)
     if "pair_mrp" in run:
-      out["pair_mrp"] = joint() + region_heads_flops(b, n, model)
+      out["pair_mrp"] = joint(pair_l) + region_heads_flops(b, n, model)
 
   if "image_mrp" in run:
     b = shapes["image/row_valid"][0]

@@ -12,9 +12,10 @@ concatenated rows (fewer, larger matmuls; a smaller program to compile):
             language rows (MLM and/or captioning)
 
 UNIMO alternates MLM and seq2seq. When a stream alternates (``objectives.text_mode`` /
-``pair_text_mode`` = 'alternate') its language rows are ONE set whose inputs (ids, attention
-mask, prediction slots) the step's phase selects, so both objectives share one pass and the
-step needs no ``lax.switch``; the objective not run reports NaN metrics and adds nothing. With
+``pair_text_mode`` = 'alternate') the step's phase picks which objective's rows the stream's
+pass encodes: a static (Python int) phase builds that pass alone; a traced one is a
+``lax.cond`` between the two passes, so each step runs one objective's rows at their own shape
+(``_by_phase``); the objective not run reports NaN metrics and adds nothing. With
 'both' the two sets of rows are concatenated into the pass. Rows of different lengths are padded
 to the longest (padding is masked out).
 
@@ -170,25 +171,24 @@ class UnimoObjectives:
     """The row groups of a stream's language objectives.
 
     Returns a list of ``(objectives, selector, rows)``: one group per objective, or, when the
-    stream alternates and both objectives are wanted, one group whose rows ``phase`` selects
-    (``selector`` = [phase-0 objective, phase-1 objective]). All groups share one text length
-    and slot count.
+    stream alternates and both objectives are wanted, one group holding the rows of the
+    objective of ``phase`` (a Python int here: ``_by_phase`` branches on a traced one), with
+    ``selector`` True and ``objectives`` = [phase-0 objective, phase-1 objective]. With two
+    groups ('both') they share one text length and slot count.
     """
     present = [n for n in names if _is_language(n)]
     if not present:
       return []
-    rows = {n: self._language_rows(batch, n, n_visual) for n in present}
-    length = max(r["ids"].shape[1] for r in rows.values())
-    slots = max(r["slots"].shape[1] for r in rows.values())
-    rows = {n: self._pad_rows(r, length, slots, n_visual) for n, r in rows.items()}
     # `names` hold only weighted objectives (objectives.active), so two present means both
     # alternate; a lone one runs every step.
     if mode == "alternate" and len(present) == 2:
-      first = phase == 0
-      a, b = rows[present[0]], rows[present[1]]
-      chosen = {k: jnp.where(first, a[k], b[k]) for k in a}
-      return [(tuple(present), True, chosen)]
-    return [((n,), False, rows[n]) for n in present]
+      if not isinstance(phase, int):
+        raise TypeError("alternating language rows need a static phase (see _by_phase)")
+      return [(tuple(present), True, self._language_rows(batch, present[phase], n_visual))]
+    rows = {n: self._language_rows(batch, n, n_visual) for n in present}
+    length = max(r["ids"].shape[1] for r in rows.values())
+    slots = max(r["slots"].shape[1] for r in rows.values())
+    return [((n,), False, self._pad_rows(r, length, slots, n_visual)) for n, r in rows.items()]
 
   def _language_losses(self, params, groups, hidden_rows, phase, scales):
     """Losses of language groups from the hidden states of their rows."""
@@ -202,11 +202,14 @@ class UnimoObjectives:
         total += self.weights[name] * scales[name] * loss
         metrics.update(self._scaled(name, m, scales[name]))
         continue
+      # the rows are those of names[phase]; the other objective reports NaN metrics
       for i, name in enumerate(names):
-        on = phase == i
-        total += jnp.where(on, self.weights[name] * scales[name] * loss, 0.0)
-        for k, v in self._scaled(name, m, scales[name]).items():
-          metrics[k] = jnp.where(on, v, jnp.nan)
+        scaled = self._scaled(name, m, scales[name])
+        if i == phase:
+          total += self.weights[name] * scales[name] * loss
+          metrics.update(scaled)
+        else:
+          metrics.update({k: jnp.full_like(v, jnp.nan) for k, v in scaled.items()})
     return total, metrics
 
   @staticmethod
@@ -404,6 +407,21 @@ class UnimoObjectives:
                          for i in range(len(groups))], phase, scales))
     return results
 
+  def _by_phase(self, pass_fn, stream, names, phase, *args, deterministic):
+    """``pass_fn(*args, phase, deterministic)``; when ``stream`` alternates its two language
+    objectives and ``phase`` is traced, a ``lax.cond`` on it between the pass built for phase 0
+    and for phase 1. Each branch encodes only its objective's rows (at their own length and
+    prediction slots), so a step costs what its phase's objective costs; selecting the rows with
+    ``where`` would pad both phases to the longer layout (e.g. MLM rows to the seq2seq rows'
+    length and every-token prediction slots)."""
+    mlm, s2s = obj_lib.language_objectives(stream)
+    mode = self.obj[obj_lib.MODE_KEYS[stream]]
+    if (isinstance(phase, int) or mode != "alternate" or mlm not in names
+        or s2s not in names):
+      return pass_fn(*args, phase, deterministic)
+    return jax.lax.cond(phase == 0, lambda: pass_fn(*args, 0, deterministic),
+                        lambda: pass_fn(*args, 1, deterministic))
+
   # ---------------------------------------------------------------- everything
   def __call__(self, params, batch: Batch, rng, names, scales, phase=0,
                deterministic: bool = False):
@@ -414,11 +432,13 @@ class UnimoObjectives:
     dropout key, and the losses are summed in that order."""
     names = tuple(names)
     keys = (jax.random.split(rng, 4) if rng is not None else [None] * 4)
-    results = self._text_pass(params, batch, keys[0], names, scales, phase, deterministic)
+    results = self._by_phase(self._text_pass, "text", names, phase, params, batch, keys[0],
+                             names, scales, deterministic=deterministic)
     cmcl_texts = (self._cmcl_text_pass(params, batch, keys[1], deterministic)
                   if "pair_cmcl" in names else None)
     results += self._image_pass(params, batch, keys[2], names, scales, cmcl_texts, deterministic)
-    results += self._pair_pass(params, batch, keys[3], names, scales, phase, deterministic)
+    results += self._by_phase(self._pair_pass, "pair", names, phase, params, batch, keys[3],
+                              names, scales, deterministic=deterministic)
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, jax.Array] = {}
     for loss, m in results:
