@@ -90,6 +90,38 @@ def test_restore_params_only(tmp_path):
     ckpt_lib.restore_params(str(tmp_path / "nothing"))
 
 
+def test_restore_params_stacks_an_unscanned_encoder(tmp_path):
+  """Parameters saved with the encoder as ``layer_0 .. layer_{n-1}`` (before it was scanned)
+  come back in the scanned layout: each leaf of ``encoder/layers`` is the per-layer leaves
+  stacked in layer order, on the requested shardings."""
+  rng = np.random.default_rng(0)
+  layer = lambda: {"attention": {"query": {"kernel": rng.normal(size=(4, 2, 2)).astype(
+      np.float32), "bias": rng.normal(size=(2, 2)).astype(np.float32)}},
+      "mlp_norm": {"scale": rng.normal(size=(4,)).astype(np.float32)}}
+  layers = [layer() for _ in range(3)]
+  old = {"model": {"encoder": {f"layer_{i}": t for i, t in enumerate(layers)},
+                   "text_embed": {"word": rng.normal(size=(6, 4)).astype(np.float32)}}}
+  mesh = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  _, _, _, state, _ = make_state(mesh)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=None)
+  ck.save(2, state.replace(params=old))
+  ck.close()
+
+  params, step = ckpt_lib.restore_params(str(tmp_path))
+  assert step == 2 and set(params["model"]["encoder"]) == {"layers"}
+  stacked = params["model"]["encoder"]["layers"]
+  np.testing.assert_array_equal(stacked["attention"]["query"]["kernel"],
+                                np.stack([t["attention"]["query"]["kernel"] for t in layers]))
+  np.testing.assert_array_equal(stacked["mlp_norm"]["scale"][2], layers[2]["mlp_norm"]["scale"])
+  np.testing.assert_array_equal(params["model"]["text_embed"]["word"],
+                                old["model"]["text_embed"]["word"])
+  single = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+  placed, _ = ckpt_lib.restore_params(str(tmp_path), shardings=single)
+  assert placed["model"]["encoder"]["layers"]["mlp_norm"]["scale"].sharding == single
+  np.testing.assert_array_equal(placed["model"]["encoder"]["layers"]["mlp_norm"]["scale"],
+                                stacked["mlp_norm"]["scale"])
+
+
 def test_select_data_state():
   assert ckpt_lib.select_data_state(None) is None
   assert ckpt_lib.select_data_state({"process_count": 1, "states": [{"p": 3}]}) == {"p": 3}

@@ -25,7 +25,10 @@ Layout of a workdir::
   would delete intact ones) nor blocks the new save of that step. ``restore_params``
   (evaluation) only reads.
 - ``restore_params`` reads only the parameters (evaluation, fine-tuning), onto any shardings or
-  as host numpy arrays, without knowing the optimizer that wrote them.
+  as host numpy arrays, without knowing the optimizer that wrote them. Parameters written before
+  the encoder was scanned (``encoder/layer_0 .. layer_{n-1}``) are stacked into the scanned
+  layout (``encoder/layers``) on the way; a full train-state restore (resuming) needs the
+  scanned layout.
 - ``StopSignal`` turns SIGTERM (preemption) and SIGINT into a request that the loop serves at the
   next step boundary by saving and exiting cleanly; all processes agree on the request.
 """
@@ -43,6 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from unimo_jax.model.layers import LAYERS, to_scanned_layout
 from unimo_jax.train.checkpoint_failures import (CheckpointError, quiet_orbax_tracebacks,
                                                  reason as _reason, release_orbax_threads)
 
@@ -388,6 +392,18 @@ def read_config(workdir: str, step: int | None = None) -> dict:
   return _walk_back(workdir, step, read)[0]
 
 
+_HOST = object()  # _read_params: host numpy arrays in the checkpoint's own layout
+
+
+def _unscanned(params_meta: Any) -> bool:
+  """Whether a checkpoint's parameters hold the encoder as ``layer_0 .. layer_{n-1}`` (written
+  before the encoder was one scanned stack)."""
+  model = params_meta.get("model") if isinstance(params_meta, Mapping) else None
+  encoder = model.get("encoder") if isinstance(model, Mapping) else None
+  return (isinstance(encoder, Mapping) and LAYERS not in encoder
+          and any(str(k).startswith("layer_") for k in encoder))
+
+
 def _read_params(path: str, shardings: Any) -> Any:
   state_path = os.path.join(path, "state")
   checkpointer = ocp.PyTreeCheckpointer()
@@ -396,7 +412,17 @@ def _read_params(path: str, shardings: Any) -> Any:
     raise ValueError(f"no readable metadata in {state_path}")
   params_meta = metadata.tree["params"]
 
-  if shardings is None:
+  if _unscanned(params_meta) and shardings is not _HOST:
+    # read on the host, stack the layers into the scanned layout, then place on `shardings`
+    params = _read_params(path, _HOST)
+    params["model"]["encoder"] = to_scanned_layout(params["model"]["encoder"])
+    if shardings is None:
+      return params
+    if isinstance(shardings, jax.sharding.Sharding):
+      return jax.device_put(params, shardings)
+    return jax.tree.map(jax.device_put, params, shardings)
+
+  if shardings is None or shardings is _HOST:
     abstract = jax.tree.map(lambda m: np.empty(0, m.dtype), params_meta)
     restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
   else:
