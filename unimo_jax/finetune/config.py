@@ -13,9 +13,11 @@ Task files (``experiments/configs/finetune/*.py``) start from ``default_config()
                 head_dropout, label_smoothing, ranking_loss, circle_margin, circle_scale
   data          the task reader (``data_pipelines.finetune``: every field documented there)
   evaluation    what ``unimo-jax evaluate`` computes on a fine-tuned run: splits, beam search
-                (beam_size, max_length, alpha, min_length, block_trigrams), retrieval re-ranking
-                (rerank_k: the dual-encoder's top K re-scored by the cross-encoder;
-                dual_encoder: that dual encoder is init_from's ("init") or the run's)
+                (beam_size, max_length, alpha, min_length, block_trigrams), retrieval
+                (rerank_k: the dual-encoder's top K re-scored by the cross-encoder, or 0 for
+                every (image, caption) pair scored by it, the official protocol;
+                cross_batch_size: pairs per cross-encoder batch; dual_encoder: that dual
+                encoder is init_from's ("init") or the run's)
 """
 from __future__ import annotations
 
@@ -80,7 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
   e.alpha = 0.0
   e.min_length = 1
   e.block_trigrams = False
-  e.rerank_k = 10
+  e.rerank_k = 10                   # retrieval: the cross-encoder re-scores the dual top K;
+                                    # 0 = it scores every (image, caption) pair (official)
+  e.cross_batch_size = 32           # retrieval: cross-encoder pairs per batch
   e.dual_encoder = "init"           # retrieval top-K from: 'init' (init_from's) | 'finetuned'
   return c
 
@@ -116,11 +120,20 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
     size = int(d["scenes"]["input_size"]) or int(d["scenes"]["image_size"])
     if size != mcfg.image_size:
       _fail(f"data.scenes.input_size={size} differs from model.image_size={mcfg.image_size}")
-  length = (int(d["max_source"]) + int(d["max_target"]) if spec.kind == "seq2seq"
-            else int(d["max_length"]))
-  if length > mcfg.max_text_length:
-    _fail(f"data text length {length} exceeds the model's {mcfg.max_text_length} positions "
-          f"(model.max_positions)")
+  if spec.kind == "seq2seq":
+    # the target's positions restart at 0: each block must fit the table, not their sum
+    lengths = [("data.max_source", int(d["max_source"])),
+               ("data.max_target", int(d["max_target"])),
+               ("evaluation.max_length (decoded tokens)", int(cfg["evaluation"]["max_length"]))]
+    for name, n in lengths[:2]:
+      if n < 3:
+        _fail(f"{name}={n} leaves no room for text ([CLS] ... [SEP] / [MASK] take 2)")
+  else:
+    lengths = [("data.max_length", int(d["max_length"]))]
+  for name, n in lengths:
+    if n > mcfg.max_text_length:
+      _fail(f"{name}={n} exceeds the model's {mcfg.max_text_length} text positions "
+            f"(model.max_positions)")
   try:
     shape = parallel.mesh_shape(dict(cfg["mesh"]), num_devices)
   except ValueError as e:
@@ -135,20 +148,21 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
       _fail(f"data.{key}={b} must be a positive multiple of {dp} data-parallel devices"
             + (f" x {k} micro-batches" if k > 1 and key == "batch_size" else "")
             + f" and of {process_count} process(es)")
-  p = cfg["optimizer"]
-  if p["schedule"] not in ("linear", "cosine", "constant"):
-    _fail(f"optimizer.schedule must be linear|cosine|constant, got {p['schedule']!r}")
-  if not p["learning_rate"] > 0:
-    _fail("optimizer.learning_rate must be > 0")
   t = cfg["train"]
   if int(t["total_steps"]) < 1:
     _fail("train.total_steps must be >= 1")
+  train_config.check_optimizer(cfg["optimizer"], int(t["total_steps"]))
   if int(t["log_every"]) < 1:
     _fail("train.log_every must be >= 1")
   if t["init_from"]:
     _fail("train.init_from is pre-training's; fine-tuning starts from config.init_from")
   if t["progress_bar"] not in ("auto", "on", "off"):
     _fail("train.progress_bar must be auto|on|off")
+  for key, spec in (("rerank_k", train_config.COUNT),
+                    ("cross_batch_size", train_config.POSITIVE_INT),
+                    ("beam_size", train_config.POSITIVE_INT)):
+    if key in cfg["evaluation"]:
+      train_config.check_number(f"evaluation.{key}", cfg["evaluation"][key], spec)
   if cfg["evaluation"].get("dual_encoder", "init") not in ("init", "finetuned"):
     _fail("evaluation.dual_encoder must be 'init' or 'finetuned'")
   if int(cfg["init_step"]) < 0:
