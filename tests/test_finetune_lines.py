@@ -162,3 +162,33 @@ def test_official_lines_configs():
   c.model.visual_input = c.data.visual_input = "patches"
   with pytest.raises(config_lib.ConfigError, match="needs model.visual_input='regions'"):
     config_lib.validate(c, num_devices=1, check_files=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["entailment", "captioning"])
+def test_official_lines_finetune_and_evaluate(tmp_path, kind):
+  import jax
+  from test_finetune_run import tiny_config
+  from unimo_jax.evaluation import main as eval_main
+  from unimo_jax.finetune import config as config_lib
+  from unimo_jax.finetune import main as ft_main
+  if kind == "entailment":
+    lines = [ve_line(), ve_line("b", label="2", tokens="0 7 8 2"), ve_line(label="1")]
+  else:
+    lines = [cap_line(), cap_line("b", "0 8 9 2"), cap_line("a", "0 10 2")]
+  path = _write(tmp_path, "lines.txt", lines)
+  cfg = tiny_config(tmp_path, steps=2)
+  cfg.task.update(dict(kind=kind, num_labels=3))
+  cfg.data.update(dict(source="unimo_lines", train=path, validation=path, num_regions=2,
+                       region_feature_dim=F, visual_input="regions"))
+  cfg.model.update(dict(visual_input="regions", region_feature_dim=F))
+  cfg.evaluation.max_length = 6
+  config_lib.validate(cfg, num_devices=jax.device_count(), check_files=False)
+  wd = str(tmp_path / "wd")
+  res = ft_main.finetune_from_config(cfg, wd, tokenizer=TOK)
+  assert np.isfinite(res.last_metrics["loss"])
+  config, model_cfg = eval_main.load_run(wd)
+  out = ft_main.evaluate_workdir(wd, config=config, model_cfg=model_cfg, tokenizer=TOK)
+  m = out["evaluations"][-1]["metrics"]
+  for key in {"entailment": ("accuracy",), "captioning": ("bleu4", "cider")}[kind]:
+    assert 0.0 <= m[key] <= 10.0, (key, m)
