@@ -11,9 +11,9 @@ answer vocabulary, image ids). ``config`` is the fine-tuning run config
                     | "jsonl" (image tasks: files train / validation / test, ``files``)
                     | "unimo_lines" (SNLI-VE and captioning in UNIMO's official ``;`` lines
                     with region features, ``unimo_lines``)
-  train, validation, test   TSV, JSONL or official-line paths; for "tfds" the TFDS split names (MNLI:
-                    validation_matched, test_matched); an evaluation split named otherwise
-                    (e.g. validation_mismatched) is read as that TFDS split
+  train, validation, test   TSV, JSONL or official-line paths; for "tfds" the TFDS split
+                    names (MNLI: validation_matched, test_matched); an evaluation split
+                    named otherwise (validation_mismatched) is read as that TFDS split
   tfds_name, tfds_data_dir  "tfds": the dataset (``glue/sst2``) and the folder it was prepared
                     in ("" = TFDS's default, ~/tensorflow_datasets); nothing is downloaded
   image_dir, image_size     jsonl: the folder the records' images are in; the model's input side
