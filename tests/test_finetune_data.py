@@ -164,11 +164,34 @@ def test_scenes_vqa_rows(train_scenes):
   assert -1.0 <= train_scenes.visual["pixels"].min() and train_scenes.visual["pixels"].max() <= 1.0
 
 
-def test_scenes_entailment_rows_pair_a_caption_with_a_false_rewrite(train_scenes):
+def test_scenes_entailment_three_labels_in_snli_ve_order(train_scenes):
+  from data_pipelines.synthetic_scenes import captions as captions_lib
+  from data_pipelines.synthetic_scenes import generate
+  assert scenes.ENTAILMENT_LABELS == ("entailment", "neutral", "contradiction")
+  texts, dropped = scenes.entailment_texts(train_scenes)
+  assert len(texts) == 3 * train_scenes.count and not dropped
+  clause = ", and every shape is made of "
+  with_clause = {0: 0, 1: 0, 2: 0}
+  for k, (i, text, label) in enumerate(texts):
+    assert (i, label) == (k // 3, k % 3)
+    # the reference: parse the caption part back and check it against the scene graph
+    body, has_clause, material = text.partition(clause)
+    if has_clause:
+      assert material.rstrip(".") in scenes.MATERIALS
+      body += "."
+    with_clause[label] += bool(has_clause)
+    claim, _ = captions_lib.parse(body)
+    truth = captions_lib.holds(claim, generate.scene_for(train_scenes.options, "train", i)[0])
+    assert truth == (label != 2), text
+    assert bool(has_clause) == (label == 1) or label == 2
+  # the clause alone does not tell neutral from contradiction
+  assert with_clause[1] == train_scenes.count and 0 < with_clause[2] < train_scenes.count
   rows, _ = scenes.entailment_rows(train_scenes, TOK, 24)
-  np.testing.assert_array_equal(rows["label"][:2], [0, 1])
-  np.testing.assert_array_equal(rows["image_index"][:2], [0, 0])
-  assert len(rows["label"]) == 2 * train_scenes.count
+  np.testing.assert_array_equal(rows["label"][:3], [0, 1, 2])
+  np.testing.assert_array_equal(rows["image_index"][:3], [0, 0, 0])
+  # a pure function of (seed, split, index): a reader of fewer scenes gives the same rows
+  fewer = scenes.Scenes("train", size="tiny", limit=2, input_size=32)
+  assert scenes.entailment_texts(fewer)[0] == texts[:6]
 
 
 def test_scenes_retrieval_negatives_come_from_other_scenes(train_scenes):
@@ -192,7 +215,7 @@ def test_scenes_retrieval_negatives_come_from_other_scenes(train_scenes):
 
 def test_make_data_scenes_every_task():
   answers = None
-  for kind, labels in (("vqa", 0), ("entailment", 2), ("retrieval", 2), ("captioning", 2)):
+  for kind, labels in (("vqa", 0), ("entailment", 3), ("retrieval", 2), ("captioning", 2)):
     cfg = _config(kind=kind, num_labels=labels or 2)
     if kind == "vqa":
       from data_pipelines.finetune import answer_vocabulary

@@ -79,6 +79,8 @@ def test_scene_tasks_train_and_evaluate(tmp_path, kind):
     cfg.task.num_labels = len(answer_vocabulary(cfg))
   if kind == "captioning":
     cfg.task.label_smoothing = 0.1
+  if kind == "entailment":
+    cfg.task.num_labels = 3  # SNLI-VE's entailment, neutral, contradiction
   wd = str(tmp_path / kind)
   res = ft_main.finetune_from_config(cfg, wd, tokenizer=tok)
   assert np.isfinite(res.last_metrics["loss"])

@@ -6,9 +6,16 @@ numpy batches with ``spec`` / ``get_state`` / ``set_state`` / ``dropped_counts``
 answer vocabulary, image ids). ``config`` is the fine-tuning run config
 (``unimo_jax.finetune.config``); its ``data`` section:
 
-  source            "tsv" (text tasks: files train / validation / test) | "synthetic_scenes"
+  source            "tsv" (text tasks: files train / validation / test) | "tfds" (GLUE
+                    classification / regression from TFDS, ``tfds_text``) | "synthetic_scenes"
                     | "jsonl" (image tasks: files train / validation / test, ``files``)
-  train, validation, test   TSV or JSONL paths
+                    | "unimo_lines" (SNLI-VE and captioning in UNIMO's official ``;`` lines
+                    with region features, ``unimo_lines``)
+  train, validation, test   TSV, JSONL or official-line paths; for "tfds" the TFDS split
+                    names (MNLI: validation_matched, test_matched); an evaluation split
+                    named otherwise (validation_mismatched) is read as that TFDS split
+  tfds_name, tfds_data_dir  "tfds": the dataset (``glue/sst2``) and the folder it was prepared
+                    in ("" = TFDS's default, ~/tensorflow_datasets); nothing is downloaded
   image_dir, image_size     jsonl: the folder the records' images are in; the model's input side
   tokenizer         tokenizer spec (``data_pipelines.tokenizers.load_tokenizer``)
   batch_size        GLOBAL rows per training step; eval_batch_size for evaluation
@@ -81,6 +88,23 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
   kw = dict(seed=int(d.seed), repeat=training, shuffle=training, process_index=process_index,
             process_count=process_count, name=f"{kind}/{split}")
   meta: dict[str, Any] = {}
+  if (kind == "entailment" and d.source in ("synthetic_scenes", "jsonl")
+      and int(config.task.num_labels) != 3):
+    raise ValueError(f"task.num_labels={config.task.num_labels}, but {d.source} entailment has "
+                     f"SNLI-VE's 3 labels (entailment, neutral, contradiction)")
+  if d.source == "tfds":
+    from data_pipelines.finetune import tfds_text  # pylint: disable=import-outside-toplevel
+    tfds_split = d.get(split) if split in SPLITS else split
+    if not tfds_split:
+      raise ValueError(f"data.{split} is empty: name the TFDS split of {d.tfds_name} to read")
+    if kind not in ("classification", "regression"):
+      raise ValueError(f"data.source 'tfds' holds GLUE classification / regression, not "
+                       f"{kind!r}")
+    rows, dropped, idx = tfds_text.classification_rows(
+        d.tfds_name, tfds_split, d.tfds_data_dir, tokenizer, max_length=int(d.max_length),
+        kind=kind, num_labels=int(config.task.num_labels), label_names=tuple(d.label_names))
+    meta["idx"] = idx
+    return RowBatches(rows, batch, dropped={f"{d.tfds_name}:{tfds_split}": dropped}, **kw), meta
   if d.source == "tsv":
     from data_pipelines.finetune import text  # pylint: disable=import-outside-toplevel
     path = d.get(split)
@@ -100,6 +124,29 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
     return RowBatches(rows, batch, dropped={path: dropped}, **kw), meta
   from data_pipelines.finetune import scenes  # pylint: disable=import-outside-toplevel
   length = int(d.max_length)
+  if d.source == "unimo_lines":
+    from data_pipelines.finetune import unimo_lines  # pylint: disable=import-outside-toplevel
+    path = d.get(split)
+    if not path:
+      raise ValueError(f"data.{split} is empty: the {kind} task reads a file of UNIMO's lines "
+                       f"per split")
+    sc = unimo_lines.RegionLines(path, kind, tokenizer, num_regions=int(d.num_regions),
+                                 feature_dim=int(d.region_feature_dim),
+                                 num_labels=int(config.task.num_labels))
+    meta["image_ids"] = sc.ids
+    if kind == "entailment":
+      rows, dropped = unimo_lines.entailment_rows(sc, tokenizer, length)
+    elif kind == "captioning":
+      rows = scenes.captioning_id_rows([(i, t) for i, t in sc.texts], tokenizer, length)
+      dropped = dict(sc.dropped)
+      meta.update(scenes=sc, references=sc.captions)
+    else:
+      raise ValueError(f"data.source 'unimo_lines' holds entailment and captioning, not "
+                       f"{kind!r}")
+    if not sc.texts:
+      rows = {}
+    return RowBatches(rows, batch, dropped={path: dropped}, extra=scenes.with_images(sc),
+                      **kw), meta
   if d.source == "jsonl":
     from data_pipelines.finetune import files  # pylint: disable=import-outside-toplevel
     path = d.get(split)
@@ -117,8 +164,8 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
                         **kw), meta
     dropped_by = {name: dict(sc.dropped)}
   elif d.source != "synthetic_scenes":
-    raise ValueError(f"data.source must be 'tsv', 'synthetic_scenes' or 'jsonl', got "
-                     f"{d.source!r}")
+    raise ValueError(f"data.source must be 'tsv', 'tfds', 'synthetic_scenes', 'jsonl' or "
+                     f"'unimo_lines', got {d.source!r}")
   else:
     sc = _scenes(d, split, training)
     name = f"synthetic_scenes/{split}"

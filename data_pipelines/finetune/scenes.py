@@ -6,9 +6,17 @@ stores, field for field) so the scenes are exactly those a pre-training run saw 
   answer of the TRAIN split's first ``limit`` scenes, sorted (or the config's ``answers``); each
   question has one exact answer, so its soft score is 1 (``min(#annotators / 3, 1)`` with every
   annotator agreeing); an answer outside the vocabulary is a row scoring 0 (as VQA's).
-- entailment (SNLI-VE built from captions vs rewrites): per scene one true caption (label 0,
-  entailment) and one scene-graph rewrite that is false of the image (label 1, contradiction),
-  picked by the scene's index; 2 labels.
+- entailment (SNLI-VE built from captions vs rewrites): three rows per scene with SNLI-VE's
+  three labels in SNLI-VE's order (``ENTAILMENT_LABELS``): 0 entailment, a true caption;
+  1 neutral, a true caption plus a clause on the material of the shapes (``neutral_clause``);
+  2 contradiction, a scene-graph rewrite that is false of the image, with the same kind of
+  material clause on half of the contradictions (picked by the rng). The renderer paints flat,
+  untextured fills, so the image neither shows nor excludes any material: the clause cannot be
+  decided from the image, while the caption part can. Because contradictions carry the clause
+  too, the clause alone does not give the label away (with it: neutral or contradiction;
+  without: entailment or contradiction; the image decides). The caption, rewrite, material
+  and clause choice come from an rng of (data seed, split, scene index), so each row is a pure
+  function of them.
 - retrieval: one row per (scene, caption); each batch draws N other scenes' images and M other
   scenes' captions as negatives from an rng of (seed, batch index).
 - captioning: one row per (scene, caption) in ``masking.captioning_layout``.
@@ -29,6 +37,9 @@ from unimo_jax import masking
 from unimo_jax.finetune import layouts
 
 TASKS = ("vqa", "entailment", "retrieval", "captioning")
+ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")  # SNLI-VE's order
+# Materials: nothing in a rendered scene shows or rules out any of them (flat colour fills).
+MATERIALS = ("wood", "metal", "paper", "plastic", "stone", "clay", "wax", "felt")
 
 
 def _pixels(images: Sequence[np.ndarray], size: int, mean, std) -> np.ndarray:
@@ -65,6 +76,7 @@ class Scenes:
                pixel_std=(0.5,) * 3):
     self.options = generate.SceneOptions(kind="pairs", size=size, image_size=image_size,
                                          feature_dim=feature_dim, seed=seed)
+    self.split = split
     total = self.options.num_examples(split)
     self.count = min(total, limit) if limit else total
     records = [generate.example(self.options, split, i) for i in range(self.count)]
@@ -114,22 +126,41 @@ def vqa_rows(scenes: Scenes, tokenizer, answers: Sequence[str], max_length: int)
   return rows, dict(dropped), dict(gold=gold)
 
 
-def entailment_rows(scenes: Scenes, tokenizer, max_length: int):
-  """-> (rows dict(image_index, ids, label), dropped): label 0 entailment (a true caption),
-  1 contradiction (a false scene-graph rewrite)."""
-  image_index, ids, labels = [], [], []
-  dropped = Counter()
+def neutral_clause(sentence: str, material: str) -> str:
+  """``"a red circle above a blue star."`` -> ``"a red circle above a blue star, and every
+  shape is made of wood."``: the sentence's claim plus one the image cannot decide."""
+  return f"{sentence.rstrip().rstrip('.')}, and every shape is made of {material}."
+
+
+def entailment_texts(scenes: Scenes) -> tuple[list[tuple[int, str, int]], dict]:
+  """-> ([(scene index, hypothesis, label)], dropped): per scene label 0 entailment (a true
+  caption), 1 neutral (a true caption + ``neutral_clause``), 2 contradiction (a false
+  scene-graph rewrite, half of them with a ``neutral_clause``); SNLI-VE's label order.
+  Scenes without a false rewrite are skipped and counted (``no_false_rewrite``)."""
+  out, dropped = [], Counter()
+  stream = generate.STREAMS.get(scenes.split, 0)
   for i in range(scenes.count):
     caps, negs = scenes.captions[i], scenes.negatives[i]
     if not negs:
       dropped["no_false_rewrite"] += 1
       continue
-    for text, label in ((caps[i % len(caps)], 0), (negs[i % len(negs)], 1)):
-      image_index.append(i)
-      ids.append(_text(tokenizer, text, max_length))
-      labels.append(label)
-  return (dict(image_index=np.asarray(image_index, np.int32), ids=np.asarray(ids, np.int32),
-               label=np.asarray(labels, np.int32)), dict(dropped))
+    rng = np.random.default_rng([scenes.options.seed, 4099, stream, i])
+    true_a, true_b = rng.choice(len(caps), 2, replace=len(caps) < 2)
+    false = negs[int(rng.integers(len(negs)))]
+    material = MATERIALS[int(rng.integers(len(MATERIALS)))]
+    if rng.random() < 0.5:
+      false = neutral_clause(false, MATERIALS[int(rng.integers(len(MATERIALS)))])
+    out += [(i, caps[true_a], 0), (i, neutral_clause(caps[true_b], material), 1), (i, false, 2)]
+  return out, dict(dropped)
+
+
+def entailment_rows(scenes: Scenes, tokenizer, max_length: int):
+  """-> (rows dict(image_index, ids, label), dropped) of ``entailment_texts``."""
+  texts, dropped = entailment_texts(scenes)
+  return (dict(image_index=np.asarray([i for i, _, _ in texts], np.int32),
+               ids=np.asarray([_text(tokenizer, t, max_length) for _, t, _ in texts],
+                              np.int32).reshape(-1, max_length),
+               label=np.asarray([y for _, _, y in texts], np.int32)), dropped)
 
 
 def caption_table(scenes: Scenes, tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,17 +209,22 @@ def retrieval_rows(scenes: Scenes, tokenizer, max_length: int, *, num_negative_i
 def captioning_rows(scenes: Scenes, tokenizer, max_length: int):
   """-> rows of ``masking.captioning_layout`` (ids, position_ids, positions, targets, weights)
   plus image_index, one per (scene, caption)."""
+  return captioning_id_rows([(i, tokenizer.encode(text)) for i, caps in
+                             enumerate(scenes.captions) for text in caps], tokenizer, max_length)
+
+
+def captioning_id_rows(captions, tokenizer, max_length: int):
+  """``[(image index, caption token ids)]`` -> the rows of ``captioning_rows``."""
   out: dict[str, list] = {}
-  for i, caps in enumerate(scenes.captions):
-    for text in caps:
-      lay = masking.captioning_layout(tokenizer.encode(text), max_length=max_length,
-                                      max_predictions=max_length, bos_id=tokenizer.cls_id,
-                                      eos_id=tokenizer.sep_id, pad_id=tokenizer.pad_id)
-      lay["ids"] = lay.pop("input_ids")
-      lay.pop("segments")
-      lay["image_index"] = np.int32(i)
-      for k, v in lay.items():
-        out.setdefault(k, []).append(v)
+  for i, ids in captions:
+    lay = masking.captioning_layout(ids, max_length=max_length, max_predictions=max_length,
+                                    bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id,
+                                    pad_id=tokenizer.pad_id)
+    lay["ids"] = lay.pop("input_ids")
+    lay.pop("segments")
+    lay["image_index"] = np.int32(i)
+    for k, v in lay.items():
+      out.setdefault(k, []).append(v)
   return {k: np.stack(v) for k, v in out.items()}
 
 

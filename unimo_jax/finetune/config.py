@@ -43,10 +43,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(dataclasses.asdict(tasks_lib.TaskSpec(kind="classification")))
 
   d = c.data = ml_collections.ConfigDict()
-  d.source = "tsv"                  # 'tsv' | 'synthetic_scenes' | 'jsonl'
-  d.train = ""
+  d.source = "tsv"                  # 'tsv' | 'tfds' | 'synthetic_scenes' | 'jsonl' | 'unimo_lines'
+  d.train = ""                      # a file per split ('tfds': the TFDS split names)
   d.validation = ""
   d.test = ""
+  d.tfds_name = ""                  # 'tfds': e.g. 'glue/sst2'
+  d.tfds_data_dir = ""              # 'tfds': where it was prepared ('' = TFDS's default)
   d.image_dir = ""                  # jsonl: the folder of the records' images
   d.image_size = 224                # jsonl: images are resized to the model's input side
   d.tokenizer = ""
@@ -89,6 +91,19 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+SOURCES = ("tsv", "tfds", "synthetic_scenes", "jsonl", "unimo_lines")
+TEXT_SOURCES = ("tsv", "tfds")
+FILE_SOURCES = ("tsv", "jsonl", "unimo_lines")  # data.train / validation / test are paths
+
+
+def tfds_prepared_dir(name: str, data_dir: str) -> str:
+  """Where TFDS keeps ``name`` (``glue/sst2[:version]``) under ``data_dir`` ("" = TFDS's
+  default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  root = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  base, _, version = name.partition(":")
+  return os.path.join(os.path.expanduser(root), *base.split("/"), *([version] if version else []))
+
+
 def _fail(msg: str):
   raise ConfigError(msg.replace("\n", " "))
 
@@ -103,12 +118,27 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
   except (ValueError, TypeError) as e:
     _fail(str(e))
   d = cfg["data"]
-  if d["source"] not in ("tsv", "synthetic_scenes", "jsonl"):
-    _fail(f"data.source must be 'tsv', 'synthetic_scenes' or 'jsonl', got {d['source']!r}")
+  if d["source"] not in SOURCES:
+    _fail(f"data.source must be one of {', '.join(SOURCES)}, got {d['source']!r}")
   text_kinds = ("classification", "regression", "seq2seq")
-  if (d["source"] == "tsv") != (spec.kind in text_kinds):
+  if (d["source"] in TEXT_SOURCES) != (spec.kind in text_kinds):
     _fail(f"task.kind={spec.kind!r} does not read data.source={d['source']!r} (text tasks read "
-          f"'tsv', image tasks 'synthetic_scenes' or 'jsonl')")
+          f"'tsv' or 'tfds', image tasks 'synthetic_scenes', 'jsonl' or 'unimo_lines')")
+  if d["source"] == "tfds":
+    if spec.kind == "seq2seq":
+      _fail("data.source 'tfds' reads GLUE classification / regression; seq2seq reads 'tsv'")
+    if not d["tfds_name"]:
+      _fail("data.tfds_name is empty (the TFDS dataset, e.g. 'glue/sst2')")
+  if d["source"] == "unimo_lines":
+    if spec.kind not in ("entailment", "captioning"):
+      _fail(f"data.source 'unimo_lines' holds UNIMO's SNLI-VE and captioning lines, not "
+            f"task.kind={spec.kind!r}")
+    if mcfg.visual_input != "regions":
+      _fail("data.source 'unimo_lines' carries region features: it needs "
+            "model.visual_input='regions'")
+    if int(d["region_feature_dim"]) != mcfg.region_feature_dim:
+      _fail(f"data.region_feature_dim={d['region_feature_dim']} differs from "
+            f"model.region_feature_dim={mcfg.region_feature_dim}")
   if d["source"] == "jsonl" and mcfg.visual_input != "patches":
     _fail("data.source 'jsonl' decodes images: it needs model.visual_input='patches'")
   if d["source"] == "jsonl" and int(d["image_size"]) != mcfg.image_size:
@@ -177,11 +207,22 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
       _fail(problem)
     if cfg["init_from"] and not os.path.exists(os.path.expanduser(cfg["init_from"])):
       _fail(f"init_from: {cfg['init_from']} does not exist")
-    if d["source"] in ("tsv", "jsonl") and not d["train"]:
+    if d["source"] in FILE_SOURCES and not d["train"]:
       _fail(f"data.train is empty (the task's training {d['source'].upper()} file)")
     for split in ("train", "validation", "test"):
-      if (d["source"] in ("tsv", "jsonl") and d[split]
+      if (d["source"] in FILE_SOURCES and d[split]
           and not os.path.isfile(os.path.expanduser(d[split]))):
         _fail(f"data.{split}: {d[split]} does not exist")
+    if d["source"] == "tfds":
+      if d["tfds_data_dir"] and not os.path.isdir(os.path.expanduser(d["tfds_data_dir"])):
+        _fail(f"data.tfds_data_dir: {d['tfds_data_dir']} is not a folder")
+      where = tfds_prepared_dir(str(d["tfds_name"]), str(d["tfds_data_dir"]))
+      if not os.path.isdir(where):
+        base, _, config = str(d["tfds_name"]).partition(":")[0].partition("/")
+        _fail(f"data.tfds_name {d['tfds_name']!r} is not prepared in {os.path.dirname(where)} "
+              f"(nothing is downloaded at run time): run `tfds build {base}"
+              + (f" --config {config}" if config else "")
+              + " --data_dir DIR` where the network is reachable, copy DIR here and set "
+              "data.tfds_data_dir=DIR")
     if d["source"] == "jsonl" and not os.path.isdir(os.path.expanduser(d["image_dir"])):
       _fail(f"data.image_dir: {d['image_dir'] or '(empty)'} is not a folder")

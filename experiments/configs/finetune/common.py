@@ -8,6 +8,12 @@ Every task file takes one config arg (``task.py:ARG``, comma-separated):
   base | large     UNIMO-base / -large shapes, RoBERTa's BPE (``bpe:DATA_DIR/roberta_bpe``) and
                    the official recipe of the task (its values are quoted in each file)
   data_dir=D       where the data are (demo: the synthetic_scenes folder of `unimo-jax prepare`)
+  tfds             GLUE tasks: read ``glue/<task>`` through TFDS from ``tfds_dir`` (prepared
+                   beforehand: nothing is downloaded at run time) instead of TSV files
+  tfds_dir=D       the TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
+  lines            SNLI-VE / COCO captioning: UNIMO's official ``;``-separated lines with
+                   region features (``data_pipelines/finetune/unimo_lines.py``) instead of
+                   JSONL + images
   smoke            a few steps on the tiny scenes size (tests, CI)
 
 Recipes follow UNIMO's scripts (``../shared/UNIMO.md``): Adam b1 0.9, b2 0.98, eps 1e-6, linear
@@ -24,7 +30,7 @@ DEMO_TEXT = "finetune"  # sub-folder of the demo data dir holding the generated 
 
 def parse(arg):
   return common.parse_arg(arg, demo=False, base=False, large=False, smoke=False,
-                          data_dir=common.DEMO_DATA_DIR)
+                          data_dir=common.DEMO_DATA_DIR, tfds=False, tfds_dir="", lines=False)
 
 
 def size_of(args) -> str:

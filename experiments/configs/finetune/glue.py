@@ -12,13 +12,18 @@ CoLA 65.4 / 68.5 (Matthews), STS-B 91.0 / 92.6 (Pearson), base / large.
 
 Data (``base|large``): ``DATA_DIR/<task>/{train,dev,test}.tsv`` with the header
 ``text_a[,text_b],label`` (MNLI labels by name). ``demo``: the generated paraphrase task
-(``python -m data_pipelines.finetune.demo_text --out DATA_DIR/finetune``).
+(``python -m data_pipelines.finetune.demo_text --out DATA_DIR/finetune``). ``tfds`` (any
+size): TFDS ``glue/<task>`` prepared under ``tfds_dir=D`` (``tfds build glue --config sst2
+--data_dir D`` once, where the network is reachable); MNLI validates on validation_matched
+and validation_mismatched, its labels mapped by name onto the TSV config's order.
 """
 import os
 
 from experiments.configs.finetune import common
 
 # task -> (kind, num_labels, label names, train examples, eval metric)
+# TFDS split names where they are not train / validation / test
+TFDS_SPLITS = {"mnli": dict(validation="validation_matched", test="test_matched")}
 TASKS = {
     "sst2": ("classification", 2, [], 67349, "accuracy"),
     "cola": ("classification", 2, [], 8551, "matthews"),
@@ -35,7 +40,7 @@ def glue_config(name: str, arg=None):
   c.data.source = "tsv"
   if common.size_of(args) == "demo":
     paths = common.demo_text(args, "paraphrase")
-    examples = 2000
+    examples = examples if args["tfds"] else 2000
     common.recipe(c, batch=32, lr=5e-4, epochs=3, train_examples=examples)
     c.data.max_length = 96
   else:
@@ -46,9 +51,18 @@ def glue_config(name: str, arg=None):
     c.data.label_names = names
     c.data.max_length = 512
     common.recipe(c, batch=32, lr=2e-5, epochs=10, train_examples=examples, weight_decay=0.0)
+  c.evaluation.splits = ["validation"]
+  if args["tfds"]:
+    c.data.source = "tfds"
+    c.data.tfds_name = f"glue/{name}"
+    c.data.tfds_data_dir = args["tfds_dir"]
+    c.data.label_names = names
+    paths = dict(dict(train="train", validation="validation", test="test"),
+                 **TFDS_SPLITS.get(name, {}))
+    if name == "mnli":
+      c.evaluation.splits = ["validation", "validation_mismatched"]
   c.data.train, c.data.validation, c.data.test = (paths["train"], paths["validation"],
                                                   paths["test"])
-  c.evaluation.splits = ["validation"]
   if args["smoke"]:
     common.smoke(c)
   return c
