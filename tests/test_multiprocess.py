@@ -141,12 +141,13 @@ def adam_tolerances(workdir: str, c) -> dict:
   """
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import train_util as tu  # pylint: disable=import-outside-toplevel
   directory = os.path.join(workdir, "checkpoints", str(STEPS), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   meta = checkpointer.metadata(directory).item_metadata.tree
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
   state = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  nu = find_key(state["opt_state"], "nu")
+  nu = tu.find_key(state["opt_state"], "nu")
   lr, eps, b2 = c.optimizer.learning_rate, c.optimizer.eps, c.optimizer.b2
   leaves = jax.tree_util.tree_flatten_with_path(nu)[0]
   correction = 1 - b2**STEPS
@@ -157,23 +158,6 @@ def adam_tolerances(workdir: str, c) -> dict:
     rms = max(float(np.sqrt(np.mean(v) / correction)), rms_all)
     out[jax.tree_util.keystr(path)] = STEPS * lr * min(2.0, GRAD_FLOAT_ORDER * rms / eps)
   return out
-
-
-def find_key(tree, key):
-  """The first value stored under ``key`` in a nest of dicts, lists and tuples."""
-  if isinstance(tree, dict):
-    if key in tree:
-      return tree[key]
-    children = tree.values()
-  elif isinstance(tree, (list, tuple)):
-    children = tree
-  else:
-    return None
-  for child in children:
-    found = find_key(child, key)
-    if found is not None:
-      return found
-  return None
 
 
 if __name__ == "__main__":

@@ -86,25 +86,6 @@ def test_every_parameter_trains(full_run):
   assert frozen == []
 
 
-def _find(tree, key):
-  """The first value stored under ``key`` in a nest of dicts, lists, tuples and structs."""
-  if isinstance(tree, dict):
-    if key in tree:
-      return tree[key]
-    children = list(tree.values())
-  elif isinstance(tree, (list, tuple)):
-    children = list(tree)
-    if hasattr(tree, "_fields") and key in tree._fields:
-      return getattr(tree, key)
-  else:
-    return None
-  for child in children:
-    found = _find(child, key)
-    if found is not None:
-      return found
-  return None
-
-
 def _text_config(k):
   """Text-only MLM, no dropout (the grad-accumulation and bf16 tests share its program)."""
   c = tu.run_config()
@@ -138,7 +119,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   # cancels (|g| << eps) into lr * dg / eps: the tolerance of test_multiprocess.adam_tolerances
   # (1 step), from each tensor's rms gradient (its nu), and 99.9% must still match tightly.
   lr, eps = c.optimizer.learning_rate, c.optimizer.eps
-  nus = jax.tree.leaves(_find(opt1, "nu"))
+  nus = jax.tree.leaves(tu.find_key(opt1, "nu"))
   assert len(nus) == len(jax.tree.leaves(p1))
   rms_all = float(np.sqrt(sum(float(np.sum(v)) for v in nus) / sum(v.size for v in nus)
                           / (1 - c.optimizer.b2)))

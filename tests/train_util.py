@@ -60,3 +60,23 @@ def setup(c, mesh):
   """(state, step_fn) for config c on mesh (``setup.build_run``, as the trainer builds it)."""
   run = setup_lib.build_run(c, batch_spec(c), mesh=mesh, process_count=1)
   return run.new_state(), run.step
+
+
+def find_key(tree, key):
+  """The first value stored under ``key`` in a nest of dicts, lists, tuples and named tuples
+  (an optimizer state's fields: ``find_key(opt_state, "nu")``)."""
+  if hasattr(tree, "_fields") and key in tree._fields:
+    return getattr(tree, key)
+  if isinstance(tree, dict):
+    if key in tree:
+      return tree[key]
+    children = list(tree.values())
+  elif isinstance(tree, (list, tuple)):
+    children = list(tree)
+  else:
+    return None
+  for child in children:
+    found = find_key(child, key)
+    if found is not None:
+      return found
+  return None
