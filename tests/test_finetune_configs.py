@@ -25,6 +25,33 @@ def test_config_validates(task, arg):
     assert c.optimizer.warmup_steps == int(0.06 * c.train.total_steps)
 
 
+@pytest.mark.parametrize("arg, batch", [("base", 4), ("large", 2)])
+def test_flickr30k_drops_the_learning_rate_at_epochs_24_and_32(arg, batch):
+  """The official recipe: 40 epochs of 145,000 pairs, warmup 6%, x0.1 after epochs 24 and 32."""
+  from unimo_jax.train import optimizer as opt_lib
+  c = importlib.import_module("experiments.configs.finetune.flickr30k").get_config(arg)
+  epoch = 145000 // batch
+  assert c.train.total_steps == 40 * epoch and c.optimizer.schedule == "step"
+  _, sched = opt_lib.make_optimizer(c.optimizer, c.train.total_steps)
+  lr = 5e-6
+  for step, want in ((c.optimizer.warmup_steps, lr), (24 * epoch - 1, lr), (24 * epoch, lr / 10),
+                     (32 * epoch - 1, lr / 10), (32 * epoch, lr / 100),
+                     (40 * epoch - 1, lr / 100)):
+    assert float(sched(step)) == pytest.approx(want, rel=1e-5), step
+  assert float(sched(c.optimizer.warmup_steps // 2)) == pytest.approx(lr / 2, rel=1e-3)
+
+
+def test_step_schedule_errors_before_anything_compiles():
+  c = importlib.import_module("experiments.configs.finetune.flickr30k").get_config("smoke")
+  c.optimizer.schedule = "step"
+  with pytest.raises(config_lib.ConfigError, match="optimizer.step_boundaries is empty"):
+    config_lib.validate(c, num_devices=8, check_files=False)
+  c.optimizer.step_boundaries = (0.5,)
+  c.optimizer.step_factor = 1.5
+  with pytest.raises(config_lib.ConfigError, match="optimizer.step_factor must be a number"):
+    config_lib.validate(c, num_devices=8, check_files=False)
+
+
 def test_sweeps_are_the_official_grid():
   from unimo_jax.train import sweep
   for task in ("sst2", "cola", "mnli", "stsb"):

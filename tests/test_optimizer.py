@@ -39,8 +39,55 @@ def test_cosine_schedule_values():
 def test_constant_and_bad_schedule():
   s = opt_lib.learning_rate_schedule(3.0, 100, 0, "constant")
   assert float(s(0)) == 3.0 and float(s(99)) == 3.0
-  with pytest.raises(ValueError, match="linear|cosine|constant"):
-    opt_lib.learning_rate_schedule(1.0, 10, 0, "step")
+  with pytest.raises(ValueError, match="linear|cosine|constant|step"):
+    opt_lib.learning_rate_schedule(1.0, 10, 0, "exponential")
+
+
+def test_step_schedule_values_by_hand():
+  """Flickr30k's shape at toy size: 40 steps ("epochs"), warmup 4, x0.1 at 24 and 32."""
+  want = ([s / 4 for s in range(4)] + [1.0] * (24 - 4) + [0.1] * (32 - 24)
+          + [0.01] * (40 - 32) + [0.01] * 5)  # past the end it stays at the last value
+  for boundaries in ((0.6, 0.8), (24, 32)):  # fractions of total_steps, or steps
+    s = opt_lib.learning_rate_schedule(1.0, total_steps=40, warmup_steps=4, schedule="step",
+                                       step_boundaries=boundaries, step_factor=0.1)
+    got = [float(s(i)) for i in range(45)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  # no warmup: the peak from step 0; a factor other than 0.1
+  s = opt_lib.learning_rate_schedule(2.0, 10, 0, "step", step_boundaries=(3,), step_factor=0.5)
+  np.testing.assert_allclose([float(s(i)) for i in range(6)], [2, 2, 2, 1, 1, 1], rtol=1e-6)
+  # the jitted optimizer sees the same values (the count is a traced int32)
+  jitted = jax.jit(s)
+  assert float(jitted(jnp.int32(2))) == 2.0 and float(jitted(jnp.int32(3))) == 1.0
+
+
+@pytest.mark.parametrize("boundaries, fragment", [
+    ((), "is empty"),
+    ((0.8, 0.6), "increase strictly"),
+    ((1.5,), "must be in (0, 1)"),
+    ((24, 0.8), "all ints"),
+    ((2,), "after the warmup"),
+    ((40,), "not inside the run"),
+])
+def test_step_boundaries_errors_name_the_field(boundaries, fragment):
+  with pytest.raises(ValueError, match="optimizer.step_boundaries") as e:
+    opt_lib.step_boundary_steps(boundaries, total_steps=40, warmup_steps=4)
+  assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_step_schedule_drives_adamw_updates():
+  """make_optimizer with schedule='step': an SGD-like check that the update scale follows the
+  learning rate (Adam's first update has magnitude lr for any gradient sign)."""
+  cfg = _cfg(learning_rate=1.0, warmup_steps=0, schedule="step", step_boundaries=(2,),
+             step_factor=0.1, weight_decay=0.0, clip_norm=0.0)
+  tx, sched = opt_lib.make_optimizer(cfg, total_steps=4)
+  assert [float(sched(i)) for i in range(4)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+  params = {"w": jnp.ones((2, 2))}
+  state = tx.init(params)
+  sizes = []
+  for _ in range(4):
+    upd, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+    sizes.append(float(jnp.abs(upd["w"]).max()))
+  np.testing.assert_allclose(sizes, [1.0, 1.0, 0.1, 0.1], rtol=1e-4)
 
 
 class _Tiny(nn.Module):

@@ -135,14 +135,10 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
       _fail(f"data.{key}={b} must be a positive multiple of {dp} data-parallel devices"
             + (f" x {k} micro-batches" if k > 1 and key == "batch_size" else "")
             + f" and of {process_count} process(es)")
-  p = cfg["optimizer"]
-  if p["schedule"] not in ("linear", "cosine", "constant"):
-    _fail(f"optimizer.schedule must be linear|cosine|constant, got {p['schedule']!r}")
-  if not p["learning_rate"] > 0:
-    _fail("optimizer.learning_rate must be > 0")
   t = cfg["train"]
   if int(t["total_steps"]) < 1:
     _fail("train.total_steps must be >= 1")
+  train_config.check_optimizer(cfg["optimizer"], int(t["total_steps"]))
   if int(t["log_every"]) < 1:
     _fail("train.log_every must be >= 1")
   if t["init_from"]:

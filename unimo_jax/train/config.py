@@ -81,8 +81,12 @@ def default_config() -> ml_collections.ConfigDict:
   p = c.optimizer = ml_collections.ConfigDict()
   p.learning_rate = 1e-4
   p.warmup_steps = 10
-  p.schedule = "linear"            # 'linear' | 'cosine' | 'constant' after warmup
+  p.schedule = "linear"            # 'linear' | 'cosine' | 'constant' | 'step' after warmup
   p.end_lr_factor = 0.0
+  # 'step': the learning rate drops x step_factor at each boundary: update steps (ints) or
+  # fractions of train.total_steps (floats in (0, 1)), e.g. (0.6, 0.8) = epochs 24, 32 of 40
+  p.step_boundaries = ()
+  p.step_factor = 0.1
   p.b1 = 0.9
   p.b2 = 0.98                      # UNIMO / RoBERTa
   p.eps = 1e-6
@@ -191,13 +195,14 @@ def enabled_streams(data: Mapping) -> tuple[str, ...]:
 # Numeric fields and their ranges: (integer?, minimum, maximum, minimum excluded?).
 _COUNT = (True, 0, None, False)
 _POSITIVE_INT = (True, 1, None, False)
+COUNT, POSITIVE_INT = _COUNT, _POSITIVE_INT  # for the other sections' validators
 _NONNEG = (False, 0, None, False)
 _RATE = (False, 0, 1, False)
 RANGES = {
     "optimizer.learning_rate": (False, 0, None, True), "optimizer.warmup_steps": _COUNT,
     "optimizer.end_lr_factor": _NONNEG, "optimizer.b1": _RATE, "optimizer.b2": _RATE,
     "optimizer.eps": _NONNEG, "optimizer.weight_decay": _NONNEG, "optimizer.clip_norm": _NONNEG,
-    "optimizer.grad_accum_steps": _POSITIVE_INT,
+    "optimizer.grad_accum_steps": _POSITIVE_INT, "optimizer.step_factor": (False, 0, 1, True),
     "objectives.label_smoothing": _RATE, "objectives.mrp_regression_weight": _NONNEG,
     "objectives.mrp_class_weight": _NONNEG,
     "train.total_steps": _POSITIVE_INT, "train.log_every": _POSITIVE_INT,
@@ -221,7 +226,7 @@ STREAM_RANGES = {
 }
 
 
-def _check_number(name: str, value, spec) -> None:
+def check_number(name: str, value, spec) -> None:
   integer, lo, hi, open_lo = spec
   kind = "an integer" if integer else "a number"
   ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -247,11 +252,11 @@ def _check_ranges(cfg: Mapping, data: Mapping) -> None:
   for name, spec in RANGES.items():
     value = _lookup(merged, name)
     if value is not None:
-      _check_number(name, value, spec)
+      check_number(name, value, spec)
   for stream, fields in data.get("streams", {}).items():
     for key, spec in STREAM_RANGES.items():
       if key in fields:
-        _check_number(f"data.streams.{stream}.{key}", fields[key], spec)
+        check_number(f"data.streams.{stream}.{key}", fields[key], spec)
 
 
 def _unknown_data_keys(user: Mapping, ref: Mapping) -> None:
@@ -288,7 +293,30 @@ def _check_evaluation(cfg: Mapping) -> None:
   for key, spec in (("limit", _COUNT), ("batch_size", _POSITIVE_INT),
                     ("caption_images", _COUNT)):
     if key in section:
-      _check_number(f"evaluation.{key}", section[key], spec)
+      check_number(f"evaluation.{key}", section[key], spec)
+
+
+def check_optimizer(p: Mapping, total_steps: int) -> None:
+  """The ``optimizer`` section: numbers in range, a known schedule, and for ``'step'`` its
+  boundaries resolved against ``train.total_steps`` (``optimizer.step_boundary_steps``)."""
+  from unimo_jax.train import optimizer as opt_lib  # pylint: disable=import-outside-toplevel
+  for name, spec in RANGES.items():
+    section, _, key = name.partition(".")
+    if section == "optimizer" and key in p:
+      check_number(name, p[key], spec)
+  if p["schedule"] not in opt_lib.SCHEDULES:
+    _fail(f"optimizer.schedule must be {'|'.join(opt_lib.SCHEDULES)}, got {p['schedule']!r}")
+  boundaries = p.get("step_boundaries", ())
+  if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, (list, tuple)):
+    _fail(f"optimizer.step_boundaries must be a list of steps or fractions, got {boundaries!r}")
+  if p["schedule"] == "step":
+    try:
+      opt_lib.step_boundary_steps(boundaries, total_steps, int(p["warmup_steps"]))
+    except ValueError as e:
+      _fail(str(e))
+  elif boundaries:
+    _fail(f"optimizer.step_boundaries={tuple(boundaries)} is set but optimizer.schedule="
+          f"{p['schedule']!r} (the boundaries are the 'step' schedule's)")
 
 
 def validate(config, *, num_devices: int, data_defaults: Mapping, process_count: int = 1,
@@ -382,11 +410,7 @@ def validate(config, *, num_devices: int, data_defaults: Mapping, process_count:
     _fail(f"cmcl.implementation must be all_gather|ring|reference, got {m['implementation']!r}")
   if not 0 < m["temperature_min"] <= m["temperature_init"] <= m["temperature_max"]:
     _fail("cmcl: need 0 < temperature_min <= temperature_init <= temperature_max")
-  p = cfg["optimizer"]
-  if p["schedule"] not in ("linear", "cosine", "constant"):
-    _fail(f"optimizer.schedule must be linear|cosine|constant, got {p['schedule']!r}")
-  if not p["learning_rate"] > 0:
-    _fail("optimizer.learning_rate must be > 0")
+  check_optimizer(cfg["optimizer"], int(cfg["train"]["total_steps"]))
   t = cfg["train"]
   if t["progress_bar"] not in ("auto", "on", "off"):
     _fail("train.progress_bar must be auto|on|off")

@@ -6,8 +6,12 @@ linear warmup followed by a linear decay. All of these are config fields (``conf
 
   learning_rate      peak learning rate after warmup
   warmup_steps       linear warmup from 0 to the peak
-  schedule           'linear' | 'cosine' | 'constant' decay after warmup
+  schedule           'linear' | 'cosine' | 'constant' | 'step' after warmup
   end_lr_factor      final learning rate as a fraction of the peak (linear / cosine)
+  step_boundaries    'step': where the learning rate drops, as update steps (ints) or as
+                     fractions of the run's total steps (floats in (0, 1)); e.g. Flickr30k's
+                     official "x0.1 at epochs 24 and 32 of 40" is (0.6, 0.8)
+  step_factor        'step': the learning rate is multiplied by this at each boundary
   b1, b2, eps        Adam moments
   weight_decay       decoupled weight decay (AdamW), masked by ``decay_mask``
   clip_norm          global-norm clipping threshold; 0 turns clipping off
@@ -27,7 +31,7 @@ Gradient accumulation is an explicit loop over micro-batches inside the jitted t
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,16 +65,72 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+SCHEDULES = ("linear", "cosine", "constant", "step")
+
+
+def step_boundary_steps(boundaries: Sequence[float], total_steps: int,
+                        warmup_steps: int = 0) -> list[int]:
+  """``optimizer.step_boundaries`` -> the update steps where the learning rate drops.
+
+  Ints are steps; floats in (0, 1) are fractions of ``total_steps`` (rounded to the nearest
+  step). The result must be strictly increasing, after the warmup and within the run; any
+  problem is a ``ValueError`` of one line naming the field.
+  """
+  values = list(boundaries)
+  if not values:
+    raise ValueError("optimizer.step_boundaries is empty: the 'step' schedule needs at least "
+                     "one boundary (update steps, or fractions of train.total_steps)")
+  ints = [isinstance(v, int) and not isinstance(v, bool) for v in values]
+  floats = [isinstance(v, float) for v in values]
+  if all(floats):
+    if not all(0.0 < v < 1.0 for v in values):
+      raise ValueError(f"optimizer.step_boundaries: fractions of train.total_steps must be in "
+                       f"(0, 1), got {tuple(values)}")
+    steps = [int(round(v * int(total_steps))) for v in values]
+  elif all(ints):
+    steps = [int(v) for v in values]
+  else:
+    raise ValueError(f"optimizer.step_boundaries must be all ints (update steps) or all floats "
+                     f"(fractions of train.total_steps), got {tuple(values)}")
+  if any(b <= a for a, b in zip(steps, steps[1:])):
+    raise ValueError(f"optimizer.step_boundaries must increase strictly, got steps {steps}")
+  if steps[0] <= int(warmup_steps):
+    raise ValueError(f"optimizer.step_boundaries: the first drop (step {steps[0]}) must come "
+                     f"after the warmup (optimizer.warmup_steps={warmup_steps})")
+  if steps[-1] >= int(total_steps):
+    raise ValueError(f"optimizer.step_boundaries: step {steps[-1]} is not inside the run "
+                     f"(train.total_steps={total_steps})")
+  return steps
+
+
 def learning_rate_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
-                           schedule: str = "linear", end_lr_factor: float = 0.0) -> optax.Schedule:
+                           schedule: str = "linear", end_lr_factor: float = 0.0,
+                           step_boundaries: Sequence[float] = (),
+                           step_factor: float = 0.1) -> optax.Schedule:
   """Linear warmup from 0 to ``learning_rate``, then ``schedule`` decay to the end value.
 
   Step ``s`` (0-based update count) gets ``learning_rate * s / warmup_steps`` during warmup; the
   decay runs from ``warmup_steps`` to ``total_steps`` and stays at ``end_lr_factor *
-  learning_rate`` afterwards.
+  learning_rate`` afterwards. ``'step'``: the peak, multiplied by ``step_factor`` once for
+  every boundary ``b`` (``step_boundary_steps``) with ``s >= b`` (the update at step ``b``
+  already uses the lower rate, as a drop "at epoch 24" means from the first update after 24
+  epochs on).
   """
-  if schedule not in ("linear", "cosine", "constant"):
-    raise ValueError(f"optimizer.schedule must be linear|cosine|constant, got {schedule!r}")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule must be {'|'.join(SCHEDULES)}, got {schedule!r}")
+  if schedule == "step":
+    drops = jnp.asarray(step_boundary_steps(step_boundaries, total_steps, warmup_steps),
+                        jnp.int32)
+    peak, factor, warm = float(learning_rate), float(step_factor), int(warmup_steps)
+
+    def stepped(count):
+      count = jnp.asarray(count)
+      passed = jnp.sum(count >= drops)
+      lr = peak * jnp.asarray(factor, jnp.float32) ** passed.astype(jnp.float32)
+      if warm > 0:
+        lr = jnp.where(count < warm, peak * count.astype(jnp.float32) / warm, lr)
+      return lr
+    return stepped
   end = learning_rate * end_lr_factor
   decay_steps = max(1, int(total_steps) - int(warmup_steps))
   if schedule == "linear":
@@ -97,7 +157,9 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     learning-rate schedule, for logging.
   """
   schedule = learning_rate_schedule(cfg.learning_rate, total_steps, cfg.warmup_steps,
-                                    cfg.schedule, cfg.end_lr_factor)
+                                    cfg.schedule, cfg.end_lr_factor,
+                                    tuple(getattr(cfg, "step_boundaries", ()) or ()),
+                                    float(getattr(cfg, "step_factor", 0.1)))
   parts = []
   if cfg.clip_norm and cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
