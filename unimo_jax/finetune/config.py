@@ -116,11 +116,20 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
     size = int(d["scenes"]["input_size"]) or int(d["scenes"]["image_size"])
     if size != mcfg.image_size:
       _fail(f"data.scenes.input_size={size} differs from model.image_size={mcfg.image_size}")
-  length = (int(d["max_source"]) + int(d["max_target"]) if spec.kind == "seq2seq"
-            else int(d["max_length"]))
-  if length > mcfg.max_text_length:
-    _fail(f"data text length {length} exceeds the model's {mcfg.max_text_length} positions "
-          f"(model.max_positions)")
+  if spec.kind == "seq2seq":
+    # the target's positions restart at 0: each block must fit the table, not their sum
+    lengths = [("data.max_source", int(d["max_source"])),
+               ("data.max_target", int(d["max_target"])),
+               ("evaluation.max_length (decoded tokens)", int(cfg["evaluation"]["max_length"]))]
+    for name, n in lengths[:2]:
+      if n < 3:
+        _fail(f"{name}={n} leaves no room for text ([CLS] ... [SEP] / [MASK] take 2)")
+  else:
+    lengths = [("data.max_length", int(d["max_length"]))]
+  for name, n in lengths:
+    if n > mcfg.max_text_length:
+      _fail(f"{name}={n} exceeds the model's {mcfg.max_text_length} text positions "
+            f"(model.max_positions)")
   try:
     shape = parallel.mesh_shape(dict(cfg["mesh"]), num_devices)
   except ValueError as e:

@@ -198,12 +198,14 @@ def _seq2seq(task: Task, params, batches, meta, mesh, settings, tokenizer) -> di
 
   def gen(p, b):
     v = {"params": p["model"]}
-    _, cache = model.apply(v, settings.max_length, ids=b["source_ids"], method=Unimo.prefill)
+    # targets restart their positions at 0 (token t of the target sits at row offset + t),
+    # so a 512-token source and 128 decoded tokens need 512 positions, not 640
+    _, cache = model.apply(v, settings.max_length, ids=b["source_ids"], method=Unimo.prefill,
+                           restart_positions=True)
 
     def step_fn(tokens, step, c):
-      # targets restart their positions at 0: token t of the target sits at row offset + t
-      pos = jnp.full(tokens.shape, cfg.position_offset, jnp.int32) + step
-      out, c = model.apply(v, tokens, c, pos, method=Unimo.decode_step)
+      del step  # the cache's running position is offset + step
+      out, c = model.apply(v, tokens, c, method=Unimo.decode_step)
       return out["logits"], c
     n = b["source_ids"].shape[0]
     if settings.beam_size == 1:

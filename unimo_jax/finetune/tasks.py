@@ -18,9 +18,11 @@ Batch fields (leading dimension B; ``row_valid`` [B] is 0 on padding rows):
                                 neg_text_valid [B, M]
   captioning                    visual, ids [B, L] (``masking.captioning_layout``),
                                 position_ids [B, L], positions / targets / weights [B, P]
-  seq2seq                       ids [B, L] (source then target, ``layouts.seq2seq_layout``),
-                                segments [B, L], position_ids [B, L], positions / targets /
-                                weights [B, P]
+  seq2seq                       ids [B, L] (source then target, ``layouts.seq2seq_layout``:
+                                the target block is the last P + 1 slots and its positions
+                                restart at 0, so L may exceed the position table as long as
+                                each block fits), segments [B, L], position_ids [B, L],
+                                positions / targets / weights [B, P]
 
 ``visual`` is ``pixels`` [B, S, S, C] (patches) or ``region_features`` / ``region_boxes`` /
 ``region_valid`` (regions), as the model's ``visual_input``.
@@ -110,6 +112,21 @@ def model_positions(position_ids, ids, cfg: ModelConfig):
   """0-based position ids -> the model's position rows (pads at ``pad_position``)."""
   return jnp.where(ids != cfg.pad_id, cfg.position_offset + position_ids,
                    cfg.pad_position).astype(jnp.int32)
+
+
+def seq2seq_position_span(length: int, slots: int, cfg: ModelConfig) -> int:
+  """Text positions a seq2seq row (``layouts.seq2seq_layout``) uses: its target block is the
+  last ``slots + 1`` of its ``length`` tokens and restarts at position 0, so the row needs
+  ``max(source block, target block)`` positions, not their sum (CNN/DM's 512 + 128 fits the
+  base model's 512). Raises ``ValueError`` naming the block that does not fit."""
+  target = slots + 1
+  source = length - target
+  for name, n in (("source", source), ("target", target)):
+    if n > cfg.max_text_length:
+      raise ValueError(f"seq2seq {name} block of {n} tokens exceeds the position table "
+                       f"({cfg.max_text_length} text positions; ModelConfig.max_positions; "
+                       f"data.max_{name})")
+  return max(source, target)
 
 
 class Task:
@@ -235,7 +252,10 @@ class Task:
       bias = masks.to_bias(masks.seq2seq(batch["segments"]), cfg.compute_dtype)
       hidden = self._apply(params, ids, method=Unimo.encode_text, rng=rng,
                            deterministic=deterministic, attention_bias=bias,
-                           positions=positions)["hidden"]
+                           positions=positions,
+                           position_span=seq2seq_position_span(ids.shape[1],
+                                                               batch["positions"].shape[1],
+                                                               cfg))["hidden"]
     return self.model.apply({"params": params["model"]}, hidden, batch["positions"],
                             method=Unimo.lm_logits)
 

@@ -27,7 +27,9 @@ is encoded once with bidirectional attention among its valid tokens; pad slots s
 Decoded text tokens then see the valid prefix and every earlier decoded token (and themselves).
 This is exactly the uncached forward of the whole sequence under ``masks.captioning`` (image
 prefix) or ``masks.seq2seq`` (segments 1 = source, 2 = decoded target), with text positions
-continuing after the source's real tokens (``embeddings.text_positions`` skips padding).
+continuing after the source's real tokens (``embeddings.text_positions`` skips padding), or
+restarting at the first text position with ``prefill(..., restart_positions=True)`` (UNIMO's
+seq2seq fine-tuning: then the source and the decoded tokens each need to fit the table).
 Writing past slot T-1 is clamped by ``dynamic_update_slice`` (overwrites the last slot): size
 ``max_decode_length`` for the longest output.
 """

@@ -6,8 +6,8 @@ h[IMG] an image.
 
 Use with ``model.apply(params, ..., method=Unimo.<entry point>)``:
 
-  encode_text(ids [B,L], attention_bias=None, deterministic=True, positions=None)
-      -> dict(hidden [B,L,H], cls [B,H])
+  encode_text(ids [B,L], attention_bias=None, deterministic=True, positions=None,
+              position_span=None) -> dict(hidden [B,L,H], cls [B,H])
   encode_image(visual, visual_mask=None, deterministic=True)
       -> dict(hidden [B,1+N,H], img [B,H], visual_valid [B,1+N])
   encode_pair(visual, ids, attention_bias=None, visual_mask=None, deterministic=True)
@@ -16,7 +16,8 @@ Use with ``model.apply(params, ..., method=Unimo.<entry point>)``:
   lm_logits(hidden [B,L,H], positions [B,P]) -> [B,P,V] float32 (tied head, only at positions)
   region_heads(hidden [B,N,H]) -> dict(features [B,N,F | p*p*C], class_logits [B,N,C] (regions))
   cmcl_text(cls [B,H]) / cmcl_image(img [B,H]) -> [B,projection_dim], unit L2 norm, float32
-  prefill(max_decode_length, ids=None, visual=None, visual_mask=None) -> (outputs, cache)
+  prefill(max_decode_length, ids=None, visual=None, visual_mask=None,
+          restart_positions=False) -> (outputs, cache)
   decode_step(ids [B], cache) -> (dict(logits [B,V], hidden [B,H]), cache)   (see decoding.py)
 
 ``visual`` is ``{"pixels": [B,S,S,C]}`` (patches) or ``{"region_features": [B,R,F],
@@ -64,9 +65,25 @@ class Unimo(nn.Module):
       raise ValueError(f"text length {length} (+{extra} decoded) exceeds the position "
                        f"table ({limit} tokens; ModelConfig.max_positions)")
 
-  def embed_text(self, ids, positions=None, deterministic: bool = True):
-    """ids [B, L] -> [B, L, H]."""
-    self._check_text(ids.shape[-1])
+  def _check_span(self, span: int, what: str):
+    limit = self.config.max_text_length
+    if span > limit:
+      raise ValueError(f"{what} uses {span} text positions, more than the position table's "
+                       f"{limit} (ModelConfig.max_positions)")
+
+  def embed_text(self, ids, positions=None, deterministic: bool = True,
+                 position_span: int | None = None):
+    """ids [B, L] -> [B, L, H].
+
+    ``position_span`` (static) goes with explicit ``positions`` whose layout restarts them
+    (seq2seq: the target counts from 0 again): the number of distinct text positions the
+    layout can use, checked against the table instead of the length L."""
+    if position_span is None:
+      self._check_text(ids.shape[-1])
+    else:
+      if positions is None:
+        raise ValueError("position_span needs explicit positions")
+      self._check_span(int(position_span), f"a layout of {ids.shape[-1]} tokens")
     return self.text_embed(ids, positions, deterministic)
 
   def embed_visual(self, visual: dict, visual_mask=None, deterministic: bool = True):
@@ -83,10 +100,12 @@ class Unimo(nn.Module):
     return self.patch_embed(visual["pixels"], visual_mask, deterministic)
 
   # ------------------------------------------------------------------ encoders
-  def encode_text(self, ids, attention_bias=None, deterministic: bool = True, positions=None):
+  def encode_text(self, ids, attention_bias=None, deterministic: bool = True, positions=None,
+                  position_span: int | None = None):
     """Text alone. ids [B, L]; attention_bias [B, 1|h, L, L] or None (bidirectional over
-    non-pad tokens). Returns dict(hidden [B, L, H], cls [B, H])."""
-    x = self.embed_text(ids, positions, deterministic)
+    non-pad tokens); ``positions`` / ``position_span`` as ``embed_text``. Returns
+    dict(hidden [B, L, H], cls [B, H])."""
+    x = self.embed_text(ids, positions, deterministic, position_span)
     if attention_bias is None:
       attention_bias = masks.to_bias(masks.bidirectional(ids != self.config.pad_id), x.dtype)
     hidden, _ = self.encoder(x, attention_bias, deterministic)
@@ -151,10 +170,15 @@ class Unimo(nn.Module):
     )
 
   # ------------------------------------------------------------------ decoding
-  def prefill(self, max_decode_length: int, ids=None, visual=None, visual_mask=None):
+  def prefill(self, max_decode_length: int, ids=None, visual=None, visual_mask=None,
+              restart_positions: bool = False):
     """Encodes a prefix once (image block and/or a padded text source, bidirectional among
     its valid tokens) and returns ``(dict(hidden [B, S, H]), cache)`` with room for
-    ``max_decode_length`` more tokens. See ``decoding.py``."""
+    ``max_decode_length`` more tokens. See ``decoding.py``.
+
+    ``restart_positions``: decoded tokens count their positions from 0 again (UNIMO's seq2seq
+    targets) instead of continuing after the source, so the source and the decoded tokens
+    are each checked against the position table, not their sum."""
     if ids is None and visual is None:
       raise ValueError("prefill needs ids and/or visual")
     parts, valid = [], []
@@ -164,7 +188,11 @@ class Unimo(nn.Module):
       parts.append(xv)
       valid.append(vv)
     if ids is not None:
-      self._check_text(ids.shape[-1], max_decode_length)
+      if restart_positions:
+        self._check_text(ids.shape[-1])
+        self._check_span(max_decode_length, f"decoding {max_decode_length} tokens")
+      else:
+        self._check_text(ids.shape[-1], max_decode_length)
       real = ids != self.config.pad_id
       parts.append(self.text_embed(ids, None, True))
       valid.append(real)
@@ -177,6 +205,8 @@ class Unimo(nn.Module):
       text_count = jnp.zeros((x.shape[0],), jnp.int32)
     bias = masks.to_bias(masks.bidirectional(valid), x.dtype)
     hidden, (k, v) = self.encoder(x, bias, True, return_kv=True)
+    if restart_positions:  # the first decoded token (bos) takes the first text position
+      text_count = jnp.zeros_like(text_count)
     cache = decoding.cache_from_prefix(self.config, k, v, valid, text_count, max_decode_length)
     return dict(hidden=hidden), cache
 

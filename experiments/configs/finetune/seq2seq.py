@@ -11,8 +11,9 @@ Official recipes (UNIMO ``script/*/model_conf``), base (large):
             min out 5; paper 38.80/19.99/36.27 (39.71/20.37/36.88)
   SQuAD-QG  bs 8, lr 1.25e-5 (5e-6), 20 epochs, source 416, target 96, out 48, beam 5 (6),
             lp 1.0 (1.2); paper BLEU-4 22.78 (24.59)
-Here the source is cut to fit ``max_positions`` with the target (CNN/DM: 384 + 128; see
-``seq2seq_config``). Data (``base|large``): ``DATA_DIR/<task>/{train,dev,test}.tsv`` with the header
+The target's positions restart at 0, so the source and the target must each fit the
+position table, not their sum: CNN/DM's 512 + 128 runs on the base model's 514 positions
+(512 text positions), in training and beam search. Data (``base|large``): ``DATA_DIR/<task>/{train,dev,test}.tsv`` with the header
 ``source,target``. ``demo``: the generated canonical-caption task (``python -m
 data_pipelines.finetune.demo_text --out DATA_DIR/finetune``).
 """
@@ -50,10 +51,8 @@ def seq2seq_config(name: str, arg=None):
                                                             ("validation", "dev"),
                                                             ("test", "test"))}
     common.recipe(c, batch=r["batch"], lr=r["lr"], epochs=r["epochs"], train_examples=examples)
-    # The model checks the whole source + target length against its position table (even
-    # though target positions restart at 0), so CNN/DM's 512 + 128 is cut to 384 + 128 here.
-    c.data.max_source = min(r["src"], c.model.max_positions - 2 - r["tgt"])
-    c.data.max_target = r["tgt"]
+    # target positions restart at 0: each block fits the table on its own (512 + 128 on 514)
+    c.data.max_source, c.data.max_target = r["src"], r["tgt"]
     c.evaluation.update(dict(beam_size=r["beam"], max_length=r.get("out", r["tgt"]),
                              alpha=r["lp"], min_length=r["min_out"],
                              block_trigrams=r["block"]))
