@@ -13,9 +13,11 @@ Task files (``experiments/configs/finetune/*.py``) start from ``default_config()
                 head_dropout, label_smoothing, ranking_loss, circle_margin, circle_scale
   data          the task reader (``data_pipelines.finetune``: every field documented there)
   evaluation    what ``unimo-jax evaluate`` computes on a fine-tuned run: splits, beam search
-                (beam_size, max_length, alpha, min_length, block_trigrams), retrieval re-ranking
-                (rerank_k: the dual-encoder's top K re-scored by the cross-encoder;
-                dual_encoder: that dual encoder is init_from's ("init") or the run's)
+                (beam_size, max_length, alpha, min_length, block_trigrams), retrieval
+                (rerank_k: the dual-encoder's top K re-scored by the cross-encoder, or 0 for
+                every (image, caption) pair scored by it, the official protocol;
+                cross_batch_size: pairs per cross-encoder batch; dual_encoder: that dual
+                encoder is init_from's ("init") or the run's)
 """
 from __future__ import annotations
 
@@ -80,7 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
   e.alpha = 0.0
   e.min_length = 1
   e.block_trigrams = False
-  e.rerank_k = 10
+  e.rerank_k = 10                   # retrieval: the cross-encoder re-scores the dual top K;
+                                    # 0 = it scores every (image, caption) pair (official)
+  e.cross_batch_size = 32           # retrieval: cross-encoder pairs per batch
   e.dual_encoder = "init"           # retrieval top-K from: 'init' (init_from's) | 'finetuned'
   return c
 
@@ -154,6 +158,11 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
     _fail("train.init_from is pre-training's; fine-tuning starts from config.init_from")
   if t["progress_bar"] not in ("auto", "on", "off"):
     _fail("train.progress_bar must be auto|on|off")
+  for key, spec in (("rerank_k", train_config.COUNT),
+                    ("cross_batch_size", train_config.POSITIVE_INT),
+                    ("beam_size", train_config.POSITIVE_INT)):
+    if key in cfg["evaluation"]:
+      train_config.check_number(f"evaluation.{key}", cfg["evaluation"][key], spec)
   if cfg["evaluation"].get("dual_encoder", "init") not in ("init", "finetuned"):
     _fail("evaluation.dual_encoder must be 'init' or 'finetuned'")
   if int(cfg["init_step"]) < 0:
