@@ -59,7 +59,13 @@ def test_classification_metrics_match_a_one_device_computation(tmp_path):
   assert got["matthews"] == pytest.approx(metrics.matthews(pred, rows["label"]))
   on_disk = json.load(open(os.path.join(wd, "results.json")))
   assert on_disk["evaluations"][-1]["metrics"]["accuracy"] == got["accuracy"]
-  assert "| 2 | validation |" in open(results["report_path"]).read()
+  report = open(results["report_path"]).read()
+  assert "| 2 | validation |" in report
+  # the figures: the training log and the task metric by step, files beside report.md
+  import re
+  images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+  assert images == ["training_curves.png", "task_metrics.png"], report
+  assert all(os.path.getsize(os.path.join(wd, name)) > 0 for name in images)
 
 
 @pytest.mark.slow

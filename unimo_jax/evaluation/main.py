@@ -128,7 +128,8 @@ def evaluate_workdir(workdir: str, steps: Sequence[Any] = ("latest",),
     config.evaluation.sources = {**_eval_section(config).get("sources", {}), **sources}
   if "task" in config:  # a fine-tuned run: its task's metrics (unimo_jax.finetune)
     from unimo_jax.finetune import main as finetune_main  # pylint: disable=import-outside-toplevel
-    return finetune_main.evaluate_workdir(workdir, steps, splits, config, model_cfg)
+    return finetune_main.evaluate_workdir(workdir, steps, splits, config, model_cfg,
+                                          figures=figures)
   section = _eval_section(config)
   if batch_size:
     section["batch_size"] = batch_size

@@ -1,7 +1,9 @@
 """The evaluation report: ``results.json``, ``report.md`` and PNG figures in a workdir.
 
 Figures (matplotlib, Agg backend, written only by process 0):
-  training_curves.png     losses and CMCL accuracy from ``metrics.jsonl`` (the trainer's log)
+  training_curves.png     losses and CMCL accuracy from ``metrics.jsonl`` (the trainer's log);
+                          ``line_panels`` draws other panels the same way (the fine-tuning
+                          report's, ``unimo_jax.finetune.report``)
   retrieval_<split>.png   query images with their top-5 captions, correct ones marked
   captions_<split>.png    generated captions under their images, with one reference
 
@@ -128,14 +130,21 @@ CURVES = (("loss", "total loss"), ("pair_cmcl/loss_i2t", "CMCL loss (i2t)"),
           ("learning_rate", "learning rate"))
 
 
-def training_curves(metrics_jsonl: str, out_png: str) -> bool:
-  """Plots the trainer's logged metrics (the keys of ``CURVES`` that exist) and ``eval/*``
+def read_jsonl(path: str) -> list[dict]:
+  """The rows of a JSONL log (``metrics.jsonl``); [] when the file does not exist."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def training_curves(metrics_jsonl: str, out_png: str, curves=CURVES) -> bool:
+  """Plots the trainer's logged metrics (the keys of ``curves`` that exist) and ``eval/*``
   retrieval metrics if present. Returns False when there is nothing to plot."""
-  if not os.path.exists(metrics_jsonl):
+  rows = read_jsonl(metrics_jsonl)
+  if not rows:
     return False
-  with open(metrics_jsonl) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  keys = [(k, t) for k, t in CURVES if any(r.get(k) is not None for r in rows)]
+  keys = [(k, t) for k, t in curves if any(r.get(k) is not None for r in rows)]
   evals = sorted({k for r in rows for k in r if k.startswith("eval/") and "r@1" in k})
   if evals:
     keys.append((evals, "eval R@1"))
@@ -156,6 +165,33 @@ def training_curves(metrics_jsonl: str, out_png: str) -> bool:
     if isinstance(key, list):
       ax.legend(fontsize=6)
   for ax in list(axes.flat)[len(keys):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def line_panels(out_png: str, panels: Sequence[tuple[str, Mapping[str, Sequence]]],
+                xlabel: str = "step", ncol: int = 3) -> bool:
+  """One panel per ``(title, {line label: [(x, y), ...]})``, laid out as ``training_curves``.
+  Returns False when no panel has a point."""
+  panels = [(t, {k: v for k, v in lines.items() if v}) for t, lines in panels]
+  panels = [(t, lines) for t, lines in panels if lines]
+  if not panels:
+    return False
+  plt = _plt()
+  nrow = -(-len(panels) // ncol)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.8 * nrow), squeeze=False)
+  for ax, (title, lines) in zip(axes.flat, panels):
+    for label, pts in lines.items():
+      pts = sorted(pts)
+      ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+  for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   fig.tight_layout()
   fig.savefig(out_png, dpi=90)

@@ -99,10 +99,10 @@ def make_evaluator(config, model_cfg, mesh, tokenizer, splits):
 
 
 def evaluate_workdir(workdir: str, steps=("latest",), splits=None, config=None,
-                     model_cfg=None, tokenizer=None) -> dict:
+                     model_cfg=None, tokenizer=None, figures: bool = True) -> dict:
   """``unimo-jax evaluate`` on a fine-tuned run: each step's task metrics on each split into
-  ``results.json`` (and a table in ``report.md``). Returns results.json's content plus
-  ``report_path``."""
+  ``results.json``, and ``report.md`` (a table and, unless ``figures`` is False, the figures of
+  ``finetune.report``). Returns results.json's content plus ``report_path``."""
   import time  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from unimo_jax import parallel  # pylint: disable=import-outside-toplevel
@@ -142,28 +142,11 @@ def evaluate_workdir(workdir: str, steps=("latest",), splits=None, config=None,
         results = report_lib.add_result(
             workdir, got, split, {"metrics": res, "pairs": {}},
             dict(task=config.task.kind, dropped=meta.get("dropped", {})))
-  path = os.path.join(workdir, "report.md")
-  if is_main:
-    with open(path, "w") as f:
-      f.write(report_text(results))
-  results["report_path"] = path if is_main else ""
-  results["table"] = report_text(results)  # what `unimo-jax evaluate` prints
+  from unimo_jax.finetune import report as ft_report  # pylint: disable=import-outside-toplevel
+  path = ft_report.write_report(workdir, results, task.spec.kind, figures) if is_main else ""
+  results["report_path"] = path
+  results["table"] = ft_report.report_text(results)  # what `unimo-jax evaluate` prints
   return results
-
-
-def report_text(results) -> str:
-  """A markdown table of every (step, split) evaluation's numeric task metrics."""
-  evals = results.get("evaluations", [])
-  keys = sorted({k for e in evals for k, v in e["metrics"].items()
-                 if isinstance(v, (int, float)) and k not in ("eval_seconds",)})
-  lines = ["# Fine-tuning results", "", "| step | split | " + " | ".join(keys) + " |",
-           "|---|---|" + "---|" * len(keys)]
-  for e in evals:
-    vals = [e["metrics"].get(k) for k in keys]
-    lines.append(f"| {e['step']} | {e['split']} | " + " | ".join(
-        "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in vals)
-        + " |")
-  return "\n".join(lines) + "\n"
 
 
 def finetune_from_config(config, workdir: str, *, tokenizer=None, **train_kw):
