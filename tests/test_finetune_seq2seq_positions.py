@@ -138,6 +138,33 @@ def test_a_block_past_the_table_fails_with_one_clear_line():
                      method=Unimo.encode_text)
 
 
+def test_cnndm_at_base_size_traces_training_and_decoding():
+  """The official shapes on the base model (514 positions): a training step's loss over
+  512 + 128 slots and a beam-search step after a 512-token source, traced (no compile)."""
+  from unimo_jax.model import ModelConfig
+  base = ModelConfig.preset("base")
+  assert base.max_positions == 514 and base.max_text_length == 512
+  task = tasks.Task(base, tasks.TaskSpec(kind="seq2seq", label_smoothing=0.1))
+  params = jax.eval_shape(lambda: nn.unbox(task.init_params(jax.random.key(0))))
+  b, i32 = 2, jnp.int32
+  spec = lambda n, dtype=i32: jax.ShapeDtypeStruct((b, n) if n else (b,), dtype)
+  batch = dict(ids=spec(640), segments=spec(640), position_ids=spec(640), positions=spec(127),
+               targets=spec(127), weights=spec(127, jnp.float32), row_valid=spec(0, bool))
+  loss, sums = jax.eval_shape(lambda p, x: task.loss(p, x, None, deterministic=True), params,
+                              batch)
+  assert loss.shape == () and sums["count"].shape == ()
+  model = Unimo(base)
+
+  def decode(p, source):
+    v = {"params": p["model"]}
+    _, cache = model.apply(v, 128, ids=source, method=Unimo.prefill, restart_positions=True)
+    out, cache = model.apply(v, jnp.full((b,), base.cls_id, i32), cache,
+                             method=Unimo.decode_step)
+    return out["logits"], cache["k"]
+  logits, k = jax.eval_shape(decode, params, jax.ShapeDtypeStruct((b, 512), i32))
+  assert logits.shape == (b, base.vocab_size) and k.shape[2] == 512 + 128
+
+
 def test_config_checks_each_block_not_the_sum():
   from unimo_jax.finetune import config as config_lib
   import importlib

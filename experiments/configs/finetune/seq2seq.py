@@ -13,8 +13,8 @@ Official recipes (UNIMO ``script/*/model_conf``), base (large):
             lp 1.0 (1.2); paper BLEU-4 22.78 (24.59)
 The target's positions restart at 0, so the source and the target must each fit the
 position table, not their sum: CNN/DM's 512 + 128 runs on the base model's 514 positions
-(512 text positions), in training and beam search. Data (``base|large``): ``DATA_DIR/<task>/{train,dev,test}.tsv`` with the header
-``source,target``. ``demo``: the generated canonical-caption task (``python -m
+(512 text positions), in training and beam search. Data (``base|large``):
+``DATA_DIR/<task>/{train,dev,test}.tsv`` with the header ``source,target``. ``demo``: the generated canonical-caption task (``python -m
 data_pipelines.finetune.demo_text --out DATA_DIR/finetune``).
 """
 import os
