@@ -12,7 +12,9 @@ warm-up):
 With --paper it instead measures the paper's shapes on generated data (`paper_shapes.py`):
 per-core rows/s of the Python row builder by phase for the code at --old_rev and this checkout
 (alternated runs of each, in child processes), then rows/s through tf.data for each
---workers value. E.g. (under 3 minutes on 2 cores):
+--workers value. The new path reads region features from float16 stores converted once from
+the npz files and the TSV (`unimo-jax prepare regions`; the conversion's throughput is
+printed); the old path reads the npz / TSV files. E.g. (under 3 minutes on 2 cores):
   python benchmarks/input_pipeline.py --paper --batch 16 --batches 6 --runs 3 --workers 0,1,2
 With --train_steps > 0 it also trains the demo model on random schema batches for that many
 steps and prints the ratio of the pipeline's steps/s to the train step's (> 1: the input keeps
@@ -142,11 +144,14 @@ def _paper_tokenizer(root: str):
   return "sentencepiece:" + model
 
 
-def _profiles(tree: str, root: str, tok: str, batch: int, batches: int) -> dict:
-  """Per-row profile of every case on the code tree `tree` ("" = this checkout), in a child."""
+def _profiles(tree: str, root: str, tok: str, batch: int, batches: int,
+              regions: str = "raw", fast_decode: bool = False) -> dict:
+  """Per-row profile of every case on the code tree `tree` ("" = this checkout), in a child;
+  `regions` "store" reads the converted region stores (the new path), "raw" npz / TSV."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_shapes.py")
   out = subprocess.run([sys.executable, script, "--tree", tree, "--root", root, "--tokenizer",
-                        tok, "--batch", str(batch), "--batches", str(batches)],
+                        tok, "--batch", str(batch), "--batches", str(batches),
+                        "--regions", regions] + (["--fast_decode"] if fast_decode else []),
                        capture_output=True, text=True, check=False)
   line = [l for l in out.stdout.splitlines() if l.startswith("PROFILE ")]
   if out.returncode or not line:
@@ -171,6 +176,11 @@ def paper_benchmark(args) -> int:
   root = paper_shapes.write_paper_data(os.path.expanduser(args.paper_dir),
                                       docs=args.paper_docs, images=args.paper_images)
   tok_spec = _paper_tokenizer(root)
+  # The new path reads region features from stores converted once (`unimo-jax prepare regions`);
+  # the old path reads the npz files and the base64 TSV as before.
+  for name, (records, sec, mbs, kind) in paper_shapes.convert_regions(root).items():
+    print(f"one-off conversion {kind} -> {name}: {records} records in {sec:.1f} s "
+          f"({records / max(sec, 1e-9):,.0f} records/s, {mbs:,.0f} MB/s of input)")
   print(f"paper shapes under {root}: text L 512 (MLM P 80 + infilling P2 160); pairs 5 captions, "
         f"224 px JPEG, Kp 2, Kn 4 (TF-IDF + lexicon), Ki 1, Kt 1; regions R 100, F 2048, "
         f"C 1601 (npz / TSV); batch {args.batch}; os.cpu_count() {os.cpu_count()}")
@@ -179,22 +189,34 @@ def paper_benchmark(args) -> int:
     old = _old_tree(args.old_rev, tmp)
     for _ in range(args.runs):  # alternated, so a change in the machine's load hits both
       runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches))
-      runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches))
+      runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches, "store",
+                                   fast_decode=True))
   med = {k: {case: {p: statistics.median(r[case][p] for r in v) for p in v[0][case]}
              for case in v[0]} for k, v in runs.items()}
   print(f"\nPython row building per core: rows per CPU second (median of {args.runs} "
-        f"alternated runs; old = {args.old_rev}, new = this checkout); CPU microseconds per "
-        f"row by phase, old>new")
+        f"alternated runs; old = {args.old_rev}, new = this checkout, region features from the "
+        f"converted stores); CPU microseconds per row by phase, old>new; TF decode: CPU "
+        f"microseconds per image (one TF thread), and rows per CPU second with it")
   phases = paper_shapes.PHASES
   print(f"  {'case':<11} {'old rows/s':>10} {'new rows/s':>10} {'x':>5}  " +
-        " ".join(f"{p:>13}" for p in phases) + f" {'TF decode':>13}")
+        " ".join(f"{p:>13}" for p in phases) + f" {'TF decode':>13} {'with decode':>17}")
   for case in med["new"]:
     o, n = med["old"][case], med["new"][case]
     cells = " ".join(f"{1e6 * o[p]:>6.0f}>{1e6 * n[p]:<6.0f}" for p in phases)
-    dec = (f"{1e6 * o['decode']:>6.0f}>{1e6 * n['decode']:<6.0f}" if "decode" in n
-           else f"{'-':>13}")
+    dec = with_dec = f"{'-':>13}"
+    if "decode" in n:
+      dec = f"{1e6 * o['decode']:>6.0f}>{1e6 * n['decode']:<6.0f}"
+      ot, nt = (o["total"] + o["images"] * o["decode"], n["total"] + n["images"] * n["decode"])
+      with_dec = f"{1 / ot:>5,.0f}>{1 / nt:<5,.0f} {ot / nt:.2f}x"
     print(f"  {case:<11} {1 / o['total']:>10,.0f} {1 / n['total']:>10,.0f} "
-          f"{o['total'] / n['total']:>5.2f}  {cells} {dec}")
+          f"{o['total'] / n['total']:>5.2f}  {cells} {dec} {with_dec:>17}")
+  for case in med["new"]:
+    o, n = med["old"][case], med["new"][case]
+    if "decode_fast" in n:
+      ot = o["total"] + o["images"] * o["decode"]
+      nt = n["total"] + n["images"] * n["decode_fast"]
+      print(f"  {case} with data.jpeg_decode='fast': TF decode {1e6 * n['decode_fast']:.0f} us "
+            f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
   print(f"\nthrough tf.data (new code, this process + data.workers processes), rows per wall "
         f"second; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
   counts = [int(w) for w in args.workers.split(",")]
@@ -206,7 +228,7 @@ def paper_benchmark(args) -> int:
       continue
     rates = []
     for w in counts:
-      cfg = only(paper_shapes.paper_config(root, visual, args.batch), stream)
+      cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store"), stream)
       cfg.workers = w
       it = pipeline.make_pipeline(cfg, tokenizer=tok)
       try:

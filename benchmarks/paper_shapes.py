@@ -8,8 +8,11 @@
   pairs/neighbours.jsonl   one related image and one related text per image (Ki = Kt = 1)
   regions/*.npz            100 regions, F 2048, C 1601 class probabilities (image stream)
   regions.tsv              the same regions as the official base64 TSV (pair stream, regions)
-and `paper_config(root, visual)` is a ``data`` section at the paper's sizes over them (text
-L 512, P 80, L2 512, P2 160; pairs L 64, P 10, P2 64, Kp 2, Kn 4, Ki 1, Kt 1; 224 px; R 100).
+and `convert_regions(root)` converts both once (`unimo-jax prepare regions`'s `write_store`) to
+  store_npz/, store_tsv/   float16 region stores (source kind region_store)
+`paper_config(root, visual)` is a ``data`` section at the paper's sizes over them (text
+L 512, P 80, L2 512, P2 160; pairs L 64, P 10, P2 64, Kp 2, Kn 4, Ki 1, Kt 1; 224 px; R 100);
+with ``regions="store"`` its region sources read the converted stores instead of npz / TSV.
 
 `RowProfile(stream)` wraps the row builder's parts (read, tokenise, mask, rewrite, regions) with
 timers, so `profile_rows` can say where a row's time goes; `decode_seconds_per_image` times the
@@ -113,6 +116,31 @@ def write_paper_data(root: str, *, docs=96, images=48, regions=100, seed=0) -> s
   return root
 
 
+def convert_regions(root: str) -> dict:
+  """Converts regions/ and regions.tsv to float16 stores under `root` (once; a store is written
+  under a temporary name and renamed, so an interrupted conversion is redone). Returns
+  {store: (records, seconds, MB read per second)} of the conversions (from their manifests)."""
+  from data_pipelines.sources import open_source  # pylint: disable=import-outside-toplevel
+  from data_pipelines.sources import region_store  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name, kind, src in (("store_npz", "region_npz", "regions"),
+                          ("store_tsv", "region_tsv", "regions.tsv")):
+    final, path = os.path.join(root, name), os.path.join(root, src)
+    if not os.path.exists(final):
+      tmp = final + ".partial"
+      if os.path.exists(tmp):
+        import shutil  # pylint: disable=import-outside-toplevel
+        shutil.rmtree(tmp)
+      region_store.write_store(open_source(dict(kind=kind, path=path), name=kind), tmp)
+      os.rename(tmp, final)
+    with open(os.path.join(final, region_store.MANIFEST)) as f:
+      m = json.load(f)
+    size = (sum(os.path.getsize(os.path.join(path, p)) for p in os.listdir(path))
+            if os.path.isdir(path) else os.path.getsize(path))
+    out[name] = (m["records"], m["seconds"], size / max(m["seconds"], 1e-9) / 1e6, kind)
+  return out
+
+
 def tokenizer_sentences(root: str):
   with open(os.path.join(root, "text", "docs.txt")) as f:
     out = [line.strip() for line in f]
@@ -122,8 +150,11 @@ def tokenizer_sentences(root: str):
   return out
 
 
-def paper_config(root: str, visual: str, batch: int = 32, tokenizer: str = ""):
-  """The ``data`` section at the paper's sizes over `write_paper_data(root)`'s files."""
+def paper_config(root: str, visual: str, batch: int = 32, tokenizer: str = "",
+                 regions: str = "raw"):
+  """The ``data`` section at the paper's sizes over `write_paper_data(root)`'s files; region
+  features from the npz / TSV files (``regions="raw"``) or from `convert_regions`'s stores
+  (``"store"``)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   d = ml_collections.ConfigDict()
   d.seed = 0
@@ -137,7 +168,10 @@ def paper_config(root: str, visual: str, batch: int = 32, tokenizer: str = ""):
                image_dir=f"{root}/pairs/images", neighbours=f"{root}/pairs/neighbours.jsonl",
                tfidf_negatives=f"{root}/pairs/tfidf.jsonl", lexicon_negatives=True)
   images = dict(name="images", kind="image_folder", path=f"{root}/pairs/images")
-  if visual == "regions":
+  if visual == "regions" and regions == "store":
+    pairs["regions"] = dict(kind="region_store", path=f"{root}/store_tsv")
+    images["regions"] = dict(kind="region_store", path=f"{root}/store_npz")
+  elif visual == "regions":
     pairs["regions"] = dict(kind="region_tsv", path=f"{root}/regions.tsv")
     images["regions"] = dict(kind="region_npz", path=f"{root}/regions")
   d.streams = ml_collections.ConfigDict()
@@ -218,20 +252,23 @@ def profile_rows(stream, batches: int):
   return total / rows, phases
 
 
-def decode_seconds_per_image(stream, images: int = 64) -> float:
-  """CPU seconds per image of TF decode + resize + normalise (a one-thread tf.data map)."""
+def decode_seconds_per_image(stream, images: int = 64, jpeg_decode: str = "") -> float:
+  """CPU seconds per image of TF decode + resize + normalise: a one-thread tf.data map in a
+  process whose TF thread pools have one thread each (`_profile_main`), so the process CPU time
+  is the decode's and not idle pool threads spinning. `jpeg_decode` "" is the tree's default."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from data_pipelines import images as images_lib  # pylint: disable=import-outside-toplevel
   rows = [stream.row(g, *[int(v[0]) for v in stream.mixture.records([g])]) for g in range(images)]
   data = [r["_image"][0] for r in rows if r["_image"][0]]
   ratio = [int(r["_image_ratio"][0]) for r in rows if r["_image"][0]]
   size, cfg = stream.builder.d["S"], stream.cfg
+  kw = dict(jpeg_decode=jpeg_decode) if jpeg_decode else {}
   ds = tf.data.Dataset.from_tensor_slices((data, np.asarray(ratio, np.int32))).map(
       lambda b, r: images_lib.decode_image(b, r, image_size=size, mean=cfg["pixel_mean"],
-                                           std=cfg["pixel_std"]))
+                                           std=cfg["pixel_std"], **kw))
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
-  ds = ds.with_options(options)
+  ds = ds.with_options(options).repeat(4)
   for _ in ds.take(2):
     pass
   t = time.process_time()
@@ -259,10 +296,17 @@ def _profile_main(argv=None):
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--batches", type=int, default=4)
   p.add_argument("--cases", default=",".join(c for c, _, _ in CASES))
+  p.add_argument("--regions", default="raw", choices=("raw", "store"),
+                 help="region features from npz / TSV, or from the converted stores")
+  p.add_argument("--fast_decode", action="store_true",
+                 help="also time JPEG decoding with data.jpeg_decode='fast' (decode_fast)")
   a = p.parse_args(argv)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if a.tree:
     sys.path.insert(0, a.tree)  # ahead of this checkout
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  tf.config.threading.set_intra_op_parallelism_threads(1)
   from data_pipelines import pipeline, tokenizers  # pylint: disable=import-outside-toplevel
   from data_pipelines.streams import Stream  # pylint: disable=import-outside-toplevel
   tok = tokenizers.load_tokenizer(a.tokenizer)
@@ -270,12 +314,15 @@ def _profile_main(argv=None):
   for case, visual, stream in CASES:
     if case not in a.cases.split(","):
       continue
-    cfg = pipeline.resolve_config(paper_config(a.root, visual, a.batch))
+    cfg = pipeline.resolve_config(paper_config(a.root, visual, a.batch, regions=a.regions))
     st = Stream(stream, cfg, tok, process_index=0, process_count=1)
     total, phases = profile_rows(st, a.batches)
     out[case] = dict(total=total, **phases)
     if visual == "patches" and stream != "text":
+      out[case]["images"] = float(st.num_images)  # images decoded per row
       out[case]["decode"] = decode_seconds_per_image(st, 16)
+      if a.fast_decode:
+        out[case]["decode_fast"] = decode_seconds_per_image(st, 16, "fast")
   print("PROFILE " + json.dumps(out), flush=True)
 
 

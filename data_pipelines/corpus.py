@@ -69,7 +69,7 @@ def config_texts(config) -> Iterator[str]:
     for k, spec in enumerate(scfg.get("sources", [])):
       spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
       spec.pop("regions", None)  # a region store joined by key has no text
-      if spec.get("kind") in ("region_npz", "region_tsv", "image_folder"):
+      if spec.get("kind") in ("region_npz", "region_tsv", "region_store", "image_folder"):
         continue
       same = json.dumps({k: spec.get(k) for k in ("kind", "path", "tfds_name", "split",
                                                    "data_dir", "field_map")}, sort_keys=True)

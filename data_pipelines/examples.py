@@ -29,6 +29,32 @@ from data_pipelines.sources.base import BadRecord, text_list
 from unimo_jax import masking
 
 
+# Row fields in `RowBuilder.region_dtype` (float32 in the schema; `Stream` casts them back).
+HALF_FIELDS = ("region_features", "region_class_probs", "related_region_features")
+
+
+class Padded:
+  """A row field that is `data` [n, ...] followed by zeros up to `shape` (n <= shape[0]).
+
+  Region rows are 1.4 MB of float32 at the paper's shapes: `Stream.batch` writes the n rows
+  straight into its batch array (`write`) instead of copying a padded per-row array into it, and
+  anything else sees the padded array through ``np.asarray`` (the same values either way)."""
+  __slots__ = ("data", "shape", "dtype")
+
+  def __init__(self, data, shape, dtype):
+    self.data, self.shape, self.dtype = data, tuple(shape), np.dtype(dtype)
+
+  def write(self, out):
+    """Fills `out` (zeros, `shape`) with the data."""
+    if len(self.data):
+      out[:len(self.data)] = self.data
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.zeros(self.shape, self.dtype)
+    self.write(out)
+    return out if dtype is None else out.astype(dtype)
+
+
 def _cut(stats):
   if stats is not None:
     stats["truncated"] = stats.get("truncated", 0) + 1
@@ -100,6 +126,9 @@ class RowBuilder:
     self.overlap = float(cfg.get("region_overlap_threshold", 0.3))
     self.max_pixels = int(cfg.get("max_image_pixels", 1 << 26))
     self.spec = schema.row_spec(stream, cfg)
+    # dtype of region features and class probabilities in the rows: float16 when every source
+    # of the stream gives float16 (`Stream` sets it; exact, as the values are float16 already).
+    self.region_dtype = np.dtype(np.float32)
     if stream in ("text", "pair") and self.codec is None:
       raise ValueError(f"stream {stream} needs a tokenizer")
 
@@ -175,7 +204,8 @@ class RowBuilder:
 
   def _regions(self, rec):
     """Raw regions -> (features [R,F], boxes5 [R,5], valid [R], pixel boxes [R,4], classes,
-    probs) padded/truncated to R (the detector's first R regions are kept)."""
+    probs) padded/truncated to R (the detector's first R regions are kept); features and probs
+    are `Padded` (the batch is written from the source's arrays without a padded copy)."""
     reg = rec.get("regions")
     if reg is None:
       raise BadRecord("missing_regions", "no regions")
@@ -198,26 +228,27 @@ class RowBuilder:
     if not w or not h:  # no image size anywhere: the boxes' extent is the best estimate
       w = float(max(1.0, boxes[:, 2].max())) if len(boxes) else 1.0
       h = float(max(1.0, boxes[:, 3].max())) if len(boxes) else 1.0
-    out_f = np.zeros((R, F), np.float32)
+    dt = self.region_dtype
+    out_f = Padded(feats[:n], (R, F), dt)
     out_b = np.zeros((R, 5), np.float32)
     pix = np.zeros((R, 4), np.float32)
     valid = np.zeros(R, bool)
     cls = np.zeros(R, np.int32)
-    prb = np.zeros((R, C), np.float32)
+    prb = Padded(probs[:n] if probs is not None else np.zeros((0, C), dt), (R, C), dt)
     if n:
       b = boxes[:n]
       nb = np.clip(b / np.asarray([w, h, w, h], np.float32), 0.0, 1.0)
       out_b[:n, :4] = nb
       out_b[:n, 4] = (nb[:, 2] - nb[:, 0]) * (nb[:, 3] - nb[:, 1])
-      out_f[:n] = feats[:n]
       pix[:n] = b
       valid[:n] = True
       if probs is not None:
-        prb[:n] = probs[:n]
         cls[:n] = np.argmax(probs[:n], axis=1) if classes is None else classes[:n]
       else:
         cls[:n] = classes[:n]
-        prb[np.arange(n), cls[:n]] = 1.0
+        one_hot = np.zeros((n, C), dt)
+        one_hot[np.arange(n), cls[:n]] = 1.0
+        prb = Padded(one_hot, (R, C), dt)
     return out_f, out_b, valid, pix, cls, prb
 
   def _visual(self, rec, rng, row):
@@ -253,14 +284,15 @@ class RowBuilder:
         valid[k] = ok  # the TF stage also clears it if the decode fails
     else:
       R, F = self.d["R"], self.d["F"]
-      feats = np.zeros((Ki, R, F), np.float32)
+      feats = np.zeros((Ki, R, F), self.region_dtype)
       boxes = np.zeros((Ki, R, 5), np.float32)
       rvalid = np.zeros((Ki, R), bool)
       for k in range(min(Ki, len(related))):
         if related[k] is None:
           continue
         try:
-          feats[k], boxes[k], rvalid[k], _, _, _ = self._regions(related[k])
+          f, boxes[k], rvalid[k], _, _, _ = self._regions(related[k])
+          f.write(feats[k])
           valid[k] = True
         except BadRecord:
           pass
@@ -330,6 +362,8 @@ class RowBuilder:
         continue
       is_ids = name.endswith("_ids") and name != "s2s_position_ids"
       fill = self.codec.pad if (is_ids and self.codec is not None) else 0
+      if name in HALF_FIELDS:
+        dtype = self.region_dtype
       row[name] = np.full(shape, fill, dtype)
     if self.visual == "patches" and self.stream != "text":
       k = 1 + (self.d["Ki"] if self.stream == "pair" else 0)

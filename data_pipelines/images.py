@@ -155,13 +155,31 @@ def jpeg_ratio_index(width, height, image_size: int) -> int:
   return best
 
 
-def decode_image(data, ratio_index, *, image_size: int, mean, std):
+JPEG_DECODES = ("accurate", "fast")
+
+
+def check_jpeg_decode(value) -> str:
+  """``data.jpeg_decode``: "accurate" (default) or "fast"; ValueError (one line) otherwise."""
+  if value not in JPEG_DECODES:
+    raise ValueError(f"data.jpeg_decode must be one of {JPEG_DECODES}, got {value!r}")
+  return value
+
+
+def decode_image(data, ratio_index, *, image_size: int, mean, std, jpeg_decode="accurate"):
   """TF ops: encoded bytes (scalar string) -> float32 ``[S, S, 3]`` normalised pixels.
 
   `ratio_index` (scalar int32) picks the JPEG DCT downscale (see `jpeg_ratio_index`); other
   formats ignore it. Raises (inside tf.data) on undecodable bytes: use `safe_decode_image`.
+  `jpeg_decode` "accurate" is libjpeg's default (the slow integer IDCT and fancy chroma
+  upsampling); "fast" uses the fast integer IDCT and plain chroma replication: different pixels
+  (benchmarks/README.md gives the measured difference and the time it saves).
   """
+  fast = check_jpeg_decode(jpeg_decode) == "fast"
+
   def jpeg(r):
+    if fast:
+      return lambda: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_FAST",
+                                       fancy_upscaling=False)
     return lambda: tf.io.decode_jpeg(data, channels=3, ratio=r)
 
   def other():
@@ -201,7 +219,8 @@ def normalise(img, *, mean, std):
   return (img / 255.0 - mean) / std
 
 
-def safe_decode_image(data, ratio_index, present, *, image_size: int, mean, std):
+def safe_decode_image(data, ratio_index, present, *, image_size: int, mean, std,
+                      jpeg_decode="accurate"):
   """`decode_image` that never raises: returns ``(pixels [S,S,3] f32, ok bool)``.
 
   `present` False skips the decode (an absent related image) and returns ``(zeros, False)``.
@@ -212,7 +231,8 @@ def safe_decode_image(data, ratio_index, present, *, image_size: int, mean, std)
 
   def attempt():
     ds = tf.data.Dataset.from_tensors((data, ratio_index)).map(
-        lambda b, r: (decode_image(b, r, image_size=image_size, mean=mean, std=std), True))
+        lambda b, r: (decode_image(b, r, image_size=image_size, mean=mean, std=std,
+                                   jpeg_decode=jpeg_decode), True))
     ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors((zeros, False)))
     return ds.take(1).get_single_element()
 

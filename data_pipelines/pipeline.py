@@ -34,6 +34,9 @@ Config (``data`` section; `default_config()` has every field with its default):
   image_size, patch_size   S and the patch side (N = (S / patch)^2 visual tokens with patches)
   pixel_mean, pixel_std    per-channel normalisation of pixels in [0, 1] (default 0.5: [-1, 1])
   max_image_pixels     images whose header says more pixels are dropped (image_too_large)
+  jpeg_decode          "accurate" (libjpeg's default IDCT and chroma upsampling) | "fast"
+                       (fast integer IDCT, no fancy upsampling: other pixels, less decode time;
+                       benchmarks/README.md)
   num_regions, region_feature_dim, num_region_classes   R, F, C of the regions input
   region_mask_rate, region_overlap_threshold            MRP masking (0.15, IoU 0.3)
   num_positives, num_negatives, num_related_images, num_related_texts   Kp, Kn, Ki, Kt
@@ -83,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pixel_mean = (0.5, 0.5, 0.5)
   c.pixel_std = (0.5, 0.5, 0.5)
   c.max_image_pixels = 1 << 26
+  c.jpeg_decode = "accurate"
   c.num_regions = 36
   c.region_feature_dim = 2048
   c.num_region_classes = 1601
@@ -178,6 +182,8 @@ def _fingerprint(cfg) -> str:
   """Hash of what decides the batches (not parallelism or prefetch)."""
   keep = {k: v for k, v in cfg.items()
           if k not in ("parallel_batches", "prefetch", "workers", "worker_ahead")}
+  if keep.get("jpeg_decode") == "accurate":  # the default of a later field: old states resume
+    del keep["jpeg_decode"]
   return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@
     unimo-jax prepare synthetic_scenes --data-dir D [--size demo|tiny|small|...]
     unimo-jax prepare tfidf --captions captions.jsonl --out negatives.jsonl [--k 4]
     unimo-jax prepare neighbours --config C[:ARG] [--workdir W --step S] [--out F]
+    unimo-jax prepare regions --kind region_npz|region_tsv --path SRC --out DIR [--dtype float16]
 
 ``synthetic_scenes`` builds the three TFDS configs (pairs, text, images) under D, trains the
 default SentencePiece tokenizer on their captions, QA and corpus (D/tokenizer/spm.model for the
@@ -18,6 +19,12 @@ A manifest D/prepared-<config>.json records paths, sizes and timings.
 training config (`data_pipelines.neighbours`; its ``neighbours`` section picks the scorers) to
 F, by default the ``neighbours`` file the config's pair source reads. It prints the builder's
 throughput and, on synthetic_scenes, precision@k against the ground truth.
+
+``regions`` converts region features (a ``region_npz`` directory or glob, or the official
+base64 ``region_tsv``) into a ``region_store`` directory (`data_pipelines.sources.region_store`:
+sharded float16 .npy arrays read by memory map), which a source spec then names as
+``regions=dict(kind="region_store", path=DIR)``. Bad records are skipped and counted; it prints
+records/s and MB/s of the conversion.
 """
 import json
 import os
@@ -150,6 +157,20 @@ def prepare_tfidf(captions_file: str, out: str, k: int) -> int:
   return n
 
 
+def prepare_regions(kind: str, path: str, out: str, dtype: str, shard_images: int) -> dict:
+  from data_pipelines.sources import open_source  # pylint: disable=import-outside-toplevel
+  from data_pipelines.sources import region_store  # pylint: disable=import-outside-toplevel
+  src = open_source(dict(kind=kind, path=path), name=f"{kind}:{path}")
+  m = region_store.write_store(src, os.path.expanduser(out), dtype=dtype,
+                               shard_images=shard_images, log=_log)
+  sec = max(m["seconds"], 1e-9)
+  _log(f"regions: {m['records']} records ({sum(m['skipped'].values())} skipped: "
+       f"{m['skipped']}) -> {out} in {sec:.1f}s: {m['records'] / sec:,.0f} records/s, "
+       f"{m['bytes'] / sec / 1e6:,.0f} MB/s written ({m['dtype']}, F {m['feature_dim']}, "
+       f"C {m['num_classes']})")
+  return m
+
+
 def _parser(prog):
   from unimo_jax import commands  # pylint: disable=import-outside-toplevel
   p = commands.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
@@ -184,6 +205,14 @@ def _parser(prog):
                  help="the checkpoint step of --workdir (default: the latest)")
   n.add_argument("--out", default=None,
                  help="the side file to write (default: the pair source's neighbours file)")
+  r = sub.add_parser("regions", help="convert npz / base64 TSV region features to a region store")
+  r.add_argument("--kind", required=True, choices=("region_npz", "region_tsv"),
+                 help="the format of --path")
+  r.add_argument("--path", required=True, help="npz directory or glob, or TSV file(s)")
+  r.add_argument("--out", required=True, help="the store directory to write (must not hold one)")
+  r.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                 help="features and class probabilities (float16: half the bytes, rounded)")
+  r.add_argument("--shard-images", type=int, default=256, help="images per shard file")
   return p
 
 
@@ -225,6 +254,9 @@ def main(argv) -> int:
 def _run(args) -> int:
   if args.dataset == "tfidf":
     prepare_tfidf(args.captions, args.out, args.k)
+    return 0
+  if args.dataset == "regions":
+    prepare_regions(args.kind, args.path, args.out, args.dtype, args.shard_images)
     return 0
   if args.dataset == "neighbours":
     prepare_neighbours(args.config, args.out, args.workdir, args.step)

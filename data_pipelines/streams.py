@@ -25,7 +25,7 @@ import numpy as np
 from data_pipelines.lazy import tensorflow as tf  # loaded on first use (row workers never do)
 
 from data_pipelines import images, rewriting, schema
-from data_pipelines.examples import RowBuilder
+from data_pipelines.examples import HALF_FIELDS, Padded, RowBuilder
 from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, load_neighbours, open_source
 from data_pipelines.worker_errors import PoolStopped
@@ -53,6 +53,10 @@ class Stream:
     self.max_attempts = max(1, int(cfg.get("max_attempts", 8)))
     self.builder = RowBuilder(stream, cfg, tokenizer)
     self.patches = cfg["visual_input"] == "patches" and stream != "text"
+    try:
+      images.check_jpeg_decode(cfg.get("jpeg_decode", "accurate"))
+    except ValueError as e:
+      raise schema.SchemaError(str(e)) from None
     self.num_images = (1 + (self.builder.d["Ki"] if stream == "pair" else 0)) if self.patches else 0
     self.sources, self.names, self.neighbours, weights = [], [], [], []
     self.tfidf, self.lexicon = [], []  # per source: {example id: negatives}, rewrite flag
@@ -74,6 +78,12 @@ class Stream:
           spec["tfidf_negatives"])) if spec.get("tfidf_negatives") else {})
       self.lexicon.append(bool(spec.get("lexicon_negatives", False)))
       weights.append(float(spec.get("weight", 1.0)))
+    # Every source gives float16 region features (float16 region stores): the rows and the
+    # batches carry them as float16 (half the bytes to write and to pass from the workers) and
+    # the tf.data stage casts them to the schema's float32, exactly.
+    if cfg["visual_input"] == "regions" and stream != "text" and self.sources and all(
+        src.region_dtype == np.float16 for src in self.sources):
+      self.builder.region_dtype = np.dtype(np.float16)
     self.mixture = Mixture(weights, [len(s) for s in self.sources], seed=self.seed,
                            stream_id=self.stream_id, period=int(cfg.get("mixture_period", 1000)))
     self._lock = threading.Lock()
@@ -91,6 +101,8 @@ class Stream:
     for name, (shape, dtype) in schema.row_spec(self.stream, self.cfg).items():
       if self.patches and name in ("pixels", "related_pixels"):
         continue
+      if name in HALF_FIELDS:
+        dtype = self.builder.region_dtype
       spec[name] = (shape, dtype)
     if self.patches:
       spec["_image"] = ((self.num_images,), np.dtype(object))
@@ -195,6 +207,16 @@ class Stream:
       if dtype == np.dtype(object):
         out.append(np.asarray([list(r[name]) for r in rows], dtype=object).reshape(
             (self.local_batch,) + shape))
+      elif any(isinstance(r[name], Padded) for r in rows):
+        # Written in place: the same values as stacking the padded rows, one copy fewer.
+        a = np.zeros((self.local_batch,) + tuple(shape), dtype)
+        for j, r in enumerate(rows):
+          v = r[name]
+          if isinstance(v, Padded):
+            v.write(a[j])
+          else:
+            a[j] = np.asarray(v, dtype).reshape(shape)
+        out.append(a)
       else:
         out.append(np.stack([np.asarray(r[name], dtype) for r in rows]).reshape(
             (self.local_batch,) + shape))
@@ -210,6 +232,7 @@ class Stream:
     names = list(self.out_spec)
     touts = [tf.string if d == np.dtype(object) else tf.as_dtype(d)
              for _, d in self.out_spec.values()]
+    row_spec = schema.row_spec(self.stream, self.cfg)
 
     def rows_of_step(step):
       if fetch is not None:
@@ -228,6 +251,8 @@ class Stream:
       for name, a in zip(names, arrays):
         shape = (self.local_batch,) + tuple(self.out_spec[name][0])
         out[name] = tf.ensure_shape(a, shape)
+        if name in row_spec and row_spec[name][1] != self.out_spec[name][1]:
+          out[name] = tf.cast(out[name], row_spec[name][1])  # float16 -> float32, exact
       return out
 
     ds = tf.data.Dataset.range(0, np.iinfo(np.int64).max)
@@ -263,7 +288,8 @@ class Stream:
     for k in range(self.num_images):
       p, o = images.safe_decode_image(
           row["_image"][k], row["_image_ratio"][k], row["_image_present"][k], image_size=size,
-          mean=cfg.get("pixel_mean", (0.5, 0.5, 0.5)), std=cfg.get("pixel_std", (0.5, 0.5, 0.5)))
+          mean=cfg.get("pixel_mean", (0.5, 0.5, 0.5)), std=cfg.get("pixel_std", (0.5, 0.5, 0.5)),
+          jpeg_decode=cfg.get("jpeg_decode", "accurate"))
       pix.append(p)
       ok.append(o)
     out = {k: v for k, v in row.items() if k not in _IMAGE_SLOTS}

@@ -89,8 +89,14 @@ def test_paper_shapes_data_and_profile(tmp_path):
   root = paper_shapes.write_paper_data(str(tmp_path / "paper"), docs=4, images=4)
   tok = tokenizers.load_tokenizer("sentencepiece:" + tokenizers.train_sentencepiece(
       paper_shapes.tokenizer_sentences(root), str(tmp_path / "spm"), 200, fit_vocab=True))
-  for case, visual, stream in paper_shapes.CASES:
-    cfg = pipeline.resolve_config(paper_shapes.paper_config(root, visual, batch=2))
+  converted = paper_shapes.convert_regions(root)
+  assert {n: v[0] for n, v in converted.items()} == dict(store_npz=4, store_tsv=4)
+  cases = list(paper_shapes.CASES) + [(c + "_store", v, s) for c, v, s in paper_shapes.CASES
+                                      if v == "regions"]
+  for case, visual, stream in cases:
+    regions = "store" if case.endswith("_store") else "raw"
+    cfg = pipeline.resolve_config(paper_shapes.paper_config(root, visual, batch=2,
+                                                            regions=regions))
     st = Stream(stream, cfg, tok, process_index=0, process_count=1)
     total, phases = paper_shapes.profile_rows(st, 1)
     assert total > 0 and set(phases) == set(paper_shapes.PHASES), case
@@ -112,3 +118,4 @@ def test_input_pipeline_paper_mode(tmp_path, capsys):
   assert re.findall(r"^  (text|pair_jpeg|image_jpeg|image_npz|pair_tsv) +[\d,]+", out,
                     flags=re.M)[:5] == ["text", "pair_jpeg", "image_jpeg", "image_npz", "pair_tsv"]
   assert "workers=1" in out
+  assert out.count("one-off conversion") == 2

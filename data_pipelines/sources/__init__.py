@@ -2,7 +2,8 @@
 
 A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   name        unique name, used in error messages and drop counts (default: the kind + index)
-  kind        tfds | webdataset | coco | image_folder | text | jsonl | region_npz | region_tsv
+  kind        tfds | webdataset | coco | image_folder | text | jsonl | region_npz | region_tsv |
+              region_store (converted by `unimo-jax prepare regions`: `region_store`)
   weight      mixture weight within its stream (default 1.0)
   path        file, directory, glob or list of them (every kind but tfds)
   tfds_name   e.g. "coco_captions/2017" or "synthetic_scenes/pairs" (kind tfds); split, data_dir,
@@ -11,7 +12,7 @@ A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   image_dir   images of a coco / jsonl source (without it the source has no images: captions
               with region features joined by key)
   field_map   {raw key: feature/json key}, for tfds and jsonl
-  regions     {kind: region_npz | region_tsv, path}: region features joined by image key (needed
+  regions     {kind: region_npz | region_tsv | region_store, path}: region features joined by image key (needed
               with visual_input "regions" when the source has no regions of its own)
   neighbours  JSON lines side file of related images / texts (see `base.load_neighbours`)
   related_images  pairs: {source spec} of the image collection the neighbours' image keys may
@@ -23,17 +24,19 @@ A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
 from data_pipelines.sources.base import BadRecord, Source, load_neighbours
 from data_pipelines.sources.files import (CocoCaptionsSource, ImageFolderSource, JsonlSource,
                                           TextSource)
+from data_pipelines.sources.region_store import RegionStoreSource
 from data_pipelines.sources.regions import NpzRegionSource, RegionJoin, TsvRegionSource
 from data_pipelines.sources.related import RelatedImages
 from data_pipelines.sources.tfds_source import TfdsSource, load_builder
 from data_pipelines.sources.webdataset import WebDatasetSource
 
 KINDS = ("tfds", "webdataset", "coco", "image_folder", "text", "jsonl", "region_npz",
-         "region_tsv")
+         "region_tsv", "region_store")
 
 __all__ = ["BadRecord", "Source", "open_source", "load_neighbours", "load_builder", "KINDS",
            "TfdsSource", "WebDatasetSource", "CocoCaptionsSource", "ImageFolderSource",
-           "TextSource", "JsonlSource", "NpzRegionSource", "TsvRegionSource", "RegionJoin",
+           "TextSource", "JsonlSource", "NpzRegionSource", "TsvRegionSource", "RegionStoreSource",
+           "RegionJoin",
            "RelatedImages"]
 
 
@@ -65,6 +68,8 @@ def open_source(spec, *, name: str) -> Source:
     src = NpzRegionSource(name, _need(spec, "path", name))
   elif kind == "region_tsv":
     src = TsvRegionSource(name, _need(spec, "path", name))
+  elif kind == "region_store":
+    src = RegionStoreSource(name, _need(spec, "path", name))
   else:
     raise ValueError(f"source {name!r}: unknown kind {kind!r}; kinds are {KINDS}")
   if spec.get("regions"):

@@ -43,6 +43,9 @@ class Source:
   """
   name: str = ""
   fields: frozenset = frozenset()
+  # dtype of the region features and class probabilities `read` returns, when a source knows
+  # every record's (a float16 region store); None: float32 or not known.
+  region_dtype = None
 
   def __init__(self, name: str):
     self.name = name

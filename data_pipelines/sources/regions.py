@@ -99,6 +99,7 @@ class RegionJoin(base.Source):
     self._source, self._store = source, store
     self.fields = frozenset(source.fields | {"regions"})
     self.index_drops = source.index_drops
+    self.region_dtype = store.region_dtype
 
   def __len__(self):
     return len(self._source)

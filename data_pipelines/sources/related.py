@@ -17,6 +17,8 @@ class RelatedImages(base.Source):
     self._pairs, self._collection = pairs, collection
     self.fields = pairs.fields
     self.index_drops = pairs.index_drops
+    same = pairs.region_dtype == collection.region_dtype
+    self.region_dtype = pairs.region_dtype if same else None
 
   def __len__(self):
     return len(self._pairs)

@@ -248,6 +248,8 @@ def _check_ranges(cfg: Mapping, data: Mapping) -> None:
     value = _lookup(merged, name)
     if value is not None:
       _check_number(name, value, spec)
+  if data.get("jpeg_decode", "accurate") not in ("accurate", "fast"):
+    _fail(f"data.jpeg_decode must be 'accurate' or 'fast', got {data.get('jpeg_decode')!r}")
   for stream, fields in data.get("streams", {}).items():
     for key, spec in STREAM_RANGES.items():
       if key in fields:
