@@ -23,11 +23,19 @@ import collections
 import io
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
-from data_pipelines import lexicon, rewriting
+if __name__ == "__main__":
+  # A child of input_pipeline.py: the code tree it times (--tree) goes first on the path, before
+  # anything imports data_pipelines, then this checkout.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if "--tree" in sys.argv[:-1] and sys.argv[sys.argv.index("--tree") + 1]:
+    sys.path.insert(0, sys.argv[sys.argv.index("--tree") + 1])
+
+from data_pipelines import lexicon, rewriting  # noqa: E402  pylint: disable=wrong-import-position
 
 WORDS = tuple(f"w{a}{b}" for a in "bcdfghklmnprstvz" for b in "aeiouy") + tuple(
     "the of and to in is was for on that with as by at from".split())
@@ -288,7 +296,6 @@ CASES = (("text", "patches", "text"), ("pair_jpeg", "patches", "pair"),
 
 def _profile_main(argv=None):
   import argparse  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   p = argparse.ArgumentParser()
   p.add_argument("--tree", default="", help="code tree to import data_pipelines from")
   p.add_argument("--root", required=True)

@@ -51,3 +51,19 @@ def test_bad_value_is_one_line(tmp_path):
       dict(name="imgs", kind="image_folder", path=str(tmp_path / "imgs"))]))
   with pytest.raises(schema.SchemaError, match=r"data.jpeg_decode must be one of"):
     Stream("image", pipeline.resolve_config(c), None, process_index=0, process_count=1)
+
+
+def test_run_config_validation_names_the_field():
+  """A run config with a bad data.jpeg_decode fails validation (before anything compiles)."""
+  from experiments.configs import demo
+  from unimo_jax.train import config as config_lib
+  c = demo.get_config()
+  config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
+                      check_files=False)
+  c.data.jpeg_decode = "fast"
+  config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
+                      check_files=False)
+  c.data.jpeg_decode = "turbo"
+  with pytest.raises(config_lib.ConfigError, match="data.jpeg_decode must be"):
+    config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
+                        check_files=False)

@@ -358,4 +358,5 @@ def test_the_docs_show_every_example_and_only_existing_ones():
            if n.endswith(".py") and n not in ("__init__.py", "shared.py")}
   assert named - {"FORMAT"} == files == set(FORMATS)
   for command in re.findall(r"^unimo-jax (\w+(?: train)?) ", text, re.M):
-    assert command in ("tokenizer train", "train", "evaluate"), command
+    # `prepare` is `prepare regions` (run by tests/test_region_store.py)
+    assert command in ("tokenizer train", "train", "evaluate", "prepare"), command

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 from typing import Iterable
 
 import numpy as np
 
 # Ids below this are the special tokens of the UNIMO/RoBERTa layout (CLS, PAD, SEP, UNK).
 FIRST_ORDINARY_ID = 4
+_INTP_MAX = int(np.iinfo(np.intp).max)  # np.iinfo() per call costs microseconds
 
 
 def _round_half_up(x: float) -> int:
-  # Python's round() rounds half to even; budgets should not depend on parity.
-  return int(np.floor(x + 0.5))
+  # Python's round() rounds half to even; budgets should not depend on parity. math.floor is
+  # np.floor on one float without the numpy scalar (infilling's truncation calls this ~20 times).
+  return math.floor(x + 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,9 +155,11 @@ def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mas
   len_list, contig_list, start_list = w_len.tolist(), w_contig.tolist(), w_start.tolist()
   unmasked = list(range(n_words))
   longest = max(len_list) if n_words else 0
-  no_word = np.iinfo(avail_len.dtype).max
+  no_word = _INTP_MAX  # avail_len is np.bincount's intp
   count = 0
   spans = []
+  # Bound once: the loop body is a few microseconds, attribute lookups are a share of it.
+  rand, integers, bisect_right, last = rng.random, rng.integers, bisect.bisect_right, len(cdf) - 1
   # Each iteration masks at least one word or stops, so n_words + 1 iterations always suffice.
   for _ in range(n_words + 1):
     if count >= budget:
@@ -172,9 +177,9 @@ def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mas
       if len(candidates) == 0:
         break
       remaining = max_predictions
-    drawn = lengths[min(bisect.bisect_right(cdf, rng.random()), len(cdf) - 1)]
+    drawn = lengths[min(bisect_right(cdf, rand()), last)]
     k = 1 if fallback else max(1, drawn)
-    j = int(rng.integers(len(candidates)))
+    j = int(integers(len(candidates)))
     anchor = int(candidates[j])
     w, n_tok, n_w = anchor, 0, 0
     while n_w < k and w < n_words and not masked_list[w] and n_tok + len_list[w] <= remaining:
@@ -360,32 +365,39 @@ def infilling(ids, rng: np.random.Generator, *, max_length: int, max_predictions
   frags = _sample_fragments(n, rng, rate, min_len, max_len)
 
   # Text token i sits at position i + 1 ([CLS] at 0, [SEP] at n + 1) in source and target alike.
+  # The layout is written by index, a fixed number of numpy calls whatever the fragment count:
+  # source slots 0..ns-1, then the target's [CLS] at ns, fragment j's tokens after it (each
+  # fragment followed by its eos, so token k of the target, of fragment j, sits at ns+1+k+j).
   keep = np.ones(n, dtype=bool)
-  text_pos = np.arange(1, n + 1)
+  for s, e in frags:
+    keep[s:e] = False
+  kept = np.flatnonzero(keep)
+  moved = np.flatnonzero(~keep)  # fragment tokens in text order = fragment order
+  lens = np.asarray([e - s for s, e in frags], np.int64)
+  nf, ns = len(frags), len(kept) + 2
+  seq_len = ns + 1 + len(moved) + nf
+  assert seq_len <= max_length, (seq_len, max_length)
+  input_ids = np.full(max_length, pad_id, np.int32)
+  position_ids = np.zeros(max_length, np.int32)
+  input_ids[0], input_ids[ns - 1], input_ids[ns] = bos_id, sep_id, bos_id
+  input_ids[1:ns - 1] = text[kept]
+  position_ids[1:ns - 1] = kept + 1
+  position_ids[ns - 1] = n + 1
   # The target's [CLS] and each eos stand just before the fragment they start, as UNIMO-2's
   # per-fragment [CLS]; the final eos stands just after the last fragment.
-  starts = [s for s, _ in frags]
-  target, target_pos = [[bos_id]], [[starts[0] if frags else 0]]
-  for j, (s, e) in enumerate(frags):
-    keep[s:e] = False
-    target += [text[s:e], [eos_id]]
-    target_pos += [text_pos[s:e], [starts[j + 1] if j + 1 < len(frags) else e + 1]]
-  source = np.concatenate([[bos_id], text[keep], [sep_id]]).astype(np.int32)
-  source_pos = np.concatenate([[0], text_pos[keep], [n + 1]])
-  target = np.concatenate(target).astype(np.int32)
-  seq = np.concatenate([source, target])
-  seq_pos = np.concatenate([source_pos] + target_pos)
-  assert len(seq) <= max_length, (len(seq), max_length)
-
-  input_ids = np.full(max_length, pad_id, np.int32)
-  input_ids[:len(seq)] = seq
-  position_ids = np.zeros(max_length, np.int32)
-  position_ids[:len(seq)] = seq_pos
+  position_ids[ns] = frags[0][0] if frags else 0
+  if nf:
+    slots = ns + 1 + np.arange(len(moved)) + np.repeat(np.arange(nf), lens)
+    input_ids[slots] = text[moved]
+    position_ids[slots] = moved + 1
+    eos = ns + 1 + np.cumsum(lens) + np.arange(nf)
+    input_ids[eos] = eos_id
+    position_ids[eos] = [s for s, _ in frags[1:]] + [frags[-1][1] + 1]
   segments = np.zeros(max_length, np.int32)
-  segments[:len(source)] = 1
-  segments[len(source):len(seq)] = 2
-  positions = np.arange(len(source), len(seq) - 1)
-  out = _predictions(positions, seq[positions + 1], max_predictions)
+  segments[:ns] = 1
+  segments[ns:seq_len] = 2
+  positions = np.arange(ns, seq_len - 1)
+  out = _predictions(positions, input_ids[positions + 1], max_predictions)
   out.update(input_ids=input_ids, segments=segments, position_ids=position_ids)
   if return_fragments:
     out["fragments"] = np.asarray(frags, dtype=np.int32).reshape(-1, 2)

@@ -12,8 +12,8 @@ A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   image_dir   images of a coco / jsonl source (without it the source has no images: captions
               with region features joined by key)
   field_map   {raw key: feature/json key}, for tfds and jsonl
-  regions     {kind: region_npz | region_tsv | region_store, path}: region features joined by image key (needed
-              with visual_input "regions" when the source has no regions of its own)
+  regions     {kind: region_npz | region_tsv | region_store, path}: region features joined by image
+              key (needed with visual_input "regions" when the source has no regions of its own)
   neighbours  JSON lines side file of related images / texts (see `base.load_neighbours`)
   related_images  pairs: {source spec} of the image collection the neighbours' image keys may
               name besides the pair source's own (`related.RelatedImages`)
