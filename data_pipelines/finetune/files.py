@@ -156,10 +156,18 @@ class ImageRecords:
 def entailment_rows(records: ImageRecords, tokenizer, max_length: int):
   """-> (rows dict(image_index, ids, label), dropped): labels entailment 0, neutral 1,
   contradiction 2 (SNLI-VE's three)."""
-  ids = [layouts.pair_text(tokenizer.encode(h), None, max_length, cls_id=tokenizer.cls_id,
-                           sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id)
-         for _, h, _ in records.texts]
-  return (dict(image_index=np.asarray([i for i, _, _ in records.texts], np.int32),
+  return entailment_table(records.texts, records.dropped, tokenizer, max_length,
+                          encode=tokenizer.encode)
+
+
+def entailment_table(texts, dropped, tokenizer, max_length: int, encode=None):
+  """Entailment rows from ``(image_index, hypothesis, label)`` triples: the hypothesis a string
+  (``encode`` gives its token ids) or, without ``encode``, token ids already."""
+  ids = [layouts.pair_text(encode(h) if encode else h, None, max_length,
+                           cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
+                           pad_id=tokenizer.pad_id)
+         for _, h, _ in texts]
+  return (dict(image_index=np.asarray([i for i, _, _ in texts], np.int32),
                ids=np.asarray(ids, np.int32).reshape(-1, max_length),
-               label=np.asarray([y for _, _, y in records.texts], np.int32)),
-          dict(records.dropped))
+               label=np.asarray([y for _, _, y in texts], np.int32)),
+          dict(dropped))

@@ -44,7 +44,7 @@ from collections import Counter
 
 import numpy as np
 
-from unimo_jax.finetune import layouts
+from data_pipelines.finetune import files
 
 VE_LABELS = ("entailment", "neutral", "contradiction")
 # kind -> (field count, {field: index})
@@ -231,11 +231,6 @@ class RegionLines:
 
 
 def entailment_rows(lines: RegionLines, tokenizer, max_length: int):
-  """-> (rows dict(image_index, ids, label), dropped), as ``files.entailment_rows``."""
-  ids = [layouts.pair_text(t, None, max_length, cls_id=tokenizer.cls_id,
-                           sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id)
-         for _, t, _ in lines.texts]
-  return (dict(image_index=np.asarray([i for i, _, _ in lines.texts], np.int32),
-               ids=np.asarray(ids, np.int32).reshape(-1, max_length),
-               label=np.asarray([y for _, _, y in lines.texts], np.int32)),
-          dict(lines.dropped))
+  """-> (rows dict(image_index, ids, label), dropped), as ``files.entailment_rows`` (the lines'
+  hypotheses are token ids already)."""
+  return files.entailment_table(lines.texts, lines.dropped, tokenizer, max_length)
