@@ -148,34 +148,20 @@ def training_curves(metrics_jsonl: str, out_png: str, curves=CURVES) -> bool:
   evals = sorted({k for r in rows for k in r if k.startswith("eval/") and "r@1" in k})
   if evals:
     keys.append((evals, "eval R@1"))
-  if not keys:
-    return False
-  plt = _plt()
-  ncol = 3
-  nrow = -(-len(keys) // ncol)
-  fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.8 * nrow), squeeze=False)
-  for ax, (key, title) in zip(axes.flat, keys):
-    for k in (key if isinstance(key, list) else [key]):
-      pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-      if pts:
-        ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=k.split("/")[-1])
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    if isinstance(key, list):
-      ax.legend(fontsize=6)
-  for ax in list(axes.flat)[len(keys):]:
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=90)
-  plt.close(fig)
-  return True
+  def lines(ks):
+    short = [k.split("/")[-1] for k in ks]
+    labels = short if len(set(short)) == len(short) else list(ks)  # keep every line
+    return {label: [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            for label, k in zip(labels, ks)}
+  panels = [(title, lines(key if isinstance(key, list) else [key])) for key, title in keys]
+  return line_panels(out_png, panels, legend={t for key, t in keys if isinstance(key, list)})
 
 
 def line_panels(out_png: str, panels: Sequence[tuple[str, Mapping[str, Sequence]]],
-                xlabel: str = "step", ncol: int = 3) -> bool:
-  """One panel per ``(title, {line label: [(x, y), ...]})``, laid out as ``training_curves``.
-  Returns False when no panel has a point."""
+                xlabel: str = "step", ncol: int = 3, legend=None) -> bool:
+  """One panel per ``(title, {line label: [(x, y), ...]})``, ``ncol`` panels a row, each with
+  a legend (``legend``: only the panels whose titles it holds). Returns False when no panel has
+  a point."""
   panels = [(t, {k: v for k, v in lines.items() if v}) for t, lines in panels]
   panels = [(t, lines) for t, lines in panels if lines]
   if not panels:
@@ -190,7 +176,8 @@ def line_panels(out_png: str, panels: Sequence[tuple[str, Mapping[str, Sequence]
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
+    if legend is None or title in legend:
+      ax.legend(fontsize=6)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   fig.tight_layout()
