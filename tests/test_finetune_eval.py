@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import WhitespaceTokenizer
-from test_finetune_run import TOK, tiny_config, write_task
+from test_finetune_run import TOK, finetune_and_evaluate, tiny_config, write_task
 from unimo_jax.finetune import main as ft_main
 from unimo_jax.finetune import metrics, tasks
 from unimo_jax.train import checkpoint as ckpt_lib
@@ -82,12 +82,9 @@ def test_scene_tasks_train_and_evaluate(tmp_path, kind):
   if kind == "entailment":
     cfg.task.num_labels = 3  # SNLI-VE's entailment, neutral, contradiction
   wd = str(tmp_path / kind)
-  res = ft_main.finetune_from_config(cfg, wd, tokenizer=tok)
+  res, entry = finetune_and_evaluate(cfg, wd, tokenizer=tok)
   assert np.isfinite(res.last_metrics["loss"])
-  from unimo_jax.evaluation import main as eval_main
-  config, model_cfg = eval_main.load_run(wd)
-  out = ft_main.evaluate_workdir(wd, config=config, model_cfg=model_cfg, tokenizer=tok)
-  m = out["evaluations"][-1]["metrics"]
+  m = entry["metrics"]
   want = {"vqa": ("vqa_accuracy", "vqa_score"), "entailment": ("accuracy",),
           "retrieval": ("i2t_R@1", "t2i_R@10", "dual/i2t_R@1"),
           "captioning": ("bleu4", "cider")}[kind]
@@ -124,9 +121,5 @@ def test_seq2seq_trains_and_reports_rouge(tmp_path):
   cfg.data.max_source, cfg.data.max_target = 8, 6
   cfg.evaluation.update(dict(beam_size=2, max_length=4, min_length=1, block_trigrams=True))
   wd = str(tmp_path / "wd")
-  ft_main.finetune_from_config(cfg, wd, tokenizer=TOK)
-  from unimo_jax.evaluation import main as eval_main
-  config, model_cfg = eval_main.load_run(wd)
-  m = ft_main.evaluate_workdir(wd, config=config, model_cfg=model_cfg, tokenizer=TOK)[
-      "evaluations"][-1]["metrics"]
+  m = finetune_and_evaluate(cfg, wd)[1]["metrics"]
   assert m["count"] == 16 and 0.0 <= m["rouge1"] <= 1.0 and 0.0 <= m["bleu4"] <= 1.0

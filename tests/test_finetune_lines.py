@@ -168,10 +168,8 @@ def test_official_lines_configs():
 @pytest.mark.parametrize("kind", ["entailment", "captioning"])
 def test_official_lines_finetune_and_evaluate(tmp_path, kind):
   import jax
-  from test_finetune_run import tiny_config
-  from unimo_jax.evaluation import main as eval_main
+  from test_finetune_run import finetune_and_evaluate, tiny_config
   from unimo_jax.finetune import config as config_lib
-  from unimo_jax.finetune import main as ft_main
   if kind == "entailment":
     lines = [ve_line(), ve_line("b", label="2", tokens="0 7 8 2"), ve_line(label="1")]
   else:
@@ -185,10 +183,8 @@ def test_official_lines_finetune_and_evaluate(tmp_path, kind):
   cfg.evaluation.max_length = 6
   config_lib.validate(cfg, num_devices=jax.device_count(), check_files=False)
   wd = str(tmp_path / "wd")
-  res = ft_main.finetune_from_config(cfg, wd, tokenizer=TOK)
+  res, entry = finetune_and_evaluate(cfg, wd, tokenizer=TOK)
   assert np.isfinite(res.last_metrics["loss"])
-  config, model_cfg = eval_main.load_run(wd)
-  out = ft_main.evaluate_workdir(wd, config=config, model_cfg=model_cfg, tokenizer=TOK)
-  m = out["evaluations"][-1]["metrics"]
+  m = entry["metrics"]
   for key in {"entailment": ("accuracy",), "captioning": ("bleu4", "cider")}[kind]:
     assert 0.0 <= m[key] <= 10.0, (key, m)

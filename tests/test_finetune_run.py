@@ -50,6 +50,17 @@ def tiny_config(tmp_path, steps=6, **task):
   return c
 
 
+def finetune_and_evaluate(cfg, workdir, tokenizer=TOK):
+  """``finetune`` then ``evaluate`` of a run: (the run's result, the last evaluation entry of
+  ``evaluate_workdir``)."""
+  from unimo_jax.evaluation import main as eval_main  # pylint: disable=import-outside-toplevel
+  result = ft_main.finetune_from_config(cfg, workdir, tokenizer=tokenizer)
+  config, model_cfg = eval_main.load_run(workdir)
+  out = ft_main.evaluate_workdir(workdir, config=config, model_cfg=model_cfg,
+                                 tokenizer=tokenizer)
+  return result, out["evaluations"][-1]
+
+
 def _params(workdir):
   return ckpt_lib.restore_params(workdir)[0]
 

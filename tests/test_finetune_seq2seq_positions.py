@@ -188,10 +188,8 @@ def test_config_checks_each_block_not_the_sum():
 def test_finetune_and_beam_search_past_the_table_end_to_end(tmp_path):
   """`finetune` + `evaluate` of a 16 + 8 seq2seq task on a model of 20 text positions."""
   from data_fixtures import WORDS
-  from test_finetune_run import TOK, tiny_config as run_config
-  from unimo_jax.evaluation import main as eval_main
+  from test_finetune_run import finetune_and_evaluate, tiny_config as run_config
   from unimo_jax.finetune import config as config_lib
-  from unimo_jax.finetune import main as ft_main
   r = np.random.default_rng(0)
   lines = ["source\ttarget"]
   for _ in range(16):
@@ -206,9 +204,7 @@ def test_finetune_and_beam_search_past_the_table_end_to_end(tmp_path):
   assert 16 + 8 > cfg.model.max_positions
   config_lib.validate(cfg, num_devices=8, check_files=False)
   wd = str(tmp_path / "wd")
-  res = ft_main.finetune_from_config(cfg, wd, tokenizer=TOK)
+  res, entry = finetune_and_evaluate(cfg, wd)
   assert res.last_step == 2 and np.isfinite(res.last_metrics["loss"])
-  config, model_cfg = eval_main.load_run(wd)
-  m = ft_main.evaluate_workdir(wd, config=config, model_cfg=model_cfg, tokenizer=TOK)[
-      "evaluations"][-1]["metrics"]
+  m = entry["metrics"]
   assert m["count"] == 16 and 0.0 <= m["rouge1"] <= 1.0

@@ -219,19 +219,14 @@ def test_real_glue_mnli_through_mock_data():
 @pytest.mark.slow
 def test_tfds_glue_finetunes_and_evaluates(data_dir, tmp_path):
   import jax
-  from test_finetune_run import tiny_config
-  from unimo_jax.evaluation import main as eval_main
-  from unimo_jax.finetune import main as ft_main
+  from test_finetune_run import finetune_and_evaluate, tiny_config
   cfg = tiny_config(tmp_path, steps=2)
   cfg.data.update(dict(source="tfds", tfds_name="tiny_glue/sst2", tfds_data_dir=data_dir,
                        train="train", validation="train", test=""))
   config_lib.validate(cfg, num_devices=jax.device_count(), check_files=False)
   wd = str(tmp_path / "wd")
-  res = ft_main.finetune_from_config(cfg, wd, tokenizer=TOK)
+  res, e = finetune_and_evaluate(cfg, wd, tokenizer=TOK)
   assert np.isfinite(res.last_metrics["loss"])
-  config, model_cfg = eval_main.load_run(wd)
-  out = ft_main.evaluate_workdir(wd, config=config, model_cfg=model_cfg, tokenizer=TOK)
-  e = out["evaluations"][-1]
   assert e["metrics"]["count"] == 3 and 0.0 <= e["metrics"]["accuracy"] <= 1.0
   assert e["dropped"] == {"tiny_glue/sst2:train": {"empty_text": 1, "not_utf8": 1,
                                                     "no_label": 1}}
