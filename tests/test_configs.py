@@ -23,7 +23,8 @@ DATA_DEFAULTS = pipeline.default_config()
 
 
 def load(name, *overrides):
-  """Loads a config file the way `unimo-jax train` does (config_flags, with overrides)."""
+  """Loads a config file the way `unimo-jax train` does (config_flags, with overrides);
+  ``name`` is relative to experiments/configs, or an absolute path."""
   argv = ["prog", f"--config={os.path.join(CONFIGS, name)}"] + [f"--config.{o}" for o in overrides]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from test_configs import load as load_config  # the commands' config loading
 from unimo_jax import cli, commands
 from unimo_jax.train import sweep as sweep_lib
 
@@ -97,18 +98,6 @@ def _validate_finetune(config):
 VALIDATORS = {"train": _validate_train, "finetune": _validate_finetune}
 
 
-def load_config(config, overrides):
-  """A config file with ``--config.k=v`` overrides, loaded the way the commands load it."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  argv = ["prog", f"--config={config}"] + [f"--config.{o}" for o in overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
-
-
 @pytest.mark.parametrize("name", sorted(
     n for n in os.listdir(os.path.join(ROOT, "experiments", "sweeps"))
     if n.endswith(".py") and not n.startswith("__")))
@@ -122,7 +111,7 @@ def test_every_sweep_file_expands_to_trials_its_command_accepts(name):
   for _, argv in cmds:
     assert argv[:2] == ["unimo-jax", s.command]
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    validate(load_config(argv[3], overrides))
+    validate(load_config(argv[3], *overrides))
 
 
 @pytest.mark.parametrize("content, fragment", [
