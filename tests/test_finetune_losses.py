@@ -141,11 +141,17 @@ def _p(tree, *path):
   return np.asarray(tree, np.float64)
 
 
-def _head_np(kind, params, cls, img):
-  """numpy forward of each head (deterministic)."""
+def _head_np(kind, params, cls, img, agreement=None):
+  """numpy forward of each head (deterministic); ``agreement`` [B, P] for the dual heads."""
   dense = lambda name, x: x @ _p(params, name, "kernel") + _p(params, name, "bias")
   pool = lambda name, x: np.maximum(x @ _p(params, name, "dense", "kernel")
                                     + _p(params, name, "dense", "bias"), 0)
+  if agreement is not None:  # the dual fc added to the fusion output / the score
+    if kind == "entailment":
+      return dense("out", dense("fuse", pool("text_pooler", cls) + pool("image_pooler", img))
+                   + dense("dual", agreement))
+    fused = pool("text_pooler", cls) * pool("image_pooler", img)
+    return (dense("out", fused) + dense("dual", agreement))[:, 0]
   if kind in ("classification", "regression"):
     return dense("out", pool("text_pooler", cls))
   if kind == "entailment":
@@ -195,6 +201,38 @@ def test_head_matches_numpy_value_and_gradient(kind):
   d = head.apply({"params": params}, *args, deterministic=False,
                  rngs={"dropout": jax.random.key(3)})
   assert not np.allclose(d, out)
+
+
+@pytest.mark.parametrize("kind", ["entailment", "retrieval"])
+def test_dual_agreement_head_matches_numpy_value_and_gradient(kind):
+  head = heads.make_head(kind, CFG, num_labels=3, hidden=12, dual=True)
+  r = np.random.default_rng(2)
+  cls, img = (r.normal(size=(4, 16)).astype(np.float32) for _ in range(2))
+  agr = r.normal(size=(4, 8)).astype(np.float32)
+  init = __import__("flax").linen.unbox(head.init(jax.random.key(0), cls, img, agr)["params"])
+  # the dual fc starts at zero: the head starts as the official one
+  np.testing.assert_array_equal(init["dual"]["kernel"], 0)
+  params = jax.tree.map(lambda x: np.asarray(x) + r.normal(scale=0.1, size=x.shape).astype(
+      np.float32), init)
+  out = head.apply({"params": params}, cls, img, agr)
+  f64 = lambda x: x.astype(np.float64)
+  np.testing.assert_allclose(out, _head_np(kind, params, f64(cls), f64(img), f64(agr)),
+                             rtol=1e-4, atol=1e-5)
+  c = r.normal(size=np.shape(out))
+  g = jax.grad(lambda a: jnp.sum(head.apply({"params": params}, cls, img, a) * c))(
+      jnp.asarray(agr))
+  num = np.zeros_like(agr, np.float64)
+  for i in np.ndindex(agr.shape):
+    up, dn = f64(agr).copy(), f64(agr).copy()
+    up[i] += 1e-5
+    dn[i] -= 1e-5
+    num[i] = ((_head_np(kind, params, f64(cls), f64(img), up)
+               - _head_np(kind, params, f64(cls), f64(img), dn)) * c).sum() / 2e-5
+  np.testing.assert_allclose(g, num, rtol=1e-3, atol=1e-4)
+  with pytest.raises(ValueError, match="agreement"):
+    head.apply({"params": params}, cls, img)
+  with pytest.raises(ValueError, match="dual agreement"):
+    heads.make_head("vqa", CFG, num_labels=3, dual=True)
 
 
 def test_copy_pretrained_poolers():

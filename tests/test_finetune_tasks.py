@@ -63,6 +63,29 @@ def test_retrieval_joint_scoring_equals_scoring_each_pair():
   assert float(sums["count"]) == 2.0
 
 
+def test_dual_agreement_is_the_cmcl_product_of_text_and_image_encoded_alone():
+  task = _task("entailment", dual_agreement=True)
+  params = _params(task)
+  # give the zero-initialised dual fc weights, so the agreement reaches the logits
+  params["head"]["dual"]["kernel"] = jax.random.normal(jax.random.key(4),
+                                                       params["head"]["dual"]["kernel"].shape)
+  b = jax.tree.map(jnp.asarray, random_batch("entailment", task.cfg, b=4))
+  apply = lambda *a, method: task.model.apply({"params": params["model"]}, *a, method=method)
+  t = apply(apply(b["ids"], method=Unimo.encode_text)["cls"], method=Unimo.cmcl_text)
+  i = apply(apply({"pixels": b["pixels"]}, method=Unimo.encode_image)["img"],
+            method=Unimo.cmcl_image)
+  enc = apply({"pixels": b["pixels"]}, b["ids"], method=Unimo.encode_pair)
+  ref = task.head.apply({"params": params["head"]}, enc["cls"], enc["img"],
+                        np.asarray(t) * np.asarray(i) * task.cfg.projection_dim)
+  np.testing.assert_allclose(task.outputs(params, b), ref, rtol=1e-5, atol=1e-6)
+  # the agreement matters: other images change it
+  b2 = dict(b, pixels=b["pixels"][::-1])
+  assert not np.allclose(task.agreement(params, {"pixels": b2["pixels"]}, b["ids"]),
+                         np.asarray(t) * np.asarray(i) * task.cfg.projection_dim)
+  with pytest.raises(ValueError, match="dual_agreement"):
+    tasks.TaskSpec(kind="vqa", dual_agreement=True).validate()
+
+
 def test_captioning_and_seq2seq_count_target_tokens():
   for kind in ("captioning", "seq2seq"):
     task = _task(kind)
@@ -92,9 +115,10 @@ def test_seq2seq_source_does_not_see_the_target():
 
 # One kind runs in the fast suite; every kind under -m slow (each compiles its own model).
 @pytest.mark.parametrize("kind", [k if k == "vqa" else pytest.param(k, marks=pytest.mark.slow)
-                                  for k in KINDS])
+                                  for k in KINDS] + ["retrieval_dual"])
 def test_sharded_loss_and_gradients_equal_one_device(kind):
-  task = _task(kind)
+  kind, dual = kind.removesuffix("_dual"), kind.endswith("_dual")
+  task = _task(kind, **({"dual_agreement": True} if dual else {}))
   params = _params(task)
   batch = random_batch(kind, task.cfg, b=8)
   key = jax.random.key(7)

@@ -25,6 +25,8 @@ answer vocabulary, image ids). ``config`` is the fine-tuning run config
   scenes            synthetic_scenes: size, image_size (stored), input_size (model), seed,
                     train_limit / eval_limit (scenes read, 0 = all)
   num_negative_images, num_negative_texts   retrieval negatives per positive
+  hard_negatives    retrieval: draw them among each positive's K hardest (0: among all, the
+                    official recipe); the pools come from ``make_data``'s ``hard_pools``
   answers           VQA answer vocabulary (empty: every answer of the training scenes)
   visual_input, pixel_mean, pixel_std, num_regions, region_feature_dim   the visual input
   seed              order of the training rows (epochs of a seeded permutation)
@@ -81,9 +83,15 @@ def answer_vocabulary(config) -> list[str]:
 
 
 def make_data(config, split: str, tokenizer, *, training: bool, process_index: int = 0,
-              process_count: int = 1) -> tuple[RowBatches, dict[str, Any]]:
-  """Batches of ``split`` for the task of ``config.task`` (see the module docstring)."""
+              process_count: int = 1, hard_pools=None) -> tuple[RowBatches, dict[str, Any]]:
+  """Batches of ``split`` for the task of ``config.task`` (see the module docstring).
+  ``hard_pools``: retrieval training with ``data.hard_negatives`` > 0 draws its negatives from
+  the pools this callable builds (``scenes.retrieval_rows``)."""
   d, kind = config.data, config.task.kind
+  hard = int(d.get("hard_negatives", 0)) if kind == "retrieval" and training else 0
+  if hard and hard_pools is None:
+    raise ValueError("data.hard_negatives > 0 needs the pools' builder (make_data's hard_pools, "
+                     "which `unimo-jax finetune` passes)")
   batch = int(d.batch_size if training else d.eval_batch_size)
   kw = dict(seed=int(d.seed), repeat=training, shuffle=training, process_index=process_index,
             process_count=process_count, name=f"{kind}/{split}")
@@ -188,7 +196,8 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
   if kind == "retrieval":
     rows, extra = scenes.retrieval_rows(sc, tokenizer, length,
                                         num_negative_images=int(d.num_negative_images),
-                                        num_negative_texts=int(d.num_negative_texts))
+                                        num_negative_texts=int(d.num_negative_texts),
+                                        hard_pools=hard_pools if hard else None)
     meta.update(scenes=sc, caption_table=scenes.caption_table(sc, tokenizer, length))
     return RowBatches(rows, batch, extra=extra, dropped=dropped_by, **kw), meta
   if kind == "captioning":

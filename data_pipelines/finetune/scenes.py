@@ -18,7 +18,8 @@ stores, field for field) so the scenes are exactly those a pre-training run saw 
   and clause choice come from an rng of (data seed, split, scene index), so each row is a pure
   function of them.
 - retrieval: one row per (scene, caption); each batch draws N other scenes' images and M other
-  scenes' captions as negatives from an rng of (seed, batch index).
+  scenes' captions as negatives from an rng of (seed, batch index): among every other scene,
+  or among each positive's pool of hard negatives (``data.hard_negatives``).
 - captioning: one row per (scene, caption) in ``masking.captioning_layout``.
 
 Pixels are resized (bilinear, antialiased) and normalised ``(x / 255 - mean) / std`` exactly
@@ -176,20 +177,44 @@ def caption_table(scenes: Scenes, tokenizer, max_length: int) -> tuple[np.ndarra
 
 
 def retrieval_rows(scenes: Scenes, tokenizer, max_length: int, *, num_negative_images: int,
-                   num_negative_texts: int):
+                   num_negative_texts: int, hard_pools=None):
   """-> (rows dict(image_index, ids), extra): ``extra`` draws each batch's negatives (other
-  scenes only) for ``RowBatches``."""
+  scenes only) for ``RowBatches``: uniformly among every other scene, or, with ``hard_pools``,
+  uniformly among each positive's pool of hard negatives.
+
+  ``hard_pools(visual, ids, image_index) -> dict(images [R, K], texts [S, K])`` is called once
+  with the scenes' visual input, the R rows' ids and scenes: ``images[r]`` are the K scenes
+  whose images are the hardest negatives for row r's caption, ``texts[s]`` the K rows whose
+  captions are the hardest for scene s's image (``unimo_jax.finetune.hard_negatives``); a pool
+  never holds the positive's own scene (checked), and -1 marks a slot with no candidate."""
   table, valid = caption_table(scenes, tokenizer, max_length)
   img, cap = np.nonzero(valid)
   rows = dict(image_index=img.astype(np.int32), ids=table[img, cap])
   n = scenes.count
   if n < 2:
     raise ValueError("retrieval fine-tuning needs at least 2 scenes")
+  pools = None
+  if hard_pools is not None:
+    pools = hard_pools(scenes.visual, rows["ids"], rows["image_index"])
+    pools = {k: np.asarray(pools[k]) for k in ("images", "texts")}
+    if pools["images"].shape[0] != len(img) or pools["texts"].shape[0] != n:
+      raise ValueError(f"hard negative pools: expected [{len(img)}, K] and [{n}, K], got "
+                       f"{pools['images'].shape} and {pools['texts'].shape}")
+    if (np.any(pools["images"] == img[:, None])
+        or np.any(np.where(pools["texts"] >= 0, img[pools["texts"]], -1)
+                  == np.arange(n)[:, None])):
+      raise ValueError("hard negative pools hold a positive's own scene")
 
   def others(rng, own, k):
     # k scenes != own, uniformly (with replacement across rows, without within a row if possible)
     shift = rng.integers(1, n, size=(len(own), k))
     return (own[:, None] + shift) % n
+
+  def from_pool(rng, pool, k, fallback):
+    # k entries of each row's pool, uniformly; a slot landing on -1 takes the fallback's
+    pick = (rng.random((len(pool), k)) * pool.shape[1]).astype(np.int64)
+    got = np.take_along_axis(pool, pick, axis=1)
+    return np.where(got >= 0, got, fallback)
 
   def extra(batch, picked, rng):
     own = batch["image_index"].astype(np.int64)
@@ -197,9 +222,15 @@ def retrieval_rows(scenes: Scenes, tokenizer, max_length: int, *, num_negative_i
     neg_cap_scene = others(rng, own, num_negative_texts)
     counts = valid.sum(1)[neg_cap_scene]
     neg_cap = (rng.random(neg_cap_scene.shape) * counts).astype(np.int64)
+    neg_ids = table[neg_cap_scene, neg_cap]
+    if pools is not None:
+      neg_img = from_pool(rng, pools["images"][picked], num_negative_images, neg_img)
+      rows_hard = from_pool(rng, pools["texts"][own], num_negative_texts, -1)
+      neg_ids = np.where((rows_hard >= 0)[..., None], rows["ids"][np.maximum(rows_hard, 0)],
+                         neg_ids)
     out = scenes.gather(neg_img, "neg_")
     out.update(scenes.gather(own))
-    out["neg_ids"] = table[neg_cap_scene, neg_cap]
+    out["neg_ids"] = neg_ids
     out["neg_image_valid"] = np.ones(neg_img.shape, bool)
     out["neg_text_valid"] = np.ones(neg_cap_scene.shape, bool)
     return out

@@ -10,7 +10,8 @@ Task files (``experiments/configs/finetune/*.py``) start from ``default_config()
                 ``params.msgpack``), or "" (from scratch)
   init_step     checkpoint step of an ``init_from`` workdir (0 = its latest)
   task          ``unimo_jax.finetune.tasks.TaskSpec``: kind, num_labels, head_hidden,
-                head_dropout, label_smoothing, ranking_loss, circle_margin, circle_scale
+                head_dropout, label_smoothing, ranking_loss, circle_margin, circle_scale,
+                dual_agreement
   data          the task reader (``data_pipelines.finetune``: every field documented there)
   evaluation    what ``unimo-jax evaluate`` computes on a fine-tuned run: splits, beam search
                 (beam_size, max_length, alpha, min_length, block_trigrams), retrieval
@@ -61,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   d.answers = []
   d.num_negative_images = 10        # official Flickr30k recipe: 10 + 10 negatives
   d.num_negative_texts = 10
+  d.hard_negatives = 0              # retrieval: negatives among each positive's K hardest by the
+                                    # starting dual encoder (0: among all, the official recipe)
   d.visual_input = "patches"
   d.pixel_mean = (0.5, 0.5, 0.5)
   d.pixel_std = (0.5, 0.5, 0.5)
@@ -195,6 +198,12 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
       train_config.check_number(f"evaluation.{key}", cfg["evaluation"][key], spec)
   if cfg["evaluation"].get("dual_encoder", "init") not in ("init", "finetuned"):
     _fail("evaluation.dual_encoder must be 'init' or 'finetuned'")
+  hard = d.get("hard_negatives", 0)
+  if not isinstance(hard, int) or hard < 0:
+    _fail(f"data.hard_negatives={hard!r} must be an int >= 0 (0: uniform negatives)")
+  if hard and cfg["task"]["kind"] != "retrieval":
+    _fail(f"data.hard_negatives={hard} mines retrieval negatives; task.kind is "
+          f"{cfg['task']['kind']!r}")
   if int(cfg["init_step"]) < 0:
     _fail("init_step must be >= 0 (0 = the latest checkpoint)")
   try:

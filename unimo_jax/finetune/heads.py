@@ -17,6 +17,13 @@ whatever the source.
 - ``MatchHead`` (Flickr30k cross-encoder): ``fc(dropout(pooled_text * pooled_image) -> 1)``,
   Xavier-initialised as the official code.
 
+``dual=True`` (``task.dual_agreement``; not in the official heads) gives the entailment and
+retrieval heads one more input, the CMCL agreement of the pair: ``agreement = P n(t) * n(i)``
+[B, P], the product of the L2-normalised CMCL embeddings of the text and the image each encoded
+alone, times P (its mean is their cosine, what pre-training's contrastive loss aligned). It
+goes through its own zero-initialised ``fc`` (``dual``), added to the fusion layer's output (entailment,
+-> hidden) or to the score (retrieval, -> 1), so the head starts as the official one.
+
 Outputs are float32 logits / scores. Parameter logical axes: ``embed`` for H, ``mlp`` for the
 hidden width, None for labels (replicated).
 """
@@ -62,18 +69,29 @@ class TextClassifier(nn.Module):
     return _dense(self.config, self.num_labels, ("mlp", None), "out")(pooled)
 
 
+def _agreement(cfg: ModelConfig, features: int, agreement):
+  """The zero-initialised ``dual`` fc of the CMCL agreement [B, P] -> [B, features]."""
+  if agreement is None:
+    raise ValueError("a head built with dual=True needs the pair's CMCL agreement [B, P]")
+  return _dense(cfg, features, (None, None), "dual", nn.initializers.zeros_init())(
+      agreement.astype(jnp.float32))
+
+
 class EntailmentHead(nn.Module):
-  """cls, img [B, H] -> logits [B, num_labels]."""
+  """cls, img [B, H] (, agreement [B, P] when ``dual``) -> logits [B, num_labels]."""
   config: ModelConfig
   num_labels: int = 3
   hidden: int = 2048
   dropout_rate: float = 0.1
+  dual: bool = False
 
   @nn.compact
-  def __call__(self, cls, img, deterministic: bool = True):
+  def __call__(self, cls, img, agreement=None, deterministic: bool = True):
     fused = (Pooler(self.config, name="text_pooler")(cls)
              + Pooler(self.config, name="image_pooler")(img))
     h = _dense(self.config, self.hidden, ("embed", "mlp"), "fuse")(fused)
+    if self.dual:
+      h = h + _agreement(self.config, self.hidden, agreement)
     h = nn.Dropout(self.dropout_rate)(h, deterministic)
     return _dense(self.config, self.num_labels, ("mlp", None), "out")(h)
 
@@ -101,22 +119,32 @@ class VQAHead(nn.Module):
 
 
 class MatchHead(nn.Module):
-  """cls, img [B, H] -> matching score [B] (the cross-encoder of retrieval)."""
+  """cls, img [B, H] (, agreement [B, P] when ``dual``) -> matching score [B] (the
+  cross-encoder of retrieval)."""
   config: ModelConfig
   dropout_rate: float = 0.1
+  dual: bool = False
 
   @nn.compact
-  def __call__(self, cls, img, deterministic: bool = True):
+  def __call__(self, cls, img, agreement=None, deterministic: bool = True):
     cfg = self.config
     fused = Pooler(cfg, name="text_pooler")(cls) * Pooler(cfg, name="image_pooler")(img)
     fused = nn.Dropout(self.dropout_rate)(fused, deterministic)
     score = _dense(cfg, 1, ("embed", None), "out", nn.initializers.xavier_uniform())(fused)
+    if self.dual:
+      score = score + _agreement(cfg, 1, agreement)
     return score[:, 0]
 
 
+DUAL_KINDS = ("entailment", "retrieval")  # heads that can read the CMCL agreement
+
+
 def make_head(kind: str, config: ModelConfig, *, num_labels: int = 2, hidden: int = 2048,
-              dropout_rate: float = 0.1) -> nn.Module | None:
-  """The head module of a task kind (None for captioning / seq2seq: they use the LM head)."""
+              dropout_rate: float = 0.1, dual: bool = False) -> nn.Module | None:
+  """The head module of a task kind (None for captioning / seq2seq: they use the LM head).
+  ``dual``: the entailment / retrieval head also reads the CMCL agreement (module docstring)."""
+  if dual and kind not in DUAL_KINDS:
+    raise ValueError(f"dual agreement exists for {DUAL_KINDS} heads, not {kind!r}")
   if kind in ("captioning", "seq2seq"):
     return None
   if kind == "classification":
@@ -124,11 +152,11 @@ def make_head(kind: str, config: ModelConfig, *, num_labels: int = 2, hidden: in
   if kind == "regression":
     return TextClassifier(config, 1, dropout_rate)
   if kind == "entailment":
-    return EntailmentHead(config, num_labels, hidden, dropout_rate)
+    return EntailmentHead(config, num_labels, hidden, dropout_rate, dual)
   if kind == "vqa":
     return VQAHead(config, num_labels, hidden, dropout_rate)
   if kind == "retrieval":
-    return MatchHead(config, dropout_rate)
+    return MatchHead(config, dropout_rate, dual)
   raise ValueError(f"task.kind must be one of {HEAD_KINDS + ('captioning', 'seq2seq')}, "
                    f"got {kind!r}")
 

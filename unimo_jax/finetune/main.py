@@ -149,6 +149,26 @@ def evaluate_workdir(workdir: str, steps=("latest",), splits=None, config=None,
   return results
 
 
+def _hard_pools(config, model_cfg, workdir: str):
+  """The pools' builder of retrieval with ``data.hard_negatives`` (None otherwise): mined with
+  the CMCL towers of the parameters the run starts from (``finetune.hard_negatives``)."""
+  k = int(config.data.get("hard_negatives", 0))
+  if config.task.kind != "retrieval" or not k:
+    return None
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import hard_negatives  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import init as init_lib  # pylint: disable=import-outside-toplevel
+  from unimo_jax.finetune import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  task = tasks_lib.Task(model_cfg, tasks_lib.TaskSpec.from_config(config.task))
+  if config.init_from:
+    params = init_lib.load_source(str(config.init_from), int(config.init_step), model_cfg)[0]
+  else:
+    params = jax.jit(lambda r: nn.unbox(task.init_params(r)))(
+        jax.random.key(int(config.seed)))["model"]
+  return hard_negatives.pool_builder(task.model, params, k, workdir)
+
+
 def finetune_from_config(config, workdir: str, *, tokenizer=None, **train_kw):
   """Wires the task's data in and runs the training loop with the task's run.
 
@@ -164,7 +184,8 @@ def finetune_from_config(config, workdir: str, *, tokenizer=None, **train_kw):
   setup_lib.check_tokenizer(model_cfg, tokenizer)
   data, _ = data_lib.make_data(config, "train", tokenizer, training=True,
                                process_index=jax.process_index(),
-                               process_count=jax.process_count())
+                               process_count=jax.process_count(),
+                               hard_pools=_hard_pools(config, model_cfg, workdir))
   run = run_lib.build_finetune_run(config, data.spec, model_cfg=model_cfg)
   evaluate = None
   if config.train.eval_every:

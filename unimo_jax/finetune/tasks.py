@@ -58,6 +58,8 @@ class TaskSpec:
     captioning and seq2seq officially).
   ranking_loss: "circle" (official) or "softmax" (retrieval).
   circle_margin, circle_scale: circle-loss m and scale (0.2, 1.0 officially).
+  dual_agreement: entailment / retrieval heads also read the pair's CMCL agreement (the text
+    and the image encoded alone, ``heads`` module docstring); False is the official head.
   """
   kind: str
   num_labels: int = 2
@@ -67,6 +69,7 @@ class TaskSpec:
   ranking_loss: str = "circle"
   circle_margin: float = 0.2
   circle_scale: float = 1.0
+  dual_agreement: bool = False
 
   def validate(self) -> "TaskSpec":
     def need(ok, field, why):
@@ -86,6 +89,8 @@ class TaskSpec:
          "must be 'circle' or 'softmax'")
     need(0.0 <= self.circle_margin < 1.0, "circle_margin", "must be in [0, 1)")
     need(self.circle_scale > 0, "circle_scale", "must be > 0")
+    need(not self.dual_agreement or self.kind in heads_lib.DUAL_KINDS, "dual_agreement",
+         f"exists for the {heads_lib.DUAL_KINDS} heads, not {self.kind!r}")
     return self
 
   @classmethod
@@ -137,7 +142,8 @@ class Task:
     self.spec = spec.validate()
     self.model = Unimo(model_cfg)
     self.head = heads_lib.make_head(spec.kind, model_cfg, num_labels=spec.num_labels,
-                                    hidden=spec.head_hidden, dropout_rate=spec.head_dropout)
+                                    hidden=spec.head_hidden, dropout_rate=spec.head_dropout,
+                                    dual=spec.dual_agreement)
 
   # ------------------------------------------------------------------ parameters
   def init_params(self, rng) -> dict:
@@ -148,6 +154,8 @@ class Task:
       h = self.cfg.hidden_size
       x = jnp.zeros((1, h), jnp.float32)
       args = (x,) if self.spec.kind in ("classification", "regression") else (x, x)
+      if self.spec.dual_agreement:
+        args += (jnp.zeros((1, self.cfg.projection_dim), jnp.float32),)
       params["head"] = self.head.init(k_head, *args)["params"]
     return params
 
@@ -166,6 +174,21 @@ class Task:
     return self._apply(params, visual, ids, method=Unimo.encode_pair, rng=rng,
                        deterministic=deterministic)
 
+  def agreement(self, params, visual, ids, rng=None, deterministic=True) -> jax.Array:
+    """The pair's CMCL agreement [B, P]: ``P * n(t) * n(i)``, the product of the unit CMCL
+    embeddings of the text and the image, each encoded alone (as pre-training's contrastive
+    loss encodes them), times P so that its mean over P is their cosine and its elements are
+    O(1) (unscaled, they are O(1/P), and Adam's fixed-size steps would take P times as many
+    updates to weigh them in)."""
+    r_t, r_i = (None, None) if rng is None else jax.random.split(rng)
+    cls = self._apply(params, ids, method=Unimo.encode_text, rng=r_t,
+                      deterministic=deterministic)["cls"]
+    img = self._apply(params, visual, method=Unimo.encode_image, rng=r_i,
+                      deterministic=deterministic)["img"]
+    project = lambda x, method: self.model.apply({"params": params["model"]}, x, method=method)
+    t, i = project(cls, Unimo.cmcl_text), project(img, Unimo.cmcl_image)
+    return (t * i).astype(jnp.float32) * float(self.cfg.projection_dim)
+
   # ------------------------------------------------------------------ outputs
   def outputs(self, params, batch, rng=None, deterministic=True) -> jax.Array:
     """Head outputs: logits [B, C] (classification, entailment, vqa), predictions [B]
@@ -178,8 +201,14 @@ class Task:
       out = self._head(params, cls, rng=r_head, deterministic=deterministic)
       return out[:, 0] if kind == "regression" else out
     if kind in ("entailment", "vqa", "retrieval"):
-      enc = self._pair(params, visual_of(batch), batch["ids"], r_enc, deterministic)
-      return self._head(params, enc["cls"], enc["img"], rng=r_head, deterministic=deterministic)
+      visual = visual_of(batch)
+      args = ()
+      if self.spec.dual_agreement:
+        r_enc, r_dual = (None, None) if r_enc is None else jax.random.split(r_enc)
+        args = (self.agreement(params, visual, batch["ids"], r_dual, deterministic),)
+      enc = self._pair(params, visual, batch["ids"], r_enc, deterministic)
+      return self._head(params, enc["cls"], enc["img"], *args, rng=r_head,
+                        deterministic=deterministic)
     raise ValueError(f"task {kind!r} has no head outputs (it generates text)")
 
   def count(self, batch) -> jax.Array:
