@@ -212,24 +212,30 @@ def test_recipes_tfds_arg_and_config_validation(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_tfds_seq2seq_finetunes_and_evaluates_rouge(data_dir, tmp_path):
-  import jax
-  from test_finetune_run import finetune_and_evaluate, tiny_config
-  cfg = tiny_config(tmp_path, steps=3)
-  cfg.task.update(dict(kind="seq2seq", label_smoothing=0.1))
-  cfg.data.update(dict(source="tfds", tfds_name="cnn_dailymail", tfds_data_dir=data_dir,
-                       train="train", validation="validation", test="", max_source=10,
-                       max_target=6))
-  cfg.evaluation.update(dict(beam_size=2, max_length=4, min_length=1, block_trigrams=True))
-  config_lib.validate(cfg, num_devices=jax.device_count(), check_files=False)
+def test_cnndm_recipe_finetunes_and_evaluates_rouge_through_the_cli(data_dir, tmp_path, capsys):
+  """``unimo-jax finetune --config cnndm.py:demo,smoke,tfds,tfds_dir=D`` (2 steps) then
+  ``unimo-jax evaluate``: ROUGE / BLEU-4 of the validation split in results.json."""
+  from data_pipelines import tokenizers
+  from unimo_jax import cli
+  words = [" ".join(WORDS), "the red circle is above the square ."]
+  spm = tokenizers.train_sentencepiece(words * 4, str(tmp_path / "tok" / "spm"), vocab_size=64,
+                                       model_type="word", fit_vocab=True)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = os.path.join(root, "experiments/configs/finetune/cnndm.py")
   wd = str(tmp_path / "wd")
-  res, entry = finetune_and_evaluate(cfg, wd)
-  assert res.last_step == 3 and np.isfinite(res.last_metrics["loss"])
-  assert res.last_metrics["data/dropped_total"] == 4.0
+  assert cli.main(["unimo-jax", "finetune", "--config",
+                   f"{config}:demo,smoke,tfds,tfds_dir={data_dir}", "--workdir", wd,
+                   f"--config.data.tokenizer=sentencepiece:{spm}",
+                   "--config.data.max_source=16", "--config.data.max_target=8",
+                   "--config.train.progress_bar=off"]) == 0
+  out = capsys.readouterr().out
+  assert "trained steps 0 -> 2 (done)" in out
+  assert cli.main(["unimo-jax", "evaluate", "--workdir", wd, "--no-figures"]) == 0
   with open(os.path.join(wd, "results.json")) as f:
-    saved = json.load(f)["evaluations"][-1]
-  for m in (entry["metrics"], saved["metrics"]):
-    assert m["count"] == 6
-    for k in ("rouge1", "rouge2", "rougeL", "bleu4"):
-      assert 0.0 <= m[k] <= 1.0
-  assert saved["dropped"] == {"cnn_dailymail:validation": {"empty_text": 1}}
+    entry = json.load(f)["evaluations"][-1]
+  assert entry["split"] == "validation"
+  m = entry["metrics"]
+  assert m["count"] == 6
+  for k in ("rouge1", "rouge2", "rougeL", "bleu4"):
+    assert 0.0 <= m[k] <= 1.0
+  assert entry["dropped"] == {"cnn_dailymail:validation": {"empty_text": 1}}
