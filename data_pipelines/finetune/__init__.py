@@ -7,15 +7,20 @@ answer vocabulary, image ids). ``config`` is the fine-tuning run config
 (``unimo_jax.finetune.config``); its ``data`` section:
 
   source            "tsv" (text tasks: files train / validation / test) | "tfds" (GLUE
-                    classification / regression from TFDS, ``tfds_text``) | "synthetic_scenes"
+                    classification / regression, ``tfds_text``, and seq2seq,
+                    ``tfds_seq2seq``, from TFDS) | "synthetic_scenes"
                     | "jsonl" (image tasks: files train / validation / test, ``files``)
                     | "unimo_lines" (SNLI-VE and captioning in UNIMO's official ``;`` lines
                     with region features, ``unimo_lines``)
   train, validation, test   TSV, JSONL or official-line paths; for "tfds" the TFDS split
                     names (MNLI: validation_matched, test_matched); an evaluation split
                     named otherwise (validation_mismatched) is read as that TFDS split
-  tfds_name, tfds_data_dir  "tfds": the dataset (``glue/sst2``) and the folder it was prepared
-                    in ("" = TFDS's default, ~/tensorflow_datasets); nothing is downloaded
+  tfds_name, tfds_data_dir  "tfds": the dataset (``glue/sst2``, ``cnn_dailymail``) and the
+                    folder it was prepared in ("" = TFDS's default, ~/tensorflow_datasets);
+                    nothing is downloaded
+  source_key, target_key    "tfds" seq2seq: the source / target text features ("" = the
+                    dataset's entry in ``unimo_jax.finetune.config.SEQ2SEQ_TFDS_KEYS``:
+                    cnn_dailymail article -> highlights, gigaword / xsum document -> summary)
   image_dir, image_size     jsonl: the folder the records' images are in; the model's input side
   tokenizer         tokenizer spec (``data_pipelines.tokenizers.load_tokenizer``)
   batch_size        GLOBAL rows per training step; eval_batch_size for evaluation
@@ -105,14 +110,23 @@ def make_data(config, split: str, tokenizer, *, training: bool, process_index: i
     tfds_split = d.get(split) if split in SPLITS else split
     if not tfds_split:
       raise ValueError(f"data.{split} is empty: name the TFDS split of {d.tfds_name} to read")
+    name = f"{d.tfds_name}:{tfds_split}"
+    if kind == "seq2seq":
+      from data_pipelines.finetune import tfds_seq2seq  # pylint: disable=import-outside-toplevel
+      rows, dropped, sources, targets = tfds_seq2seq.seq2seq_rows(
+          d.tfds_name, tfds_split, d.tfds_data_dir, tokenizer, max_source=int(d.max_source),
+          max_target=int(d.max_target), source_key=d.get("source_key", ""),
+          target_key=d.get("target_key", ""))
+      meta.update(sources=sources, targets=targets)
+      return RowBatches(rows, batch, dropped={name: dropped}, **kw), meta
     if kind not in ("classification", "regression"):
-      raise ValueError(f"data.source 'tfds' holds GLUE classification / regression, not "
-                       f"{kind!r}")
+      raise ValueError(f"data.source 'tfds' holds GLUE classification / regression and "
+                       f"seq2seq, not {kind!r}")
     rows, dropped, idx = tfds_text.classification_rows(
         d.tfds_name, tfds_split, d.tfds_data_dir, tokenizer, max_length=int(d.max_length),
         kind=kind, num_labels=int(config.task.num_labels), label_names=tuple(d.label_names))
     meta["idx"] = idx
-    return RowBatches(rows, batch, dropped={f"{d.tfds_name}:{tfds_split}": dropped}, **kw), meta
+    return RowBatches(rows, batch, dropped={name: dropped}, **kw), meta
   if d.source == "tsv":
     from data_pipelines.finetune import text  # pylint: disable=import-outside-toplevel
     path = d.get(split)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -115,15 +115,17 @@ def classification_rows(path: str, tokenizer, *, max_length: int, kind: str = "c
   return out, dict(dropped)
 
 
-def seq2seq_rows(path: str, tokenizer, *, max_source: int, max_target: int
-                 ) -> tuple[dict[str, np.ndarray], dict[str, int], list[str], list[str]]:
-  """Seq2seq TSV -> (rows of ``layouts.seq2seq_layout`` plus source_ids [N, max_source]
-  (``[CLS] s.. [SEP]`` for decoding), dropped, sources, targets (the reference strings))."""
-  columns, rows, dropped = read_tsv(path, [("source", "src"), ("target", "tgt")])
+def seq2seq_table(pairs: Iterable[tuple[str, str]], tokenizer, *, max_source: int,
+                  max_target: int, dropped: Counter
+                  ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+  """(source, target) strings -> (rows of ``layouts.seq2seq_layout`` plus source_ids [N,
+  max_source] (``[CLS] s.. [SEP]`` for decoding), sources, targets (the stripped reference
+  strings)). A pair whose source or target is empty after stripping is counted in
+  ``dropped["empty_text"]`` and skipped. Shared by the TSV and the TFDS seq2seq readers."""
   out: dict[str, list] = {}
   sources, targets = [], []
-  for fields in rows:
-    s, t = fields[columns["source"]].strip(), fields[columns["target"]].strip()
+  for s, t in pairs:
+    s, t = s.strip(), t.strip()
     if not s or not t:
       dropped["empty_text"] += 1
       continue
@@ -137,5 +139,16 @@ def seq2seq_rows(path: str, tokenizer, *, max_source: int, max_target: int
     sources.append(s)
     targets.append(t)
   if not sources:
-    return {}, dict(dropped), [], []
-  return {k: np.stack(v) for k, v in out.items()}, dict(dropped), sources, targets
+    return {}, [], []
+  return {k: np.stack(v) for k, v in out.items()}, sources, targets
+
+
+def seq2seq_rows(path: str, tokenizer, *, max_source: int, max_target: int
+                 ) -> tuple[dict[str, np.ndarray], dict[str, int], list[str], list[str]]:
+  """Seq2seq TSV -> (rows of ``seq2seq_table``, dropped, sources, targets (the reference
+  strings))."""
+  columns, rows, dropped = read_tsv(path, [("source", "src"), ("target", "tgt")])
+  pairs = ((f[columns["source"]], f[columns["target"]]) for f in rows)
+  out, sources, targets = seq2seq_table(pairs, tokenizer, max_source=max_source,
+                                        max_target=max_target, dropped=dropped)
+  return out, dict(dropped), sources, targets

@@ -12,7 +12,9 @@ Task files (``experiments/configs/finetune/*.py``) start from ``default_config()
   task          ``unimo_jax.finetune.tasks.TaskSpec``: kind, num_labels, head_hidden,
                 head_dropout, label_smoothing, ranking_loss, circle_margin, circle_scale,
                 dual_agreement
-  data          the task reader (``data_pipelines.finetune``: every field documented there)
+  data          the task reader (``data_pipelines.finetune``: every field documented there;
+                ``SEQ2SEQ_TFDS_KEYS`` gives the source / target features of the TFDS
+                summarisation datasets)
   evaluation    what ``unimo-jax evaluate`` computes on a fine-tuned run: splits, beam search
                 (beam_size, max_length, alpha, min_length, block_trigrams), retrieval
                 (rerank_k: the dual-encoder's top K re-scored by the cross-encoder, or 0 for
@@ -48,8 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
   d.train = ""                      # a file per split ('tfds': the TFDS split names)
   d.validation = ""
   d.test = ""
-  d.tfds_name = ""                  # 'tfds': e.g. 'glue/sst2'
+  d.tfds_name = ""                  # 'tfds': e.g. 'glue/sst2', 'cnn_dailymail', 'gigaword'
   d.tfds_data_dir = ""              # 'tfds': where it was prepared ('' = TFDS's default)
+  d.source_key = ""                 # 'tfds' seq2seq: the source / target text features
+  d.target_key = ""                 #   ('' = SEQ2SEQ_TFDS_KEYS' entry of the dataset)
   d.image_dir = ""                  # jsonl: the folder of the records' images
   d.image_size = 224                # jsonl: images are resized to the model's input side
   d.tokenizer = ""
@@ -98,6 +102,21 @@ SOURCES = ("tsv", "tfds", "synthetic_scenes", "jsonl", "unimo_lines")
 TEXT_SOURCES = ("tsv", "tfds")
 FILE_SOURCES = ("tsv", "jsonl", "unimo_lines")  # data.train / validation / test are paths
 
+# TFDS summarisation datasets -> (source, target) text features, checked against the TFDS
+# builders' own features (tests/test_finetune_tfds_seq2seq.py); others name data.source_key
+# and data.target_key
+SEQ2SEQ_TFDS_KEYS = {
+    "cnn_dailymail": ("article", "highlights"),
+    "gigaword": ("document", "summary"),
+    "xsum": ("document", "summary"),
+    "multi_news": ("document", "summary"),
+    "billsum": ("text", "summary"),
+    "samsum": ("dialogue", "summary"),
+    "scientific_papers": ("article", "abstract"),
+    "wikihow": ("text", "headline"),
+    "aeslc": ("email_body", "subject_line"),
+}
+
 
 def tfds_prepared_dir(name: str, data_dir: str) -> str:
   """Where TFDS keeps ``name`` (``glue/sst2[:version]``) under ``data_dir`` ("" = TFDS's
@@ -105,6 +124,25 @@ def tfds_prepared_dir(name: str, data_dir: str) -> str:
   root = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
   base, _, version = name.partition(":")
   return os.path.join(os.path.expanduser(root), *base.split("/"), *([version] if version else []))
+
+
+def seq2seq_tfds_keys(name: str, source_key: str = "", target_key: str = "") -> tuple[str, str]:
+  """(source, target) feature names of the TFDS dataset ``name`` (``cnn_dailymail[:3.4.0]``,
+  ``scientific_papers/arxiv``): the keys given, else its ``SEQ2SEQ_TFDS_KEYS`` entry; a
+  one-line ValueError naming the field when neither says."""
+  base = name.partition(":")[0].split("/")[0]
+  known = SEQ2SEQ_TFDS_KEYS.get(base)
+  keys = []
+  for field, given, k in (("data.source_key", source_key, 0), ("data.target_key", target_key, 1)):
+    if not given and known is None:
+      raise ValueError(f"{field} is empty and TFDS {name!r} is not a known seq2seq dataset "
+                       f"({', '.join(sorted(SEQ2SEQ_TFDS_KEYS))}): name its "
+                       f"{'source' if k == 0 else 'target'} text feature")
+    keys.append(given or known[k])
+  if keys[0] == keys[1]:
+    raise ValueError(f"data.source_key and data.target_key are both {keys[0]!r} "
+                     f"(TFDS {name!r})")
+  return keys[0], keys[1]
 
 
 def _fail(msg: str):
@@ -128,10 +166,19 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
     _fail(f"task.kind={spec.kind!r} does not read data.source={d['source']!r} (text tasks read "
           f"'tsv' or 'tfds', image tasks 'synthetic_scenes', 'jsonl' or 'unimo_lines')")
   if d["source"] == "tfds":
-    if spec.kind == "seq2seq":
-      _fail("data.source 'tfds' reads GLUE classification / regression; seq2seq reads 'tsv'")
     if not d["tfds_name"]:
-      _fail("data.tfds_name is empty (the TFDS dataset, e.g. 'glue/sst2')")
+      _fail("data.tfds_name is empty (the TFDS dataset, e.g. 'glue/sst2', 'cnn_dailymail')")
+    if spec.kind == "seq2seq":
+      try:
+        seq2seq_tfds_keys(str(d["tfds_name"]), str(d.get("source_key", "")),
+                          str(d.get("target_key", "")))
+      except ValueError as e:
+        _fail(str(e))
+  for key in ("source_key", "target_key"):
+    if d.get(key) and not (d["source"] == "tfds" and spec.kind == "seq2seq"):
+      _fail(f"data.{key}={d[key]!r} names a TFDS feature: it is read by seq2seq with "
+            f"data.source 'tfds' only (here task.kind={spec.kind!r}, data.source="
+            f"{d['source']!r})")
   if d["source"] == "unimo_lines":
     if spec.kind not in ("entailment", "captioning"):
       _fail(f"data.source 'unimo_lines' holds UNIMO's SNLI-VE and captioning lines, not "

@@ -8,8 +8,9 @@ Every task file takes one config arg (``task.py:ARG``, comma-separated):
   base | large     UNIMO-base / -large shapes, RoBERTa's BPE (``bpe:DATA_DIR/roberta_bpe``) and
                    the official recipe of the task (its values are quoted in each file)
   data_dir=D       where the data are (demo: the synthetic_scenes folder of `unimo-jax prepare`)
-  tfds             GLUE tasks: read ``glue/<task>`` through TFDS from ``tfds_dir`` (prepared
-                   beforehand: nothing is downloaded at run time) instead of TSV files
+  tfds             GLUE tasks, CNN/DM and Gigaword: read ``glue/<task>``, ``cnn_dailymail``
+                   or ``gigaword`` through TFDS from ``tfds_dir`` (prepared beforehand:
+                   nothing is downloaded at run time) instead of TSV files
   tfds_dir=D       the TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
   lines            SNLI-VE / COCO captioning: UNIMO's official ``;``-separated lines with
                    region features (``data_pipelines/finetune/unimo_lines.py``) instead of

@@ -14,8 +14,19 @@ Official recipes (UNIMO ``script/*/model_conf``), base (large):
 The target's positions restart at 0, so the source and the target must each fit the
 position table, not their sum: CNN/DM's 512 + 128 runs on the base model's 514 positions
 (512 text positions), in training and beam search. Data (``base|large``):
-``DATA_DIR/<task>/{train,dev,test}.tsv`` with the header ``source,target``. ``demo``: the generated canonical-caption task (``python -m
-data_pipelines.finetune.demo_text --out DATA_DIR/finetune``).
+``DATA_DIR/<task>/{train,dev,test}.tsv`` with the header ``source,target``. ``demo``: the
+generated canonical-caption task (``python -m data_pipelines.finetune.demo_text --out
+DATA_DIR/finetune``). ``tfds`` (CNN/DM, Gigaword; any size): TFDS ``cnn_dailymail`` (article
+-> highlights) or ``gigaword`` (document -> summary) prepared under ``tfds_dir=D``, splits
+train / validation / test, nothing downloaded at run time:
+
+  tfds build cnn_dailymail --data_dir D     # once, where the network is reachable
+  unimo-jax finetune --config experiments/configs/finetune/cnndm.py:base,tfds,tfds_dir=D \\
+      --workdir W --config.init_from=/models/unimo_base_converted
+
+Another TFDS summarisation set: ``--config.data.tfds_name=xsum`` (its features from
+``SEQ2SEQ_TFDS_KEYS`` in ``unimo_jax/finetune/config.py``), or any dataset with
+``--config.data.source_key=F --config.data.target_key=G``.
 """
 import os
 
@@ -30,6 +41,8 @@ TASKS = {
     "squad_qg": (dict(batch=8, lr=1.25e-5, epochs=20, src=416, tgt=96, beam=5, lp=1.0,
                       min_out=1, block=False, out=48), dict(lr=5e-6, beam=6, lp=1.2), 75722),
 }
+# task -> its TFDS dataset (config arg ``tfds``); SQuAD-QG's answer-marked sources are not in TFDS
+TFDS_NAMES = {"cnndm": "cnn_dailymail", "gigaword": "gigaword"}
 
 
 def seq2seq_config(name: str, arg=None):
@@ -39,7 +52,8 @@ def seq2seq_config(name: str, arg=None):
   size = common.size_of(args)
   if size == "demo":
     paths = common.demo_text(args, "canonical")
-    common.recipe(c, batch=32, lr=5e-4, epochs=3, train_examples=2000)
+    examples = TASKS[name][2] if args["tfds"] and name in TFDS_NAMES else 2000
+    common.recipe(c, batch=32, lr=5e-4, epochs=3, train_examples=examples)
     c.data.max_source, c.data.max_target = 48, 48
     c.evaluation.update(dict(beam_size=3, max_length=40, alpha=0.6, min_length=3,
                              block_trigrams=False))
@@ -56,6 +70,14 @@ def seq2seq_config(name: str, arg=None):
     c.evaluation.update(dict(beam_size=r["beam"], max_length=r.get("out", r["tgt"]),
                              alpha=r["lp"], min_length=r["min_out"],
                              block_trigrams=r["block"]))
+  if args["tfds"]:
+    if name not in TFDS_NAMES:
+      raise ValueError(f"config arg tfds: {name} has no TFDS dataset (TFDS: "
+                       f"{', '.join(sorted(TFDS_NAMES))}); it reads TSV files")
+    c.data.source = "tfds"
+    c.data.tfds_name = TFDS_NAMES[name]
+    c.data.tfds_data_dir = args["tfds_dir"]
+    paths = dict(train="train", validation="validation", test="test")
   c.data.train, c.data.validation, c.data.test = (paths["train"], paths["validation"],
                                                   paths["test"])
   if args["smoke"]:
