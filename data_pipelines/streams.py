@@ -222,6 +222,29 @@ class Stream:
             (self.local_batch,) + shape))
     return tuple(out)
 
+  # -- numpy batches without tf.data --------------------------------------------------------
+  @property
+  def needs_tf(self) -> bool:
+    """Whether this stream's batches need TF ops after the Python builder (image decoding)."""
+    return self.patches
+
+  def batch_spec(self) -> dict:
+    """{field: (batch shape, dtype)} of `as_dict`'s output (internal ``_*`` fields included)."""
+    row_spec = schema.row_spec(self.stream, self.cfg)
+    return {name: ((self.local_batch,) + tuple(shape),
+                   row_spec[name][1] if name in row_spec else np.dtype(dtype))
+            for name, (shape, dtype) in self.out_spec.items()}
+
+  def as_dict(self, arrays) -> dict:
+    """`batch`'s arrays -> {field: array} with the schema's dtypes (what tf.data's stage gives
+    for a stream without images): float16 region fields become float32, exactly."""
+    out = dict(zip(self.out_spec, arrays))
+    for name in HALF_FIELDS:
+      if name in out and out[name].dtype != np.float32:
+        # TF's cast is vectorised; numpy's float16 -> float32 is ~4x slower here.
+        out[name] = tf.cast(out[name], tf.float32).numpy()
+    return out
+
   # -- tf.data ------------------------------------------------------------------------------
   def dataset(self, base: int, parallel_batches: int = 2, fetch=None) -> "tf.data.Dataset":
     """Batches of this stream from slot `base` on: dict {field: [b, ...]} (internal `_*` kept).
