@@ -66,6 +66,31 @@ def time_iterator(it, batches: int, runs: int):
   return statistics.median(per_batch)
 
 
+def _process_cpu(pid: int) -> float:
+  """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_pipeline(it, batches: int, runs: int):
+  """(median seconds per batch over `runs` runs of `batches` batches after 3 warm-up ones, this
+  process's CPU seconds and each worker's over all timed batches)."""
+  for _ in range(3):
+    next(it)
+  pids = it.worker_pids
+  start = [_process_cpu(p) for p in pids]
+  cpu = time.process_time()
+  per_batch = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    per_batch.append((time.perf_counter() - t) / batches)
+  return (statistics.median(per_batch), time.process_time() - cpu,
+          [_process_cpu(p) - s for p, s in zip(pids, start)])
+
+
 def time_python_rows(stream, batches: int, runs: int):
   """Median seconds per batch of the Python row builder alone (no tf.data)."""
   stream.batch(0, 0)
@@ -131,7 +156,7 @@ def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
 # --paper: the paper's shapes, old code vs new, and worker scaling
 # ---------------------------------------------------------------------------------------------
 
-PAPER_WORKER_CASES = ("text", "pair_jpeg", "image_npz", "pair_tsv")
+PAPER_WORKER_CASES = ("text", "text_store", "pair_jpeg", "image_npz", "pair_tsv")
 
 
 def _paper_tokenizer(root: str):
@@ -145,13 +170,14 @@ def _paper_tokenizer(root: str):
 
 
 def _profiles(tree: str, root: str, tok: str, batch: int, batches: int,
-              regions: str = "raw", fast_decode: bool = False) -> dict:
+              regions: str = "raw", fast_decode: bool = False, cases: str = "") -> dict:
   """Per-row profile of every case on the code tree `tree` ("" = this checkout), in a child;
   `regions` "store" reads the converted region stores (the new path), "raw" npz / TSV."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_shapes.py")
   out = subprocess.run([sys.executable, script, "--tree", tree, "--root", root, "--tokenizer",
                         tok, "--batch", str(batch), "--batches", str(batches),
-                        "--regions", regions] + (["--fast_decode"] if fast_decode else []),
+                        "--regions", regions] + (["--fast_decode"] if fast_decode else []) +
+                       (["--cases", cases] if cases else []),
                        capture_output=True, text=True, check=False)
   line = [l for l in out.stdout.splitlines() if l.startswith("PROFILE ")]
   if out.returncode or not line:
@@ -181,6 +207,14 @@ def paper_benchmark(args) -> int:
   for name, (records, sec, mbs, kind) in paper_shapes.convert_regions(root).items():
     print(f"one-off conversion {kind} -> {name}: {records} records in {sec:.1f} s "
           f"({records / max(sec, 1e-9):,.0f} records/s, {mbs:,.0f} MB/s of input)")
+  records, sec, tokens = paper_shapes.convert_tokens(root, tok_spec)
+  print(f"one-off conversion text -> store_tokens: {records} records in {sec:.1f} s "
+        f"({records / max(sec, 1e-9):,.0f} records/s, {tokens / max(sec, 1e-9):,.0f} tokens/s)")
+  known = [c for c, _, _ in paper_shapes.CASES]
+  cases = args.cases.split(",") if args.cases else known
+  if any(c not in known for c in cases):
+    raise SystemExit(f"--cases {args.cases}: cases are {','.join(known)}")
+  print(f"load average at the start {os.getloadavg()[0]:.1f}")
   print(f"paper shapes under {root}: text L 512 (MLM P 80 + infilling P2 160); pairs 5 captions, "
         f"224 px JPEG, Kp 2, Kn 4 (TF-IDF + lexicon), Ki 1, Kt 1; regions R 100, F 2048, "
         f"C 1601 (npz / TSV); batch {args.batch}; os.cpu_count() {os.cpu_count()}")
@@ -188,9 +222,10 @@ def paper_benchmark(args) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     old = _old_tree(args.old_rev, tmp)
     for _ in range(args.runs):  # alternated, so a change in the machine's load hits both
-      runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches))
+      runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches,
+                                   cases=",".join(cases)))
       runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches, "store",
-                                   fast_decode=True))
+                                   fast_decode=True, cases=",".join(cases)))
   med = {k: {case: {p: statistics.median(r[case][p] for r in v) for p in v[0][case]}
              for case in v[0]} for k, v in runs.items()}
   print(f"\nPython row building per core: rows per CPU second (median of {args.runs} "
@@ -217,26 +252,37 @@ def paper_benchmark(args) -> int:
       nt = n["total"] + n["images"] * n["decode_fast"]
       print(f"  {case} with data.jpeg_decode='fast': TF decode {1e6 * n['decode_fast']:.0f} us "
             f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
-  print(f"\nthrough tf.data (new code, this process + data.workers processes), rows per wall "
-        f"second; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
+  print(f"\nthrough the pipeline (new code, this process + data.workers processes), rows per "
+        f"wall second (median of {args.runs} runs of {args.worker_batches or args.batches} "
+        f"batches); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
   counts = [int(w) for w in args.workers.split(",")]
+  scaling = 1 in counts and 2 in counts
   print(f"  {'case':<11} " + " ".join(f"{f'workers={w}':>11}" for w in counts) +
-        f" {'x (max/0)':>10}")
+        f" {'x (max/0)':>10}" + (f" {'x (2/1)':>8}" if scaling else "") +
+        "   CPU us per row: this process / each worker, per workers value")
   tok = tokenizers.load_tokenizer(tok_spec)
   for case, visual, stream in paper_shapes.CASES:
-    if case not in PAPER_WORKER_CASES:
+    if case not in PAPER_WORKER_CASES or case not in cases:
       continue
-    rates = []
+    rates, cpus = [], []
     for w in counts:
-      cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store"), stream)
+      cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store",
+                                           text="store" if case == "text_store" else "raw"),
+                 stream)
       cfg.workers = w
       it = pipeline.make_pipeline(cfg, tokenizer=tok)
       try:
-        rates.append(args.batch / time_iterator(it, args.batches, 1))
+        sec, main_cpu, worker_cpu = time_pipeline(it, args.worker_batches or args.batches,
+                                                  args.runs)
       finally:
         it.close()
+      rates.append(args.batch / sec)
+      rows = args.batch * (args.worker_batches or args.batches) * args.runs
+      cpus.append(f"{1e6 * main_cpu / rows:.0f}/" + ",".join(f"{1e6 * c / rows:.0f}"
+                                                            for c in worker_cpu))
+    ratio = f" {rates[counts.index(2)] / rates[counts.index(1)]:>8.2f}" if scaling else ""
     print(f"  {case:<11} " + " ".join(f"{r:>11,.0f}" for r in rates) +
-          f" {max(rates[1:] or rates) / rates[0]:>10.2f}")
+          f" {max(rates[1:] or rates) / rates[0]:>10.2f}{ratio}   " + "  ".join(cpus))
   return 0
 
 
@@ -259,6 +305,10 @@ def main(argv=None) -> int:
   p.add_argument("--paper_images", type=int, default=48, help="--paper: images written")
   p.add_argument("--old_rev", default="fc1e2af", help="--paper: the commit timed as 'old'")
   p.add_argument("--workers", default="0,1,2", help="--paper: data.workers values to time")
+  p.add_argument("--cases", default="", help="--paper: only these cases (comma-separated, "
+                 "e.g. text,text_store; default all)")
+  p.add_argument("--worker_batches", type=int, default=0,
+                 help="--paper: batches per timed run through the pipeline (default --batches)")
   args = p.parse_args(argv)
   if args.paper:
     return paper_benchmark(args)

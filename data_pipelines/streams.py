@@ -27,7 +27,8 @@ from data_pipelines.lazy import tensorflow as tf  # loaded on first use (row wor
 from data_pipelines import images, rewriting, schema
 from data_pipelines.examples import HALF_FIELDS, Padded, RowBuilder
 from data_pipelines.mixture import Mixture
-from data_pipelines.sources import BadRecord, load_neighbours, open_source
+from data_pipelines.sources import BadRecord, TokenStoreSource, load_neighbours, open_source
+from data_pipelines.sources import token_store
 from data_pipelines.worker_errors import PoolStopped
 
 _PROBE_RECORDS = 16
@@ -67,6 +68,11 @@ class Stream:
         raise schema.SchemaError(f"two sources of stream {stream} are named {name!r}")
       names.add(name)
       src = open_source(spec, name=name)
+      if isinstance(src, TokenStoreSource):
+        try:
+          token_store.check_tokenizer(src, tokenizer, stream)
+        except ValueError as e:
+          raise schema.SchemaError(str(e)) from None
       src.restrict(self.builder.wanted_fields())
       self.sources.append(src)
       self.names.append(name)
@@ -116,7 +122,7 @@ class Stream:
   def _probe(self, s: int):
     """Build-time check: source s can feed this stream and its rows match the schema."""
     src, name = self.sources[s], self.names[s]
-    for field in self.builder.required_fields():
+    for field in self.builder.required_fields(src.fields):
       if field not in src.fields:
         raise schema.SchemaError(
             f"source {name!r} (stream {self.stream}) cannot provide field {field!r} "
