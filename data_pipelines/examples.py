@@ -27,7 +27,6 @@ import numpy as np
 from data_pipelines import images, rewriting, schema
 from data_pipelines.sources.base import BadRecord, text_list
 from unimo_jax import masking
-from unimo_jax.raw_draws import RawDraws
 
 
 # Row fields in `RowBuilder.region_dtype` (float32 in the schema; `Stream` casts them back).
@@ -172,11 +171,6 @@ class RowBuilder:
       ids = self.codec.encode(rec["text"])
     else:
       raise BadRecord("missing_field", "text")
-    # The row's ~30 scalar draws (window, spans, fragments) computed from the generator's raw
-    # words: the same values, without numpy's per-call cost. The generator is not drawn from
-    # after the text row, so it is not synced back.
-    if type(rng.bit_generator) is np.random.PCG64:  # pylint: disable=unidiomatic-typecheck
-      rng = RawDraws(rng)
     L, L2 = self.d["L"], self.d["L2"]
     want = max(L - 2 if "mlm" in self.objectives else 0, L2 if "s2s" in self.objectives else 0)
     if len(ids) > want:  # a long document: both objectives see one random window from a word
