@@ -88,6 +88,28 @@ def test_damaged_records_are_bad_records(tmp_path):
     open_source(dict(kind="token_store", path=str(store)), name="st").read(3)
 
 
+def test_damaged_offsets_and_ids_in_one_shard(tmp_path):
+  """Unsorted offsets and an id outside the vocabulary in the same shard: each record is then
+  checked on its own, and only the damaged ones are bad."""
+  _corpus(tmp_path, 6)
+  store, _ = _store(tmp_path)
+  offsets = np.load(store / "shard-00000.offsets.npy")
+  tokens = np.load(store / "shard-00000.tokens.npy")
+  tokens[offsets[4]] = -1  # record 4
+  offsets[2] = offsets[3] + 1  # records 1 and 2 overlap / run backwards
+  np.save(store / "shard-00000.offsets.npy", offsets)
+  np.save(store / "shard-00000.tokens.npy", tokens)
+  st = open_source(dict(kind="token_store", path=str(store)), name="st")
+  reasons = []
+  for i in range(len(st)):
+    try:
+      st.read(i)
+      reasons.append("ok")
+    except BadRecord as e:
+      reasons.append(e.reason)
+  assert reasons == ["ok", "ok", "bad_token_ids", "ok", "bad_token_ids", "ok"]
+
+
 def _edit_manifest(store, **changes):
   p = store / "tokens.json"
   m = json.load(open(p))

@@ -128,7 +128,7 @@ class TokenStoreSource(base.Source):
     counts = np.asarray([s["records"] for s in m["shards"]], np.int64)
     self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [shards + 1]
     self._maps = {}  # (shard, array) -> memory map, opened on first read
-    self._map_lock = threading.Lock()
+    self._map_lock = threading.RLock()  # reentrant: the offsets check maps the tokens
     self._by_key = None
 
   def _file(self, s, array):
@@ -152,8 +152,27 @@ class TokenStoreSource(base.Source):
           if a.shape != want[0] or a.dtype != want[1]:
             raise ValueError(f"token store {path}: {a.dtype}{a.shape}, expected "
                              f"{np.dtype(want[1])}{want[0]}")
+          if array == "offsets":
+            a = self._spans(s, np.array(a))
           self._maps[(s, array)] = a
     return a
+
+  def _spans(self, s, offsets):
+    """(start, end) int64 [records, 2] of shard s, damaged records (-1, -1): one vectorised pass
+    over the shard when it is first read, instead of a check per read (16 bytes a record)."""
+    n_tok = self._tokens_per_shard[s]
+    spans = np.stack([offsets[:-1], offsets[1:]], 1)
+    bad = (spans[:, 1] < spans[:, 0]) | (spans[:, 0] < 0) | (spans[:, 1] > n_tok)
+    tokens = self._array(s, "tokens")
+    out_of_vocab = np.flatnonzero((tokens < 0) | (tokens >= self.vocab_size))
+    if len(out_of_vocab) and not bad.any():  # sorted offsets: the record of each position
+      bad[np.searchsorted(spans[:, 1], out_of_vocab, side="right")] = True
+    elif len(out_of_vocab):  # damaged offsets too: check every record on its own
+      for j in np.flatnonzero(~bad):
+        ids = tokens[spans[j, 0]:spans[j, 1]]
+        bad[j] = bool(len(ids)) and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size)
+    spans[bad] = -1
+    return spans
 
   def __len__(self):
     return len(self._keys)
@@ -171,20 +190,17 @@ class TokenStoreSource(base.Source):
 
   def read(self, i):
     i = int(i)
-    s = int(np.searchsorted(self._first, i, side="right")) - 1
+    s = int(np.searchsorted(self._first, i, side="right")) - 1 if len(self._first) > 2 else 0
     j = i - int(self._first[s])
-    offsets = self._array(s, "offsets")
-    start, end = int(offsets[j]), int(offsets[j + 1])
-    what = f"{self.root} record {i} ({self._keys[i]})"
-    if not 0 <= start <= end <= self._tokens_per_shard[s]:
-      raise base.BadRecord("bad_token_ids", f"{what}: tokens {start}:{end} outside its shard")
+    # A damaged shard must not reach the model (the writer stored only ids of the vocabulary):
+    # `_check_shard` marked its damaged records when the shard was first read.
+    start, end = self._array(s, "offsets")[j].tolist()
+    if start < 0:
+      raise base.BadRecord("bad_token_ids", f"{self.root} record {i} ({self._keys[i]}): "
+                           f"offsets outside its shard or ids outside [0, {self.vocab_size})")
     if end == start:
-      raise base.BadRecord("empty_text", f"{what}: no tokens")
-    ids = self._array(s, "tokens")[start:end]
-    # A damaged shard must not reach the model (the writer stored only ids of the vocabulary).
-    if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-      raise base.BadRecord("bad_token_ids", f"{what}: ids outside [0, {self.vocab_size})")
-    return dict(key=self._keys[i], token_ids=ids)
+      raise base.BadRecord("empty_text", f"{self.root} record {i} ({self._keys[i]}): no tokens")
+    return dict(key=self._keys[i], token_ids=self._array(s, "tokens")[start:end])
 
 
 def check_tokenizer(src: TokenStoreSource, tokenizer, stream: str):
