@@ -224,8 +224,11 @@ class Stream:
             a[j] = np.asarray(v, dtype).reshape(shape)
         out.append(a)
       else:
-        out.append(np.stack([np.asarray(r[name], dtype) for r in rows]).reshape(
-            (self.local_batch,) + shape))
+        # Row by row into one array: the same values as np.stack, without its per-row copies.
+        a = np.empty((self.local_batch,) + tuple(shape), dtype)
+        for j, r in enumerate(rows):
+          a[j] = r[name]
+        out.append(a)
     return tuple(out)
 
   # -- numpy batches without tf.data --------------------------------------------------------

@@ -287,6 +287,27 @@ def _infilling_bounds(n: int, rate: float, min_len: int) -> tuple[int, int]:
   return covered, covered // min_len
 
 
+@functools.lru_cache(maxsize=4096)
+def _infilling_prefix(length: int, rate: float, min_len: int, max_length: int,
+                      max_predictions: int) -> int:
+  """The longest prefix (<= length) whose worst case layout and predictions fit (cached: long
+  documents all give the same window length)."""
+
+  def fits(n):
+    covered, n_frags = _infilling_bounds(n, rate, min_len)
+    return n + 3 + n_frags <= max_length and covered + n_frags <= max_predictions
+
+  # Both bounds grow with n, so `fits` holds on [0, n*] and a bisection finds n* (the same n as
+  # trying n, n - 1, ... down; 9 tries instead of ~40).
+  lo, hi = 0, length
+  if not fits(hi):
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    hi = lo
+  return hi
+
+
 def _sample_fragments(n: int, rng: np.random.Generator, rate: float, min_len: int,
                       max_len: int) -> list[tuple[int, int]]:
   """Non-overlapping, non-adjacent fragments [start, end) of a text of n tokens, sorted."""
@@ -374,20 +395,8 @@ def infilling(ids, rng: np.random.Generator, *, max_length: int, max_predictions
   [max_length] int32, positions [P], targets [P] int32, weights [P] float32).
   """
   text = _strip_text(ids, bos_id, sep_id, pad_id)
-
-  def fits(n):
-    covered, n_frags = _infilling_bounds(n, rate, min_len)
-    return n + 3 + n_frags <= max_length and covered + n_frags <= max_predictions
-
-  # The longest prefix that fits. Both bounds grow with n, so `fits` holds on [0, n*] and a
-  # bisection finds n* (the same n as trying n, n - 1, ... down; 9 tries instead of ~40).
-  lo, hi = 0, len(text)
-  if not fits(hi):
-    while hi - lo > 1:
-      mid = (lo + hi) // 2
-      lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    hi = lo
-  n = hi
+  n = _infilling_prefix(len(text), float(rate), int(min_len), int(max_length),
+                        int(max_predictions))
   text = text[:n]
   frags = _sample_fragments(n, rng, rate, min_len, max_len)
 
