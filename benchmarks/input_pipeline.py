@@ -14,7 +14,11 @@ per-core rows/s of the Python row builder by phase for the code at --old_rev and
 (alternated runs of each, in child processes), then rows/s through tf.data for each
 --workers value. The new path reads region features from float16 stores converted once from
 the npz files and the TSV (`unimo-jax prepare regions`; the conversion's throughput is
-printed); the old path reads the npz / TSV files. E.g. (under 3 minutes on 2 cores):
+printed); the old path reads the npz / TSV files. The text stream is timed from the raw
+corpus (``text``) and, on the new path, from a token store tokenised once (``text_store``,
+`unimo-jax prepare tokens`). The second table also gives the CPU per row of the training
+process and of each worker. E.g. (under 3 minutes on 2 cores; ``--cases text,text_store``
+and ``--tables per_core|workers`` shorten it):
   python benchmarks/input_pipeline.py --paper --batch 16 --batches 6 --runs 3 --workers 0,1,2
 With --train_steps > 0 it also trains the demo model on random schema batches for that many
 steps and prints the ratio of the pipeline's steps/s to the train step's (> 1: the input keeps
@@ -218,40 +222,43 @@ def paper_benchmark(args) -> int:
   print(f"paper shapes under {root}: text L 512 (MLM P 80 + infilling P2 160); pairs 5 captions, "
         f"224 px JPEG, Kp 2, Kn 4 (TF-IDF + lexicon), Ki 1, Kt 1; regions R 100, F 2048, "
         f"C 1601 (npz / TSV); batch {args.batch}; os.cpu_count() {os.cpu_count()}")
-  runs = {"old": [], "new": []}
-  with tempfile.TemporaryDirectory() as tmp:
-    old = _old_tree(args.old_rev, tmp)
-    for _ in range(args.runs):  # alternated, so a change in the machine's load hits both
-      runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches,
-                                   cases=",".join(cases)))
-      runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches, "store",
-                                   fast_decode=True, cases=",".join(cases)))
-  med = {k: {case: {p: statistics.median(r[case][p] for r in v) for p in v[0][case]}
-             for case in v[0]} for k, v in runs.items()}
-  print(f"\nPython row building per core: rows per CPU second (median of {args.runs} "
-        f"alternated runs; old = {args.old_rev}, new = this checkout, region features from the "
-        f"converted stores); CPU microseconds per row by phase, old>new; TF decode: CPU "
-        f"microseconds per image (one TF thread), and rows per CPU second with it")
-  phases = paper_shapes.PHASES
-  print(f"  {'case':<11} {'old rows/s':>10} {'new rows/s':>10} {'x':>5}  " +
-        " ".join(f"{p:>13}" for p in phases) + f" {'TF decode':>13} {'with decode':>17}")
-  for case in med["new"]:
-    o, n = med["old"][case], med["new"][case]
-    cells = " ".join(f"{1e6 * o[p]:>6.0f}>{1e6 * n[p]:<6.0f}" for p in phases)
-    dec = with_dec = f"{'-':>13}"
-    if "decode" in n:
-      dec = f"{1e6 * o['decode']:>6.0f}>{1e6 * n['decode']:<6.0f}"
-      ot, nt = (o["total"] + o["images"] * o["decode"], n["total"] + n["images"] * n["decode"])
-      with_dec = f"{1 / ot:>5,.0f}>{1 / nt:<5,.0f} {ot / nt:.2f}x"
-    print(f"  {case:<11} {1 / o['total']:>10,.0f} {1 / n['total']:>10,.0f} "
-          f"{o['total'] / n['total']:>5.2f}  {cells} {dec} {with_dec:>17}")
-  for case in med["new"]:
-    o, n = med["old"][case], med["new"][case]
-    if "decode_fast" in n:
-      ot = o["total"] + o["images"] * o["decode"]
-      nt = n["total"] + n["images"] * n["decode_fast"]
-      print(f"  {case} with data.jpeg_decode='fast': TF decode {1e6 * n['decode_fast']:.0f} us "
-            f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
+  if args.tables in ("both", "per_core"):
+    runs = {"old": [], "new": []}
+    with tempfile.TemporaryDirectory() as tmp:
+      old = _old_tree(args.old_rev, tmp)
+      for _ in range(args.runs):  # alternated, so a change in the machine's load hits both
+        runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches,
+                                     cases=",".join(cases)))
+        runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches, "store",
+                                     fast_decode=True, cases=",".join(cases)))
+    med = {k: {case: {p: statistics.median(r[case][p] for r in v) for p in v[0][case]}
+               for case in v[0]} for k, v in runs.items()}
+    print(f"\nPython row building per core: rows per CPU second (median of {args.runs} "
+          f"alternated runs; old = {args.old_rev}, new = this checkout, region features from the "
+          f"converted stores); CPU microseconds per row by phase, old>new; TF decode: CPU "
+          f"microseconds per image (one TF thread), and rows per CPU second with it")
+    phases = paper_shapes.PHASES
+    print(f"  {'case':<11} {'old rows/s':>10} {'new rows/s':>10} {'x':>5}  " +
+          " ".join(f"{p:>13}" for p in phases) + f" {'TF decode':>13} {'with decode':>17}")
+    for case in med["new"]:
+      o, n = med["old"][case], med["new"][case]
+      cells = " ".join(f"{1e6 * o[p]:>6.0f}>{1e6 * n[p]:<6.0f}" for p in phases)
+      dec = with_dec = f"{'-':>13}"
+      if "decode" in n:
+        dec = f"{1e6 * o['decode']:>6.0f}>{1e6 * n['decode']:<6.0f}"
+        ot, nt = (o["total"] + o["images"] * o["decode"], n["total"] + n["images"] * n["decode"])
+        with_dec = f"{1 / ot:>5,.0f}>{1 / nt:<5,.0f} {ot / nt:.2f}x"
+      print(f"  {case:<11} {1 / o['total']:>10,.0f} {1 / n['total']:>10,.0f} "
+            f"{o['total'] / n['total']:>5.2f}  {cells} {dec} {with_dec:>17}")
+    for case in med["new"]:
+      o, n = med["old"][case], med["new"][case]
+      if "decode_fast" in n:
+        ot = o["total"] + o["images"] * o["decode"]
+        nt = n["total"] + n["images"] * n["decode_fast"]
+        print(f"  {case} with data.jpeg_decode='fast': TF decode {1e6 * n['decode_fast']:.0f} us "
+              f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
+  if args.tables == "per_core":
+    return 0
   print(f"\nthrough the pipeline (new code, this process + data.workers processes), rows per "
         f"wall second (median of {args.runs} runs of {args.worker_batches or args.batches} "
         f"batches); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
@@ -307,6 +314,8 @@ def main(argv=None) -> int:
   p.add_argument("--workers", default="0,1,2", help="--paper: data.workers values to time")
   p.add_argument("--cases", default="", help="--paper: only these cases (comma-separated, "
                  "e.g. text,text_store; default all)")
+  p.add_argument("--tables", default="both", choices=("both", "per_core", "workers"),
+                 help="--paper: which of the two tables to measure")
   p.add_argument("--worker_batches", type=int, default=0,
                  help="--paper: batches per timed run through the pipeline (default --batches)")
   args = p.parse_args(argv)

@@ -243,10 +243,13 @@ class WorkerPool:
         raise self._error
       gen = self._gen
       first = self._next.get((stream, base), 0)
-      if step >= first:  # steps [0, first) are issued; issue up to `ahead` beyond this one
-        for s in range(first, step + self.ahead + 1):
+      # Steps [0, first) are issued; keep `ahead` issued beyond this one at every call (a
+      # refill only every `ahead` calls left workers idle while the last of them was built).
+      last = step + self.ahead
+      if last >= first:
+        for s in range(first, last + 1):
           self._issue(stream, base, s)
-        self._next[(stream, base)] = step + self.ahead + 1
+        self._next[(stream, base)] = last + 1
       key = (gen, stream, base, step)
       while key not in self._done:
         if self._error is not None:
