@@ -14,7 +14,11 @@ per-core rows/s of the Python row builder by phase for the code at --old_rev and
 (alternated runs of each, in child processes), then rows/s through tf.data for each
 --workers value. The new path reads region features from float16 stores converted once from
 the npz files and the TSV (`unimo-jax prepare regions`; the conversion's throughput is
-printed); the old path reads the npz / TSV files. E.g. (under 3 minutes on 2 cores):
+printed); the old path reads the npz / TSV files. The text stream is timed from the raw
+corpus (``text``) and, on the new path, from a token store tokenised once (``text_store``,
+`unimo-jax prepare tokens`). The second table also gives the CPU per row of the training
+process and of each worker. E.g. (under 3 minutes on 2 cores; ``--cases text,text_store``
+and ``--tables per_core|workers`` shorten it):
   python benchmarks/input_pipeline.py --paper --batch 16 --batches 6 --runs 3 --workers 0,1,2
 With --train_steps > 0 it also trains the demo model on random schema batches for that many
 steps and prints the ratio of the pipeline's steps/s to the train step's (> 1: the input keeps
@@ -64,6 +68,31 @@ def time_iterator(it, batches: int, runs: int):
       next(it)
     per_batch.append((time.perf_counter() - t) / batches)
   return statistics.median(per_batch)
+
+
+def _process_cpu(pid: int) -> float:
+  """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_pipeline(it, batches: int, runs: int):
+  """(median seconds per batch over `runs` runs of `batches` batches after 3 warm-up ones, this
+  process's CPU seconds and each worker's over all timed batches)."""
+  for _ in range(3):
+    next(it)
+  pids = it.worker_pids
+  start = [_process_cpu(p) for p in pids]
+  cpu = time.process_time()
+  per_batch = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    per_batch.append((time.perf_counter() - t) / batches)
+  return (statistics.median(per_batch), time.process_time() - cpu,
+          [_process_cpu(p) - s for p, s in zip(pids, start)])
 
 
 def time_python_rows(stream, batches: int, runs: int):
@@ -131,7 +160,7 @@ def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
 # --paper: the paper's shapes, old code vs new, and worker scaling
 # ---------------------------------------------------------------------------------------------
 
-PAPER_WORKER_CASES = ("text", "pair_jpeg", "image_npz", "pair_tsv")
+PAPER_WORKER_CASES = ("text", "text_store", "pair_jpeg", "image_npz", "pair_tsv")
 
 
 def _paper_tokenizer(root: str):
@@ -145,13 +174,14 @@ def _paper_tokenizer(root: str):
 
 
 def _profiles(tree: str, root: str, tok: str, batch: int, batches: int,
-              regions: str = "raw", fast_decode: bool = False) -> dict:
+              regions: str = "raw", fast_decode: bool = False, cases: str = "") -> dict:
   """Per-row profile of every case on the code tree `tree` ("" = this checkout), in a child;
   `regions` "store" reads the converted region stores (the new path), "raw" npz / TSV."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_shapes.py")
   out = subprocess.run([sys.executable, script, "--tree", tree, "--root", root, "--tokenizer",
                         tok, "--batch", str(batch), "--batches", str(batches),
-                        "--regions", regions] + (["--fast_decode"] if fast_decode else []),
+                        "--regions", regions] + (["--fast_decode"] if fast_decode else []) +
+                       (["--cases", cases] if cases else []),
                        capture_output=True, text=True, check=False)
   line = [l for l in out.stdout.splitlines() if l.startswith("PROFILE ")]
   if out.returncode or not line:
@@ -181,62 +211,85 @@ def paper_benchmark(args) -> int:
   for name, (records, sec, mbs, kind) in paper_shapes.convert_regions(root).items():
     print(f"one-off conversion {kind} -> {name}: {records} records in {sec:.1f} s "
           f"({records / max(sec, 1e-9):,.0f} records/s, {mbs:,.0f} MB/s of input)")
+  records, sec, tokens = paper_shapes.convert_tokens(root, tok_spec)
+  print(f"one-off conversion text -> store_tokens: {records} records in {sec:.1f} s "
+        f"({records / max(sec, 1e-9):,.0f} records/s, {tokens / max(sec, 1e-9):,.0f} tokens/s)")
+  known = [c for c, _, _ in paper_shapes.CASES]
+  cases = args.cases.split(",") if args.cases else known
+  if any(c not in known for c in cases):
+    raise SystemExit(f"--cases {args.cases}: cases are {','.join(known)}")
+  print(f"load average at the start {os.getloadavg()[0]:.1f}")
   print(f"paper shapes under {root}: text L 512 (MLM P 80 + infilling P2 160); pairs 5 captions, "
         f"224 px JPEG, Kp 2, Kn 4 (TF-IDF + lexicon), Ki 1, Kt 1; regions R 100, F 2048, "
         f"C 1601 (npz / TSV); batch {args.batch}; os.cpu_count() {os.cpu_count()}")
-  runs = {"old": [], "new": []}
-  with tempfile.TemporaryDirectory() as tmp:
-    old = _old_tree(args.old_rev, tmp)
-    for _ in range(args.runs):  # alternated, so a change in the machine's load hits both
-      runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches))
-      runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches, "store",
-                                   fast_decode=True))
-  med = {k: {case: {p: statistics.median(r[case][p] for r in v) for p in v[0][case]}
-             for case in v[0]} for k, v in runs.items()}
-  print(f"\nPython row building per core: rows per CPU second (median of {args.runs} "
-        f"alternated runs; old = {args.old_rev}, new = this checkout, region features from the "
-        f"converted stores); CPU microseconds per row by phase, old>new; TF decode: CPU "
-        f"microseconds per image (one TF thread), and rows per CPU second with it")
-  phases = paper_shapes.PHASES
-  print(f"  {'case':<11} {'old rows/s':>10} {'new rows/s':>10} {'x':>5}  " +
-        " ".join(f"{p:>13}" for p in phases) + f" {'TF decode':>13} {'with decode':>17}")
-  for case in med["new"]:
-    o, n = med["old"][case], med["new"][case]
-    cells = " ".join(f"{1e6 * o[p]:>6.0f}>{1e6 * n[p]:<6.0f}" for p in phases)
-    dec = with_dec = f"{'-':>13}"
-    if "decode" in n:
-      dec = f"{1e6 * o['decode']:>6.0f}>{1e6 * n['decode']:<6.0f}"
-      ot, nt = (o["total"] + o["images"] * o["decode"], n["total"] + n["images"] * n["decode"])
-      with_dec = f"{1 / ot:>5,.0f}>{1 / nt:<5,.0f} {ot / nt:.2f}x"
-    print(f"  {case:<11} {1 / o['total']:>10,.0f} {1 / n['total']:>10,.0f} "
-          f"{o['total'] / n['total']:>5.2f}  {cells} {dec} {with_dec:>17}")
-  for case in med["new"]:
-    o, n = med["old"][case], med["new"][case]
-    if "decode_fast" in n:
-      ot = o["total"] + o["images"] * o["decode"]
-      nt = n["total"] + n["images"] * n["decode_fast"]
-      print(f"  {case} with data.jpeg_decode='fast': TF decode {1e6 * n['decode_fast']:.0f} us "
-            f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
-  print(f"\nthrough tf.data (new code, this process + data.workers processes), rows per wall "
-        f"second; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
+  if args.tables in ("both", "per_core"):
+    runs = {"old": [], "new": []}
+    with tempfile.TemporaryDirectory() as tmp:
+      old = _old_tree(args.old_rev, tmp)
+      for _ in range(args.runs):  # alternated, so a change in the machine's load hits both
+        runs["old"].append(_profiles(old, root, tok_spec, args.batch, args.batches,
+                                     cases=",".join(cases)))
+        runs["new"].append(_profiles("", root, tok_spec, args.batch, args.batches, "store",
+                                     fast_decode=True, cases=",".join(cases)))
+    med = {k: {case: {p: statistics.median(r[case][p] for r in v) for p in v[0][case]}
+               for case in v[0]} for k, v in runs.items()}
+    print(f"\nPython row building per core: rows per CPU second (median of {args.runs} "
+          f"alternated runs; old = {args.old_rev}, new = this checkout, region features from the "
+          f"converted stores); CPU microseconds per row by phase, old>new; TF decode: CPU "
+          f"microseconds per image (one TF thread), and rows per CPU second with it")
+    phases = paper_shapes.PHASES
+    print(f"  {'case':<11} {'old rows/s':>10} {'new rows/s':>10} {'x':>5}  " +
+          " ".join(f"{p:>13}" for p in phases) + f" {'TF decode':>13} {'with decode':>17}")
+    for case in med["new"]:
+      o, n = med["old"][case], med["new"][case]
+      cells = " ".join(f"{1e6 * o[p]:>6.0f}>{1e6 * n[p]:<6.0f}" for p in phases)
+      dec = with_dec = f"{'-':>13}"
+      if "decode" in n:
+        dec = f"{1e6 * o['decode']:>6.0f}>{1e6 * n['decode']:<6.0f}"
+        ot, nt = (o["total"] + o["images"] * o["decode"], n["total"] + n["images"] * n["decode"])
+        with_dec = f"{1 / ot:>5,.0f}>{1 / nt:<5,.0f} {ot / nt:.2f}x"
+      print(f"  {case:<11} {1 / o['total']:>10,.0f} {1 / n['total']:>10,.0f} "
+            f"{o['total'] / n['total']:>5.2f}  {cells} {dec} {with_dec:>17}")
+    for case in med["new"]:
+      o, n = med["old"][case], med["new"][case]
+      if "decode_fast" in n:
+        ot = o["total"] + o["images"] * o["decode"]
+        nt = n["total"] + n["images"] * n["decode_fast"]
+        print(f"  {case} with data.jpeg_decode='fast': TF decode {1e6 * n['decode_fast']:.0f} us "
+              f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
+  if args.tables == "per_core":
+    return 0
+  print(f"\nthrough the pipeline (new code, this process + data.workers processes), rows per "
+        f"wall second (median of {args.runs} runs of {args.worker_batches or args.batches} "
+        f"batches); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
   counts = [int(w) for w in args.workers.split(",")]
+  scaling = 1 in counts and 2 in counts
   print(f"  {'case':<11} " + " ".join(f"{f'workers={w}':>11}" for w in counts) +
-        f" {'x (max/0)':>10}")
+        f" {'x (max/0)':>10}" + (f" {'x (2/1)':>8}" if scaling else "") +
+        "   CPU us per row: this process / each worker, per workers value")
   tok = tokenizers.load_tokenizer(tok_spec)
   for case, visual, stream in paper_shapes.CASES:
-    if case not in PAPER_WORKER_CASES:
+    if case not in PAPER_WORKER_CASES or case not in cases:
       continue
-    rates = []
+    rates, cpus = [], []
     for w in counts:
-      cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store"), stream)
+      cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store",
+                                           text="store" if case == "text_store" else "raw"),
+                 stream)
       cfg.workers = w
       it = pipeline.make_pipeline(cfg, tokenizer=tok)
       try:
-        rates.append(args.batch / time_iterator(it, args.batches, 1))
+        sec, main_cpu, worker_cpu = time_pipeline(it, args.worker_batches or args.batches,
+                                                  args.runs)
       finally:
         it.close()
+      rates.append(args.batch / sec)
+      rows = args.batch * (args.worker_batches or args.batches) * args.runs
+      cpus.append(f"{1e6 * main_cpu / rows:.0f}/" + ",".join(f"{1e6 * c / rows:.0f}"
+                                                            for c in worker_cpu))
+    ratio = f" {rates[counts.index(2)] / rates[counts.index(1)]:>8.2f}" if scaling else ""
     print(f"  {case:<11} " + " ".join(f"{r:>11,.0f}" for r in rates) +
-          f" {max(rates[1:] or rates) / rates[0]:>10.2f}")
+          f" {max(rates[1:] or rates) / rates[0]:>10.2f}{ratio}   " + "  ".join(cpus))
   return 0
 
 
@@ -259,6 +312,12 @@ def main(argv=None) -> int:
   p.add_argument("--paper_images", type=int, default=48, help="--paper: images written")
   p.add_argument("--old_rev", default="fc1e2af", help="--paper: the commit timed as 'old'")
   p.add_argument("--workers", default="0,1,2", help="--paper: data.workers values to time")
+  p.add_argument("--cases", default="", help="--paper: only these cases (comma-separated, "
+                 "e.g. text,text_store; default all)")
+  p.add_argument("--tables", default="both", choices=("both", "per_core", "workers"),
+                 help="--paper: which of the two tables to measure")
+  p.add_argument("--worker_batches", type=int, default=0,
+                 help="--paper: batches per timed run through the pipeline (default --batches)")
   args = p.parse_args(argv)
   if args.paper:
     return paper_benchmark(args)

@@ -10,6 +10,8 @@
   regions.tsv              the same regions as the official base64 TSV (pair stream, regions)
 and `convert_regions(root)` converts both once (`unimo-jax prepare regions`'s `write_store`) to
   store_npz/, store_tsv/   float16 region stores (source kind region_store)
+and `convert_tokens(root, tokenizer)` tokenises text/docs.txt once (`unimo-jax prepare tokens`) to
+  store_tokens/            a token store (source kind token_store: the text_store case)
 `paper_config(root, visual)` is a ``data`` section at the paper's sizes over them (text
 L 512, P 80, L2 512, P2 160; pairs L 64, P 10, P2 64, Kp 2, Kn 4, Ki 1, Kt 1; 224 px; R 100);
 with ``regions="store"`` its region sources read the converted stores instead of npz / TSV.
@@ -149,6 +151,27 @@ def convert_regions(root: str) -> dict:
   return out
 
 
+def convert_tokens(root: str, tokenizer_spec: str) -> tuple:
+  """Tokenises text/docs.txt into `root`/store_tokens (once, written under a temporary name and
+  renamed). Returns (records, seconds, tokens) of the conversion (from its manifest)."""
+  from data_pipelines import tokenizers  # pylint: disable=import-outside-toplevel
+  from data_pipelines.sources import open_source  # pylint: disable=import-outside-toplevel
+  from data_pipelines.sources import token_store  # pylint: disable=import-outside-toplevel
+  final = os.path.join(root, "store_tokens")
+  if not os.path.exists(final):
+    tmp = final + ".partial"
+    if os.path.exists(tmp):
+      import shutil  # pylint: disable=import-outside-toplevel
+      shutil.rmtree(tmp)
+    src = open_source(dict(kind="text", path=os.path.join(root, "text", "docs.txt")), name="docs")
+    token_store.write_store(src, tokenizers.load_tokenizer(tokenizer_spec), tmp,
+                            tokenizer_spec=tokenizer_spec)
+    os.rename(tmp, final)
+  with open(os.path.join(final, token_store.MANIFEST)) as f:
+    m = json.load(f)
+  return m["records"], m["seconds"], m["tokens"]
+
+
 def tokenizer_sentences(root: str):
   with open(os.path.join(root, "text", "docs.txt")) as f:
     out = [line.strip() for line in f]
@@ -159,9 +182,10 @@ def tokenizer_sentences(root: str):
 
 
 def paper_config(root: str, visual: str, batch: int = 32, tokenizer: str = "",
-                 regions: str = "raw"):
+                 regions: str = "raw", text: str = "raw"):
   """The ``data`` section at the paper's sizes over `write_paper_data(root)`'s files; region
   features from the npz / TSV files (``regions="raw"``) or from `convert_regions`'s stores
+  (``"store"``); documents from docs.txt (``text="raw"``) or `convert_tokens`'s store
   (``"store"``)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   d = ml_collections.ConfigDict()
@@ -183,9 +207,10 @@ def paper_config(root: str, visual: str, batch: int = 32, tokenizer: str = "",
     pairs["regions"] = dict(kind="region_tsv", path=f"{root}/regions.tsv")
     images["regions"] = dict(kind="region_npz", path=f"{root}/regions")
   d.streams = ml_collections.ConfigDict()
+  docs = (dict(name="docs", kind="token_store", path=f"{root}/store_tokens") if text == "store"
+          else dict(name="docs", kind="text", path=f"{root}/text/docs.txt"))
   d.streams.text = dict(batch_size=batch, max_length=512, max_predictions=80, s2s_max_length=512,
-                        s2s_max_predictions=160, sources=[
-                            dict(name="docs", kind="text", path=f"{root}/text/docs.txt")])
+                        s2s_max_predictions=160, sources=[docs])
   d.streams.image = dict(batch_size=batch, sources=[images])
   d.streams.pair = dict(batch_size=batch, max_length=64, max_predictions=10,
                         s2s_max_predictions=64, sources=[pairs])
@@ -289,7 +314,9 @@ def decode_seconds_per_image(stream, images: int = 64, jpeg_decode: str = "") ->
 # the current tree and on an older commit's, in subprocesses of one run)
 # ---------------------------------------------------------------------------------------------
 
-CASES = (("text", "patches", "text"), ("pair_jpeg", "patches", "pair"),
+# text_store: the text stream reading the token store on the new path (the raw text on the old).
+CASES = (("text", "patches", "text"), ("text_store", "patches", "text"),
+         ("pair_jpeg", "patches", "pair"),
          ("image_jpeg", "patches", "image"), ("image_npz", "regions", "image"),
          ("pair_tsv", "regions", "pair"))
 
@@ -304,7 +331,8 @@ def _profile_main(argv=None):
   p.add_argument("--batches", type=int, default=4)
   p.add_argument("--cases", default=",".join(c for c, _, _ in CASES))
   p.add_argument("--regions", default="raw", choices=("raw", "store"),
-                 help="region features from npz / TSV, or from the converted stores")
+                 help="region features from npz / TSV, or from the converted stores (and the "
+                 "text_store case from the token store)")
   p.add_argument("--fast_decode", action="store_true",
                  help="also time JPEG decoding with data.jpeg_decode='fast' (decode_fast)")
   a = p.parse_args(argv)
@@ -321,7 +349,9 @@ def _profile_main(argv=None):
   for case, visual, stream in CASES:
     if case not in a.cases.split(","):
       continue
-    cfg = pipeline.resolve_config(paper_config(a.root, visual, a.batch, regions=a.regions))
+    text = "store" if case == "text_store" and a.regions == "store" else "raw"
+    cfg = pipeline.resolve_config(paper_config(a.root, visual, a.batch, regions=a.regions,
+                                               text=text))
     st = Stream(stream, cfg, tok, process_index=0, process_count=1)
     total, phases = profile_rows(st, a.batches)
     out[case] = dict(total=total, **phases)

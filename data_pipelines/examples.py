@@ -133,17 +133,18 @@ class RowBuilder:
       raise ValueError(f"stream {stream} needs a tokenizer")
 
   # -- what a stream needs from a source ----------------------------------------------------
-  def required_fields(self) -> tuple:
-    """Raw fields a source must be able to provide for this stream."""
+  def required_fields(self, provided=frozenset()) -> tuple:
+    """Raw fields a source providing `provided` must be able to provide for this stream (text:
+    the text, or its token ids from a token store)."""
     if self.stream == "text":
-      return ("text",)
+      return ("token_ids",) if "token_ids" in provided else ("text",)
     vis = ("image",) if self.visual == "patches" else ("regions",)
     return vis + (("captions",) if self.stream == "pair" else ())
 
   def wanted_fields(self) -> set:
     """Raw fields this stream reads when a source has them (required ones included)."""
     if self.stream == "text":
-      return {"text"}
+      return {"text", "token_ids"}
     vis = {"image"} if self.visual == "patches" else {"regions", "image"}
     return vis | ({"captions", "paraphrases", "hard_negatives"} if self.stream == "pair" else set())
 
@@ -162,9 +163,14 @@ class RowBuilder:
             "s2s_targets": out["targets"], "s2s_weights": out["weights"]}
 
   def _text_row(self, rec, rng, stats):
-    if "text" not in rec:
+    if "token_ids" in rec:  # a token store: the ids encode(text) gives, tokenised beforehand
+      ids = np.asarray(rec["token_ids"], np.int32)
+      if ids.size == 0:
+        raise BadRecord("empty_text", "text: no tokens")
+    elif "text" in rec:
+      ids = self.codec.encode(rec["text"])
+    else:
       raise BadRecord("missing_field", "text")
-    ids = self.codec.encode(rec["text"])
     L, L2 = self.d["L"], self.d["L2"]
     want = max(L - 2 if "mlm" in self.objectives else 0, L2 if "s2s" in self.objectives else 0)
     if len(ids) > want:  # a long document: both objectives see one random window from a word

@@ -25,6 +25,9 @@ batched (no per-source pipelines or buffers), and one prefetch follows the join 
 Row building scales with the host's cores through `data.workers` processes (`workers`), each
 building whole batches; since a batch is a pure function of (seed, stream, step), the batches,
 drop counts and states are the same for any worker count (0 builds them in this process).
+With workers, a stream without images to decode (text, region features) takes its numpy batches
+straight from the pool, without tf.data (whose per-batch overhead in this process was the
+limit of worker scaling, benchmarks/README.md); streams with images keep the tf.data stage.
 
 Config (``data`` section; `default_config()` has every field with its default):
   seed                 int, data seed (mixture, record order, masking)
@@ -205,6 +208,8 @@ class DataIterator:
     self._slots = {s: 0 for s in streams}  # next global slot of each stream
     self._step = 0
     self._it = None
+    self._running, self._failed = False, None
+    self._direct = {}
     self._start()
     _LIVE.add(self)
 
@@ -222,36 +227,59 @@ class DataIterator:
       else:
         self._pool.reset()
       fetch = self._pool.fetch
+    # With workers, a stream that needs no TF op (no image to decode) skips tf.data: its
+    # batches come from the pool as numpy arrays (the pool builds ahead, so tf.data would add
+    # only its per-batch overhead, ~1 ms of this process's CPU per batch and stream).
+    self._direct = {s: st for s, st in self.streams.items() if fetch is not None
+                    and not st.needs_tf}
+    self._bases = dict(self._slots)
+    self._run_step = 0
     parts = {s: st.dataset(self._slots[s], int(self.cfg.get("parallel_batches", 2)), fetch)
-             for s, st in self.streams.items()}
-    ds = tf.data.Dataset.zip(parts)
+             for s, st in self.streams.items() if s not in self._direct}
+    got = {}
+    if parts:
+      ds = tf.data.Dataset.zip(parts)
 
-    def flatten(d):
-      return {f"{s}/{k}": v for s, row in d.items() for k, v in row.items()}
+      def flatten(d):
+        return {f"{s}/{k}": v for s, row in d.items() for k, v in row.items()}
 
-    ds = ds.map(flatten)
-    ds = ds.prefetch(int(self.cfg.get("prefetch", 2)))
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options)
-    public = {k for k in ds.element_spec if not k.split("/", 1)[1].startswith("_")}
-    got = {k: (tuple(ds.element_spec[k].shape), ds.element_spec[k].dtype.as_numpy_dtype)
-           for k in public}
+      ds = ds.map(flatten)
+      ds = ds.prefetch(int(self.cfg.get("prefetch", 2)))
+      options = tf.data.Options()
+      options.deterministic = True
+      ds = ds.with_options(options)
+      got = {k: (tuple(v.shape), v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()}
+    for s, st in self._direct.items():
+      got.update({f"{s}/{k}": v for k, v in st.batch_spec().items()})
+    got = {k: v for k, v in got.items() if not k.split("/", 1)[1].startswith("_")}
     for k, (shape, dtype) in self.spec.items():
       if k not in got or got[k][0] != tuple(shape) or np.dtype(got[k][1]) != dtype:
         raise schema.SchemaError(f"pipeline field {k!r}: expected {dtype.name}{list(shape)}, "
                                  f"got {got.get(k)}")
     if set(got) != set(self.spec):
       raise schema.SchemaError(f"pipeline fields not in schema: {sorted(set(got) - set(self.spec))}")
-    self._it = iter(ds)
+    self._it = iter(ds) if parts else None
+    self._running, self._failed = True, None
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    if self._it is None:
+    if self._failed is not None:
+      raise self._failed
+    if not self._running:
       raise StopIteration
-    raw = {k: v.numpy() for k, v in next(self._it).items()}
+    raw = {}
+    try:
+      if len(self._direct) < len(self.streams):
+        raw.update((k, v.numpy()) for k, v in next(self._it).items())
+      for s, st in self._direct.items():
+        arrays = self._pool.fetch(s, self._bases[s], self._run_step)
+        raw.update((f"{s}/{k}", v) for k, v in st.as_dict(arrays).items())
+    except Exception as e:  # pylint: disable=broad-except
+      # The streams may now stand at different steps: the same error until `set_state`.
+      self._failed = e
+      raise
     batch = {}
     for k, v in raw.items():
       stream, field = k.split("/", 1)
@@ -265,19 +293,25 @@ class DataIterator:
         self._truncated[f"{s}/{name}"] += int(n)
       self._slots[s] += st.global_batch
     self._step += 1
+    self._run_step += 1
     return batch
 
   next = __next__
 
   def _count(self, st, sources, drops, decode_failed):
-    for j, s in enumerate(sources):
+    # Summed per source in a few numpy calls (a loop over rows cost ~3 us a row).
+    sources = np.asarray(sources)
+    for s in np.unique(sources):
+      mine = sources == s
+      per_reason = drops[mine].sum(axis=0)
       counts = self._dropped[st.names[int(s)]]
-      for r in np.flatnonzero(drops[j]):
+      for r in np.flatnonzero(per_reason):
         reason = schema.DROP_REASONS[r]
-        counts[reason] = counts.get(reason, 0) + int(drops[j][r])
-      if decode_failed is not None and decode_failed[j].any():
-        counts["undecodable_image"] = counts.get("undecodable_image", 0) + int(
-            decode_failed[j].sum())
+        counts[reason] = counts.get(reason, 0) + int(per_reason[r])
+      if decode_failed is not None:
+        n = int(decode_failed[mine].sum())
+        if n:
+          counts["undecodable_image"] = counts.get("undecodable_image", 0) + n
 
   # -- state ----------------------------------------------------------------------------------
   @property
@@ -344,6 +378,7 @@ class DataIterator:
 
   def _release(self):
     it, self._it = self._it, None
+    self._running = False
     del it
 
   @property

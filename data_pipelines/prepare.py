@@ -4,6 +4,7 @@
     unimo-jax prepare tfidf --captions captions.jsonl --out negatives.jsonl [--k 4]
     unimo-jax prepare neighbours --config C[:ARG] [--workdir W --step S] [--out F]
     unimo-jax prepare regions --kind region_npz|region_tsv --path SRC --out DIR [--dtype float16]
+    unimo-jax prepare tokens --path CORPUS [--kind text|jsonl] --tokenizer SPEC --out DIR
 
 ``synthetic_scenes`` builds the three TFDS configs (pairs, text, images) under D, trains the
 default SentencePiece tokenizer on their captions, QA and corpus (D/tokenizer/spm.model for the
@@ -25,6 +26,13 @@ base64 ``region_tsv``) into a ``region_store`` directory (`data_pipelines.source
 sharded float16 .npy arrays read by memory map), which a source spec then names as
 ``regions=dict(kind="region_store", path=DIR)``. Bad records are skipped and counted; it prints
 records/s and MB/s of the conversion.
+
+``tokens`` tokenises a text corpus (``text``: one document per line, or ``jsonl`` with a text
+field) with the run's tokenizer into a ``token_store`` directory
+(`data_pipelines.sources.token_store`: sharded int32 .npy arrays read by memory map), named in
+the text stream as ``dict(kind="token_store", path=DIR)``: the text rows then skip
+tokenisation. The store records the tokenizer's fingerprint (a run with another tokenizer is
+refused); bad records are skipped and counted; it prints records/s and tokens/s.
 """
 import json
 import os
@@ -171,6 +179,21 @@ def prepare_regions(kind: str, path: str, out: str, dtype: str, shard_images: in
   return m
 
 
+def prepare_tokens(kind: str, path: str, tokenizer_spec: str, out: str,
+                   shard_records: int) -> dict:
+  from data_pipelines.sources import open_source  # pylint: disable=import-outside-toplevel
+  from data_pipelines.sources import token_store  # pylint: disable=import-outside-toplevel
+  tok = tokenizers.load_tokenizer(tokenizer_spec)
+  src = open_source(dict(kind=kind, path=path), name=f"{kind}:{path}")
+  m = token_store.write_store(src, tok, os.path.expanduser(out), tokenizer_spec=tokenizer_spec,
+                              shard_records=shard_records, log=_log)
+  sec = max(m["seconds"], 1e-9)
+  _log(f"tokens: {m['records']} records, {m['tokens']} tokens ({sum(m['skipped'].values())} "
+       f"skipped: {m['skipped']}) -> {out} in {sec:.1f}s: {m['records'] / sec:,.0f} records/s, "
+       f"{m['tokens'] / sec:,.0f} tokens/s (tokenizer {m['tokenizer']['fingerprint']})")
+  return m
+
+
 def _parser(prog):
   from unimo_jax import commands  # pylint: disable=import-outside-toplevel
   p = commands.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
@@ -213,6 +236,13 @@ def _parser(prog):
   r.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                  help="features and class probabilities (float16: half the bytes, rounded)")
   r.add_argument("--shard-images", type=int, default=256, help="images per shard file")
+  k = sub.add_parser("tokens", help="tokenise a text corpus once into a token store")
+  k.add_argument("--path", required=True, help="text file(s) or glob (or JSONL with --kind jsonl)")
+  k.add_argument("--kind", default="text", choices=("text", "jsonl"), help="the format of --path")
+  k.add_argument("--tokenizer", required=True,
+                 help="the run's data.tokenizer spec (sentencepiece:PATH or bpe:DIR)")
+  k.add_argument("--out", required=True, help="the store directory to write (must not hold one)")
+  k.add_argument("--shard-records", type=int, default=65536, help="records per shard file")
   return p
 
 
@@ -257,6 +287,9 @@ def _run(args) -> int:
     return 0
   if args.dataset == "regions":
     prepare_regions(args.kind, args.path, args.out, args.dtype, args.shard_images)
+    return 0
+  if args.dataset == "tokens":
+    prepare_tokens(args.kind, args.path, args.tokenizer, args.out, args.shard_records)
     return 0
   if args.dataset == "neighbours":
     prepare_neighbours(args.config, args.out, args.workdir, args.step)

@@ -52,6 +52,7 @@ DROP_REASONS = (
     "missing_field",       # a record without what its stream needs (no image, no caption, ...)
     "missing_regions",     # regions input: no region features stored for this image
     "unreadable_record",   # the reader failed in another way (the first message is logged)
+    "bad_token_ids",       # a token store record outside its shard or the vocabulary
 )
 REASON_IDS = {r: i for i, r in enumerate(DROP_REASONS)}
 

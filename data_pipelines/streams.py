@@ -27,7 +27,8 @@ from data_pipelines.lazy import tensorflow as tf  # loaded on first use (row wor
 from data_pipelines import images, rewriting, schema
 from data_pipelines.examples import HALF_FIELDS, Padded, RowBuilder
 from data_pipelines.mixture import Mixture
-from data_pipelines.sources import BadRecord, load_neighbours, open_source
+from data_pipelines.sources import BadRecord, TokenStoreSource, load_neighbours, open_source
+from data_pipelines.sources import token_store
 from data_pipelines.worker_errors import PoolStopped
 
 _PROBE_RECORDS = 16
@@ -67,6 +68,11 @@ class Stream:
         raise schema.SchemaError(f"two sources of stream {stream} are named {name!r}")
       names.add(name)
       src = open_source(spec, name=name)
+      if isinstance(src, TokenStoreSource):
+        try:
+          token_store.check_tokenizer(src, tokenizer, stream)
+        except ValueError as e:
+          raise schema.SchemaError(str(e)) from None
       src.restrict(self.builder.wanted_fields())
       self.sources.append(src)
       self.names.append(name)
@@ -116,7 +122,7 @@ class Stream:
   def _probe(self, s: int):
     """Build-time check: source s can feed this stream and its rows match the schema."""
     src, name = self.sources[s], self.names[s]
-    for field in self.builder.required_fields():
+    for field in self.builder.required_fields(src.fields):
       if field not in src.fields:
         raise schema.SchemaError(
             f"source {name!r} (stream {self.stream}) cannot provide field {field!r} "
@@ -218,9 +224,35 @@ class Stream:
             a[j] = np.asarray(v, dtype).reshape(shape)
         out.append(a)
       else:
-        out.append(np.stack([np.asarray(r[name], dtype) for r in rows]).reshape(
-            (self.local_batch,) + shape))
+        # Row by row into one array: the same values as np.stack, without its per-row copies.
+        a = np.empty((self.local_batch,) + tuple(shape), dtype)
+        for j, r in enumerate(rows):
+          a[j] = r[name]
+        out.append(a)
     return tuple(out)
+
+  # -- numpy batches without tf.data --------------------------------------------------------
+  @property
+  def needs_tf(self) -> bool:
+    """Whether this stream's batches need TF ops after the Python builder (image decoding)."""
+    return self.patches
+
+  def batch_spec(self) -> dict:
+    """{field: (batch shape, dtype)} of `as_dict`'s output (internal ``_*`` fields included)."""
+    row_spec = schema.row_spec(self.stream, self.cfg)
+    return {name: ((self.local_batch,) + tuple(shape),
+                   row_spec[name][1] if name in row_spec else np.dtype(dtype))
+            for name, (shape, dtype) in self.out_spec.items()}
+
+  def as_dict(self, arrays) -> dict:
+    """`batch`'s arrays -> {field: array} with the schema's dtypes (what tf.data's stage gives
+    for a stream without images): float16 region fields become float32, exactly."""
+    out = dict(zip(self.out_spec, arrays))
+    for name in HALF_FIELDS:
+      if name in out and out[name].dtype != np.float32:
+        # TF's cast is vectorised; numpy's float16 -> float32 is ~4x slower here.
+        out[name] = tf.cast(out[name], tf.float32).numpy()
+    return out
 
   # -- tf.data ------------------------------------------------------------------------------
   def dataset(self, base: int, parallel_batches: int = 2, fetch=None) -> "tf.data.Dataset":

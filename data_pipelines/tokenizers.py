@@ -14,8 +14,10 @@ Layout (any tokenizer): [CLS]=0 (<s>), [PAD]=1, [SEP]=2 (</s>), [UNK]=3, [MASK]=
 Python (no TensorFlow): tf.data calls them through ``encode_batch`` / ``encode_padded``.
 """
 import functools
+import hashlib
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -37,6 +39,14 @@ class Tokenizer:
   @property
   def special_ids(self) -> tuple:
     return (self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id)
+
+  def fingerprint(self) -> str:
+    """sha256 prefix of the files that decide the ids (a token store records it)."""
+    return hashlib.sha256(self._identity()).hexdigest()[:16]
+
+  def _identity(self) -> bytes:
+    # Subclasses return their model files' bytes; other tokenizers are what they pickle to.
+    return pickle.dumps(self, protocol=4)
 
   def _is_special(self, ids: np.ndarray) -> np.ndarray:
     return (ids <= UNK_ID) | (ids == self.mask_id)
@@ -80,6 +90,9 @@ class SentencePieceTokenizer(Tokenizer):
     table = np.array([p.startswith("\u2581") for p in pieces], bool)
     table[list(self.special_ids)] = True
     self._starts = table
+
+  def _identity(self) -> bytes:
+    return b"sentencepiece\0" + self.sp.serialized_model_proto()
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.sp.encode(text), np.int32)
@@ -212,6 +225,11 @@ class BPETokenizer(Tokenizer):
       vocab = json.load(f)
     with open(merges_file, encoding="utf-8") as f:
       lines = [l.rstrip("\n") for l in f]
+    digest = hashlib.sha256(b"bpe")
+    for path in (vocab_file, merges_file):
+      with open(path, "rb") as f:
+        digest.update(hashlib.sha256(f.read()).digest())
+    self._files_hash = digest.digest()
     merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
     self.ranks = {m: k for k, m in enumerate(merges)}
     missing = [t for t in BPE_SPECIALS + (BPE_MASK,) if t not in vocab]
@@ -237,6 +255,9 @@ class BPETokenizer(Tokenizer):
     self._space_table[specials] = True
     # Whitespace tokens (e.g. 'Ċ' for a newline) and specials are words of their own.
     self._start_table |= self._space_table
+
+  def _identity(self) -> bytes:
+    return self._files_hash
 
   @classmethod
   def from_dir(cls, directory: str) -> "BPETokenizer":

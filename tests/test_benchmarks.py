@@ -91,12 +91,13 @@ def test_paper_shapes_data_and_profile(tmp_path):
       paper_shapes.tokenizer_sentences(root), str(tmp_path / "spm"), 200, fit_vocab=True))
   converted = paper_shapes.convert_regions(root)
   assert {n: v[0] for n, v in converted.items()} == dict(store_npz=4, store_tsv=4)
+  assert paper_shapes.convert_tokens(root, "sentencepiece:" + str(tmp_path / "spm.model"))[0] == 4
   cases = list(paper_shapes.CASES) + [(c + "_store", v, s) for c, v, s in paper_shapes.CASES
                                       if v == "regions"]
   for case, visual, stream in cases:
     regions = "store" if case.endswith("_store") else "raw"
     cfg = pipeline.resolve_config(paper_shapes.paper_config(root, visual, batch=2,
-                                                            regions=regions))
+                                                            regions=regions, text=regions))
     st = Stream(stream, cfg, tok, process_index=0, process_count=1)
     total, phases = paper_shapes.profile_rows(st, 1)
     assert total > 0 and set(phases) == set(paper_shapes.PHASES), case
@@ -104,6 +105,7 @@ def test_paper_shapes_data_and_profile(tmp_path):
     assert phases["read"] > 0, case
     if stream == "text":
       assert st.builder.d["L"] == 512 and phases["mask"] > 0 and phases["tokenise"] > 0
+      assert st.sources[0].fields == ({"token_ids"} if case == "text_store" else {"text"})
     if visual == "regions":
       assert st.builder.d["R"] == 100 and phases["regions"] > 0
 
@@ -115,7 +117,22 @@ def test_input_pipeline_paper_mode(tmp_path, capsys):
                      "--paper_images", "4", "--batch", "2", "--batches", "1", "--runs", "1",
                      "--workers", "0,1", "--old_rev", "HEAD"]) == 0
   out = capsys.readouterr().out
-  assert re.findall(r"^  (text|pair_jpeg|image_jpeg|image_npz|pair_tsv) +[\d,]+", out,
-                    flags=re.M)[:5] == ["text", "pair_jpeg", "image_jpeg", "image_npz", "pair_tsv"]
-  assert "workers=1" in out
-  assert out.count("one-off conversion") == 2
+  cases = ["text", "text_store", "pair_jpeg", "image_jpeg", "image_npz", "pair_tsv"]
+  assert re.findall(r"^  (text_store|text|pair_jpeg|image_jpeg|image_npz|pair_tsv) +[\d,]+", out,
+                    flags=re.M)[:6] == cases
+  assert "workers=1" in out and "x (2/1)" not in out
+  assert out.count("one-off conversion") == 3
+
+
+def test_input_pipeline_paper_mode_text_cases(tmp_path, capsys):
+  """--cases restricts both tables; with workers 1 and 2 the 2/1 ratio and CPU split print."""
+  bench = _load("input_pipeline")
+  assert bench.main(["--paper", "--paper_dir", str(tmp_path / "paper"), "--paper_docs", "4",
+                     "--paper_images", "2", "--batch", "2", "--batches", "1", "--runs", "1",
+                     "--workers", "1,2", "--old_rev", "HEAD", "--cases", "text,text_store",
+                     "--worker_batches", "2"]) == 0
+  out = capsys.readouterr().out
+  rows = re.findall(r"^  (text_store|text|pair_jpeg|image_jpeg|image_npz|pair_tsv) +[\d,]+", out,
+                    flags=re.M)
+  assert rows == ["text", "text_store"] * 2
+  assert "x (2/1)" in out and "CPU us per row" in out

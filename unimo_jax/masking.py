@@ -63,10 +63,21 @@ def _span_table(geo_p, max_span_words, min_span_words):
   return lengths.tolist(), np.cumsum(probs).tolist()
 
 
+@functools.lru_cache(maxsize=64)
+def _special_set(special_ids: tuple, mask_id: int) -> frozenset:
+  return frozenset(int(s) for s in special_ids) | {mask_id}
+
+
+@functools.lru_cache(maxsize=64)
+def _excluded(excluded: frozenset, vocab_size: int) -> tuple:
+  return tuple(sorted(e for e in excluded if FIRST_ORDINARY_ID <= e < vocab_size))
+
+
 def random_ordinary_ids(rng: np.random.Generator, size: int, *, vocab_size: int,
                         excluded: Iterable[int]) -> np.ndarray:
   """Ids drawn uniformly from `[4, vocab_size)` minus `excluded` (e.g. MASK). [size] int32."""
-  excl = sorted({int(e) for e in excluded if FIRST_ORDINARY_ID <= int(e) < vocab_size})
+  excl = _excluded(excluded if isinstance(excluded, frozenset) else frozenset(
+      int(e) for e in excluded), int(vocab_size))
   n_allowed = vocab_size - FIRST_ORDINARY_ID - len(excl)
   if n_allowed <= 0:
     raise ValueError(f"no ordinary ids in a vocabulary of {vocab_size}")
@@ -78,16 +89,32 @@ def random_ordinary_ids(rng: np.random.Generator, size: int, *, vocab_size: int,
   return v.astype(np.int32)
 
 
+@functools.lru_cache(maxsize=16)
+def _special_table(special_ids: frozenset) -> np.ndarray:
+  """bool [max id + 2]: True at the special ids (non-negative); the last entry stands for every
+  larger id."""
+  table = np.zeros(max(special_ids) + 2, bool)
+  table[sorted(special_ids)] = True
+  return table
+
+
 def _words(ids: np.ndarray, word_starts: np.ndarray, special_ids) -> tuple[np.ndarray, ...]:
   """Maskable words: (start [W], length [W], contiguous_with_previous [W] bool, word of each
   token [L] (-1 before the first word), maskable [L] bool)."""
-  # One comparison per special id: np.isin's sort costs ~10x more for a handful of ids.
-  maskable = np.ones(ids.shape, bool)
-  for s in special_ids:
-    maskable &= ids != s
-  prev_maskable = np.concatenate([[False], maskable[:-1]])
+  special_ids = frozenset(special_ids)
+  if special_ids and min(special_ids) >= 0 and (not ids.size or ids.min() >= 0):
+    # A table lookup: one pass whatever the number of special ids (np.isin sorts).
+    table = _special_table(special_ids)
+    maskable = ~table[np.minimum(ids, len(table) - 1)]
+  else:
+    maskable = np.ones(ids.shape, bool)
+    for s in special_ids:
+      maskable &= ids != s
   # A special token always ends a word, even if the tokenizer did not flag the next token.
-  starts = maskable & (word_starts | ~prev_maskable)
+  starts = maskable & word_starts
+  if len(starts):
+    starts[0] = maskable[0]
+    starts[1:] |= maskable[1:] & ~maskable[:-1]
   start_idx = np.flatnonzero(starts)
   word_of_token = np.cumsum(starts) - 1
   lengths = np.bincount(word_of_token[maskable], minlength=len(start_idx))[:len(start_idx)]
@@ -134,7 +161,7 @@ def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mas
   word_starts = np.asarray(word_starts, dtype=bool)
   if ids.shape != word_starts.shape or ids.ndim != 1:
     raise ValueError(f"ids {ids.shape} and word_starts {word_starts.shape} must be equal [L]")
-  special_ids = set(int(s) for s in special_ids) | {int(mask_id)}
+  special_ids = _special_set(tuple(special_ids), int(mask_id))
   w_start, w_len, w_contig, word_of_token, maskable = _words(ids, word_starts, special_ids)
   n_words = len(w_start)
   n_maskable = int(w_len.sum())
@@ -260,6 +287,27 @@ def _infilling_bounds(n: int, rate: float, min_len: int) -> tuple[int, int]:
   return covered, covered // min_len
 
 
+@functools.lru_cache(maxsize=4096)
+def _infilling_prefix(length: int, rate: float, min_len: int, max_length: int,
+                      max_predictions: int) -> int:
+  """The longest prefix (<= length) whose worst case layout and predictions fit (cached: long
+  documents all give the same window length)."""
+
+  def fits(n):
+    covered, n_frags = _infilling_bounds(n, rate, min_len)
+    return n + 3 + n_frags <= max_length and covered + n_frags <= max_predictions
+
+  # Both bounds grow with n, so `fits` holds on [0, n*] and a bisection finds n* (the same n as
+  # trying n, n - 1, ... down; 9 tries instead of ~40).
+  lo, hi = 0, length
+  if not fits(hi):
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    hi = lo
+  return hi
+
+
 def _sample_fragments(n: int, rng: np.random.Generator, rate: float, min_len: int,
                       max_len: int) -> list[tuple[int, int]]:
   """Non-overlapping, non-adjacent fragments [start, end) of a text of n tokens, sorted."""
@@ -347,20 +395,8 @@ def infilling(ids, rng: np.random.Generator, *, max_length: int, max_predictions
   [max_length] int32, positions [P], targets [P] int32, weights [P] float32).
   """
   text = _strip_text(ids, bos_id, sep_id, pad_id)
-
-  def fits(n):
-    covered, n_frags = _infilling_bounds(n, rate, min_len)
-    return n + 3 + n_frags <= max_length and covered + n_frags <= max_predictions
-
-  # The longest prefix that fits. Both bounds grow with n, so `fits` holds on [0, n*] and a
-  # bisection finds n* (the same n as trying n, n - 1, ... down; 9 tries instead of ~40).
-  lo, hi = 0, len(text)
-  if not fits(hi):
-    while hi - lo > 1:
-      mid = (lo + hi) // 2
-      lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    hi = lo
-  n = hi
+  n = _infilling_prefix(len(text), float(rate), int(min_len), int(max_length),
+                        int(max_predictions))
   text = text[:n]
   frags = _sample_fragments(n, rng, rate, min_len, max_len)
 

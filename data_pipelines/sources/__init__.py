@@ -3,7 +3,8 @@
 A source spec (one entry of ``data.streams.<s>.sources``) is a mapping:
   name        unique name, used in error messages and drop counts (default: the kind + index)
   kind        tfds | webdataset | coco | image_folder | text | jsonl | region_npz | region_tsv |
-              region_store (converted by `unimo-jax prepare regions`: `region_store`)
+              region_store (converted by `unimo-jax prepare regions`: `region_store`) |
+              token_store (a text corpus tokenised by `unimo-jax prepare tokens`: `token_store`)
   weight      mixture weight within its stream (default 1.0)
   path        file, directory, glob or list of them (every kind but tfds)
   tfds_name   e.g. "coco_captions/2017" or "synthetic_scenes/pairs" (kind tfds); split, data_dir,
@@ -28,15 +29,16 @@ from data_pipelines.sources.region_store import RegionStoreSource
 from data_pipelines.sources.regions import NpzRegionSource, RegionJoin, TsvRegionSource
 from data_pipelines.sources.related import RelatedImages
 from data_pipelines.sources.tfds_source import TfdsSource, load_builder
+from data_pipelines.sources.token_store import TokenStoreSource
 from data_pipelines.sources.webdataset import WebDatasetSource
 
 KINDS = ("tfds", "webdataset", "coco", "image_folder", "text", "jsonl", "region_npz",
-         "region_tsv", "region_store")
+         "region_tsv", "region_store", "token_store")
 
 __all__ = ["BadRecord", "Source", "open_source", "load_neighbours", "load_builder", "KINDS",
            "TfdsSource", "WebDatasetSource", "CocoCaptionsSource", "ImageFolderSource",
            "TextSource", "JsonlSource", "NpzRegionSource", "TsvRegionSource", "RegionStoreSource",
-           "RegionJoin",
+           "RegionJoin", "TokenStoreSource",
            "RelatedImages"]
 
 
@@ -70,6 +72,8 @@ def open_source(spec, *, name: str) -> Source:
     src = TsvRegionSource(name, _need(spec, "path", name))
   elif kind == "region_store":
     src = RegionStoreSource(name, _need(spec, "path", name))
+  elif kind == "token_store":
+    src = TokenStoreSource(name, _need(spec, "path", name))
   else:
     raise ValueError(f"source {name!r}: unknown kind {kind!r}; kinds are {KINDS}")
   if spec.get("regions"):
