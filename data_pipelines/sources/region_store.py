@@ -32,52 +32,32 @@ shard, or whose values are not finite, raises `BadRecord` (skipped and counted b
 """
 import json
 import os
-import re
 import threading
 import time
 
 import numpy as np
 
 from data_pipelines.sources import base
+from data_pipelines.sources import store_manifest
 
 FORMAT, VERSION = "unimo_jax.region_store", 1
 MANIFEST, KEYS = "regions.json", "keys.jsonl"
 DTYPES = ("float16", "float32")
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 _ARRAYS = ("index", "boxes", "features", "classes", "probs")
 
 
 def _fail(path, field, msg):
-  raise ValueError(f"region store {path}: {field}: {msg}")
+  store_manifest.fail("region store", path, field, msg)
 
 
 def _inside(root: str, name: str, manifest: str) -> str:
-  """root/name, refusing names that are not plain file names or that resolve outside root."""
-  if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name:
-    _fail(manifest, "shards.name", f"{name!r} is not a plain file name")
-  path = os.path.join(root, name)
-  real_root = os.path.realpath(root)
-  if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-    _fail(manifest, "shards.name", f"{name!r} resolves outside {root}")
-  return path
+  return store_manifest.inside("region store", root, name, manifest)
 
 
 def read_manifest(root: str) -> dict:
   """The validated manifest of the store at `root` (one-line ValueError naming the field)."""
-  path = os.path.join(root, MANIFEST)
-  if not os.path.isfile(path):
-    raise ValueError(f"region store {root}: no {MANIFEST} (write one with: unimo-jax prepare "
-                     f"regions --kind region_npz|region_tsv --path SRC --out {root})")
-  try:
-    with open(path, encoding="utf-8") as f:
-      m = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"region store {path}: unreadable manifest: {e}") from None
-  if not isinstance(m, dict):
-    _fail(path, "manifest", "not a JSON object")
-  if m.get("format") != FORMAT or m.get("version") != VERSION:
-    _fail(path, "format", f"{m.get('format')!r} version {m.get('version')!r}, expected "
-          f"{FORMAT!r} version {VERSION}")
+  m, path = store_manifest.load("region store", root, MANIFEST, FORMAT, VERSION,
+                                 "unimo-jax prepare regions --kind region_npz|region_tsv --path SRC")
   if m.get("dtype") not in DTYPES:
     _fail(path, "dtype", f"{m.get('dtype')!r}, expected one of {DTYPES}")
   if not isinstance(m.get("feature_dim"), int) or m["feature_dim"] < 0:

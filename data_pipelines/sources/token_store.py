@@ -27,21 +27,20 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import threading
 import time
 
 import numpy as np
 
 from data_pipelines.sources import base
+from data_pipelines.sources import store_manifest
 
 FORMAT, VERSION = "unimo_jax.token_store", 1
 MANIFEST, KEYS = "tokens.json", "keys.jsonl"
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 def _fail(path, field, msg):
-  raise ValueError(f"token store {path}: {field}: {msg}")
+  store_manifest.fail("token store", path, field, msg)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -54,32 +53,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _inside(root: str, name: str, manifest: str) -> str:
-  """root/name, refusing names that are not plain file names or that resolve outside root."""
-  if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name:
-    _fail(manifest, "shards.name", f"{name!r} is not a plain file name")
-  path = os.path.join(root, name)
-  real_root = os.path.realpath(root)
-  if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-    _fail(manifest, "shards.name", f"{name!r} resolves outside {root}")
-  return path
+  return store_manifest.inside("token store", root, name, manifest)
 
 
 def read_manifest(root: str) -> dict:
   """The validated manifest of the store at `root` (one-line ValueError naming the field)."""
-  path = os.path.join(root, MANIFEST)
-  if not os.path.isfile(path):
-    raise ValueError(f"token store {root}: no {MANIFEST} (write one with: unimo-jax prepare "
-                     f"tokens --path CORPUS --tokenizer SPEC --out {root})")
-  try:
-    with open(path, encoding="utf-8") as f:
-      m = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"token store {path}: unreadable manifest: {e}") from None
-  if not isinstance(m, dict):
-    _fail(path, "manifest", "not a JSON object")
-  if m.get("format") != FORMAT or m.get("version") != VERSION:
-    _fail(path, "format", f"{m.get('format')!r} version {m.get('version')!r}, expected "
-          f"{FORMAT!r} version {VERSION}")
+  m, path = store_manifest.load("token store", root, MANIFEST, FORMAT, VERSION,
+                                 "unimo-jax prepare tokens --path CORPUS --tokenizer SPEC")
   tok = m.get("tokenizer")
   if not isinstance(tok, dict) or not isinstance(tok.get("fingerprint"), str) or not isinstance(
       tok.get("vocab_size"), int) or tok["vocab_size"] < 1:
