@@ -100,16 +100,10 @@ class RegionStoreSource(base.Source):
     self._dtype = self.region_dtype = np.dtype(m["dtype"])
     self._F, self._C = m["feature_dim"], m["num_classes"]
     self._shards = [s["name"] for s in m["shards"]]
-    keys_path = os.path.join(self.root, KEYS)
-    try:
-      with open(keys_path, encoding="utf-8") as f:
-        self._keys = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-      raise ValueError(f"region store {keys_path}: unreadable: {e}") from None
-    if len(self._keys) != m["records"] or not all(
-        isinstance(k, list) and k and all(isinstance(x, str) for x in k) for k in self._keys):
-      raise ValueError(f"region store {keys_path}: needs {m['records']} lines, each a "
-                       "non-empty list of keys")
+    self._keys = store_manifest.read_keys(
+        "region store", self.root, KEYS, m["records"],
+        lambda k: isinstance(k, list) and k and all(isinstance(x, str) for x in k),
+        "a non-empty list of keys")
     index, shard_of = [], []
     for s, spec in enumerate(m["shards"]):
       a = self._load(s, "index")

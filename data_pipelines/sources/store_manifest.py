@@ -43,3 +43,17 @@ def load(kind: str, root: str, name: str, fmt: str, version: int, write_with: st
     fail(kind, path, "format", f"{m.get('format')!r} version {m.get('version')!r}, expected "
          f"{fmt!r} version {version}")
   return m, path
+
+
+def read_keys(kind: str, root: str, name: str, count: int, valid, what: str) -> list:
+  """The ``count`` JSON lines of the store's key file, each passing ``valid`` (``what`` says
+  what a line must be, for the error)."""
+  path = os.path.join(root, name)
+  try:
+    with open(path, encoding="utf-8") as f:
+      keys = [json.loads(line) for line in f if line.strip()]
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{kind} {path}: unreadable: {e}") from None
+  if len(keys) != count or not all(valid(k) for k in keys):
+    raise ValueError(f"{kind} {path}: needs {count} lines, each {what}")
+  return keys

@@ -96,15 +96,8 @@ class TokenStoreSource(base.Source):
       self._drop_at_index(str(reason), int(n))
     self._shards = [s["name"] for s in m["shards"]]
     self._tokens_per_shard = [s["tokens"] for s in m["shards"]]
-    keys_path = os.path.join(self.root, KEYS)
-    try:
-      with open(keys_path, encoding="utf-8") as f:
-        self._keys = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-      raise ValueError(f"token store {keys_path}: unreadable: {e}") from None
-    if len(self._keys) != m["records"] or not all(isinstance(k, str) for k in self._keys):
-      raise ValueError(f"token store {keys_path}: needs {m['records']} lines, each a JSON "
-                       "string")
+    self._keys = store_manifest.read_keys("token store", self.root, KEYS, m["records"],
+                                          lambda k: isinstance(k, str), "a JSON string")
     counts = np.asarray([s["records"] for s in m["shards"]], np.int64)
     self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [shards + 1]
     self._maps = {}  # (shard, array) -> memory map, opened on first read
