@@ -131,6 +131,61 @@ def test_ranking_mean_of_two_directions_and_softmax(rng):
     losses.ranking(*map(jnp.asarray, (sp, si, st, w)), kind="hinge")
 
 
+def _infonce_np(img, txt, nimg, ntxt, w, iv, tv, tau):
+  """The in-batch contrastive loss, anchor by anchor, in float64."""
+  b = img.shape[0]
+  total, correct = 0.0, 0.0
+  for r in range(b):
+    if not w[r]:
+      continue
+    per_dir = []
+    ok = True
+    for anchor, pos, negs, nv in ((img[r], txt, ntxt, tv), (txt[r], img, nimg, iv)):
+      cols = [pos[c] for c in range(b) if w[c]]
+      own = sum(1 for c in range(r) if w[c])            # index of column r among the valid
+      cols += [negs[c, j] for c in range(b) if w[c] for j in range(negs.shape[1]) if nv[c, j]]
+      logits = np.array([anchor @ c for c in cols]) / tau
+      per_dir.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[own])
+      ok &= bool(logits[own] > np.delete(logits, own).max())
+    total += w[r] * 0.5 * sum(per_dir)
+    correct += w[r] * ok
+  return total, correct
+
+
+def test_in_batch_contrastive_value_and_gradient(rng):
+  b, n, m, p = 4, 2, 3, 5
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  img, txt = unit(rng.normal(size=(b, p))), unit(rng.normal(size=(b, p)))
+  nimg, ntxt = unit(rng.normal(size=(b, n, p))), unit(rng.normal(size=(b, m, p)))
+  w = np.array([1, 1, 0, 1], np.float64)                  # row 2 is padding
+  iv = np.array([[1, 1], [1, 0], [1, 1], [0, 1]], bool)
+  tv = np.array([[1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 0]], bool)
+  tau = 0.3
+  ref, ref_correct = _infonce_np(img, txt, nimg, ntxt, w, iv, tv, tau)
+
+  def f(*x):
+    return losses.in_batch_contrastive(*x, jnp.asarray(w, jnp.float32), jnp.asarray(iv),
+                                       jnp.asarray(tv), tau)
+  args = [jnp.asarray(a, jnp.float32) for a in (img, txt, nimg, ntxt)]
+  out = f(*args)
+  np.testing.assert_allclose(out["contrastive_sum"], ref, rtol=1e-5)
+  assert float(out["contrastive_correct"]) == ref_correct
+  grads = jax.grad(lambda *x: f(*x)["contrastive_sum"], argnums=(0, 1, 2, 3))(*args)
+  base = [img, txt, nimg, ntxt]
+  for k, g in enumerate(grads):  # central differences of the numpy reference
+    num = np.zeros_like(base[k])
+    for idx in np.ndindex(base[k].shape):
+      hi = [a.copy() for a in base]
+      lo = [a.copy() for a in base]
+      hi[k][idx] += 1e-6
+      lo[k][idx] -= 1e-6
+      num[idx] = (_infonce_np(*hi, w, iv, tv, tau)[0] - _infonce_np(*lo, w, iv, tv, tau)[0]) / 2e-6
+    np.testing.assert_allclose(g, num, rtol=1e-3, atol=1e-5)
+  # the padding row's embeddings and the invalid negatives get no gradient
+  assert not np.any(np.asarray(grads[0][2])) and not np.any(np.asarray(grads[1][2]))
+  assert not np.any(np.asarray(grads[2][1, 1])) and not np.any(np.asarray(grads[3][3, 2]))
+
+
 # ---------------------------------------------------------------------------- heads
 CFG = ModelConfig.tiny(hidden_size=16, num_heads=2, mlp_dim=32)
 

@@ -93,6 +93,52 @@ def test_full_cross_scoring_equals_a_brute_force_ranking_and_rerank_with_k_n():
   assert every["cross_pairs"] == 2 * IMAGES * len(texts)  # each direction scores all pairs
 
 
+def _dual_cosines(task, params, pixels, texts):
+  """[images, texts] cosines of the dual encoder, computed image by image / text by text."""
+  e_img = np.stack([np.asarray(task.embed_images(params, {"pixels": jnp.asarray(p[None])}))[0]
+                    for p in pixels])
+  e_txt = np.stack([np.asarray(task.embed_texts(params, jnp.asarray(t[None])))[0]
+                    for t in texts])
+  return e_img.astype(np.float64) @ e_txt.T.astype(np.float64)
+
+
+@pytest.mark.parametrize("rerank_k", [0, 3])
+def test_rerank_fusion_ranks_by_cross_plus_w_times_the_dual_cosine(rerank_k):
+  cfg, meta = _collection()
+  task, params = _task_and_params(cfg)
+  table, valid = meta["caption_table"]
+  img_of, cap_of = np.nonzero(valid)
+  texts = table[img_of, cap_of]
+  pixels = meta["scenes"].visual["pixels"]
+  ii, tt = np.repeat(np.arange(IMAGES), len(texts)), np.tile(np.arange(len(texts)), IMAGES)
+  cross = np.asarray(task.outputs(params, {"pixels": jnp.asarray(pixels[ii]),
+                                           "ids": jnp.asarray(texts[tt])}), np.float64)
+  cross = cross.reshape(IMAGES, len(texts))
+  dual = _dual_cosines(task, params, pixels, texts)
+  hits = img_of[None, :] == np.arange(IMAGES)[:, None]
+  w = 10.0 * float(np.std(cross) / np.std(dual))  # the cosine weighs enough to reorder
+  fused = cross + w * dual
+  if rerank_k:  # candidates outside a query's dual top k keep their dual rank (behind the k)
+    def restricted(scores, d):
+      top = np.argsort(-d, axis=1, kind="stable")[:, :rerank_k]
+      out = np.full_like(scores, -1e9)
+      np.put_along_axis(out, top, np.take_along_axis(scores, top, 1), 1)
+      return out
+    want = dict(_brute_force_recalls(restricted(fused, dual), hits, "i2t_"),
+                **_brute_force_recalls(restricted(fused.T, dual.T), hits.T, "t2i_"))
+  else:
+    want = dict(_brute_force_recalls(fused, hits, "i2t_"),
+                **_brute_force_recalls(fused.T, hits.T, "t2i_"))
+  plain = _evaluate(task, params, meta, rerank_k=rerank_k, cross_batch_size=8)
+  got = _evaluate(task, params, meta, rerank_k=rerank_k, cross_batch_size=8, rerank_fusion=w)
+  for key, value in want.items():
+    if rerank_k and key.endswith("R@10"):
+      continue  # past k the rank is the dual one, which the restricted reference does not keep
+    assert got[key] == pytest.approx(value), key
+  assert got["rerank_fusion"] == w and plain["rerank_fusion"] == 0.0
+  assert any(got[k] != plain[k] for k in want)  # the fusion changed some ranking
+
+
 def test_pairs_are_fed_in_bounded_batches_covering_every_pair_once():
   cfg, meta = _collection()
   task, params = _task_and_params(cfg)
@@ -111,6 +157,7 @@ def test_pairs_are_fed_in_bounded_batches_covering_every_pair_once():
 @pytest.mark.parametrize("field, value, fragment", [
     ("rerank_k", -1, "evaluation.rerank_k must be an integer >= 0"),
     ("cross_batch_size", 0, "evaluation.cross_batch_size must be an integer >= 1"),
+    ("rerank_fusion", -1.0, "evaluation.rerank_fusion=-1.0 must be a number >= 0"),
 ])
 def test_retrieval_evaluation_keys_validate(field, value, fragment):
   import importlib

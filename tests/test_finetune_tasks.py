@@ -86,6 +86,42 @@ def test_dual_agreement_is_the_cmcl_product_of_text_and_image_encoded_alone():
     tasks.TaskSpec(kind="vqa", dual_agreement=True).validate()
 
 
+def test_retrieval_contrastive_term_is_the_infonce_of_each_item_encoded_alone():
+  """loss = ranking of the cross scores + w * in-batch InfoNCE of the dual embeddings, the
+  embeddings taken image by image and caption by caption through the model's CMCL entry
+  points (an independent path from the batched one in the task)."""
+  from test_finetune_losses import _infonce_np
+  w_c, tau = 0.7, 0.2
+  task = _task("retrieval", ranking_loss="softmax", dual_agreement=True,
+               contrastive_weight=w_c, contrastive_temperature=tau)
+  plain = _task("retrieval", ranking_loss="softmax", dual_agreement=True)
+  params = _params(task)
+  b = random_batch("retrieval", task.cfg, b=3, negatives=2)
+  jb = jax.tree.map(jnp.asarray, b)
+  apply = lambda *a, method: task.model.apply({"params": params["model"]}, *a, method=method)
+  e_t = lambda ids: np.asarray(apply(apply(jnp.asarray(ids)[None], method=Unimo.encode_text)[
+      "cls"], method=Unimo.cmcl_text), np.float64)[0]
+  e_i = lambda pix: np.asarray(apply(apply({"pixels": jnp.asarray(pix)[None]},
+                                           method=Unimo.encode_image)["img"],
+                                     method=Unimo.cmcl_image), np.float64)[0]
+  img = np.stack([e_i(x) for x in b["pixels"]])
+  txt = np.stack([e_t(x) for x in b["ids"]])
+  nimg = np.stack([[e_i(x) for x in row] for row in b["neg_pixels"]])
+  ntxt = np.stack([[e_t(x) for x in row] for row in b["neg_ids"]])
+  ref, ref_correct = _infonce_np(img, txt, nimg, ntxt, b["row_valid"].astype(np.float64),
+                                 b["neg_image_valid"], b["neg_text_valid"], tau)
+  loss = jax.jit(lambda p, bt: task.loss(p, bt, None, deterministic=True))
+  base = jax.jit(lambda p, bt: plain.loss(p, bt, None, deterministic=True))
+  (got, sums), (want_rank, _) = loss(params, jb), base(params, jb)
+  np.testing.assert_allclose(sums["contrastive_sum"], ref, rtol=1e-4)
+  assert float(sums["contrastive_correct"]) == ref_correct
+  np.testing.assert_allclose(got, want_rank + w_c * ref, rtol=1e-4)
+  with pytest.raises(ValueError, match="contrastive_weight"):
+    tasks.TaskSpec(kind="entailment", contrastive_weight=1.0).validate()
+  with pytest.raises(ValueError, match="contrastive_temperature"):
+    tasks.TaskSpec(kind="retrieval", contrastive_temperature=0.0).validate()
+
+
 def test_captioning_and_seq2seq_count_target_tokens():
   for kind in ("captioning", "seq2seq"):
     task = _task(kind)
@@ -115,10 +151,12 @@ def test_seq2seq_source_does_not_see_the_target():
 
 # One kind runs in the fast suite; every kind under -m slow (each compiles its own model).
 @pytest.mark.parametrize("kind", [k if k == "vqa" else pytest.param(k, marks=pytest.mark.slow)
-                                  for k in KINDS] + ["retrieval_dual"])
+                                  for k in KINDS] + ["retrieval_dual", "retrieval_contrastive"])
 def test_sharded_loss_and_gradients_equal_one_device(kind):
-  kind, dual = kind.removesuffix("_dual"), kind.endswith("_dual")
-  task = _task(kind, **({"dual_agreement": True} if dual else {}))
+  kind, extra = kind.partition("_")[::2]
+  task = _task(kind, **{"dual": {"dual_agreement": True},
+                        "contrastive": {"dual_agreement": True, "contrastive_weight": 0.5},
+                        "": {}}[extra])
   params = _params(task)
   batch = random_batch(kind, task.cfg, b=8)
   key = jax.random.key(7)

@@ -7,6 +7,7 @@ import pytest
 import train_util as tu
 from unimo_jax import parallel
 from unimo_jax.train import objectives as obj_lib
+from unimo_jax.train import setup as setup_lib
 from unimo_jax.train import train_step as step_lib
 
 
@@ -160,3 +161,34 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert all(x.dtype in (jnp.float32, jnp.int32)
                for x in jax.tree_util.tree_leaves(state.opt_state))
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+
+
+def test_nonfinite_step_keeps_the_state_and_a_good_step_applies_the_optimizer():
+  """A NaN loss leaves parameters and optimizer state bit-identical (only the counters move);
+  a finite step equals ``tx.update`` + ``apply_updates`` on the same gradients, and
+  ``param_norm`` is the norm of the parameters the step returns."""
+  c = tu.run_config(batch=4)
+  c.objectives.weights = {n: (1.0 if n == "text_mlm" else 0.0) for n in obj_lib.OBJECTIVES}
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  run = setup_lib.build_run(c, tu.batch_spec(c), mesh=mesh, process_count=1)
+  b = next(tu.batches(c))
+  bad = dict(b, **{"text/mlm_weights": np.full_like(b["text/mlm_weights"], np.nan)})
+  state = run.new_state()
+  before = _host((state.params, state.opt_state))
+  state, m = run.step(state, parallel.global_batch(bad, mesh))
+  assert float(m["nonfinite"]) == 1.0 and int(state.nonfinite_total) == 1
+  after = _host((state.params, state.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+  assert int(state.step) == 1
+
+  # The skipped step left the optimizer's count at 0, so the next good step is the first update:
+  # it equals a good step from a fresh state (no dropout: the step number changes nothing else).
+  good = parallel.global_batch(b, mesh)
+  state, m = run.step(state, good)
+  fresh, m_fresh = run.step(run.new_state(), good)
+  got, want = _host((state.params, state.opt_state)), _host((fresh.params, fresh.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert not np.array_equal(got[0]["model"]["lm_head"]["bias"], before[0]["model"]["lm_head"]["bias"])
+  norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(got[0])))
+  np.testing.assert_allclose(float(m["param_norm"]), norm, rtol=1e-5)
+  assert float(m["nonfinite"]) == 0.0 and int(state.nonfinite_streak) == 0

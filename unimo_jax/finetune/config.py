@@ -20,7 +20,8 @@ Task files (``experiments/configs/finetune/*.py``) start from ``default_config()
                 (rerank_k: the dual-encoder's top K re-scored by the cross-encoder, or 0 for
                 every (image, caption) pair scored by it, the official protocol;
                 cross_batch_size: pairs per cross-encoder batch; dual_encoder: that dual
-                encoder is init_from's ("init") or the run's)
+                encoder is init_from's ("init") or the run's; rerank_fusion: w >= 0, ranking
+                by cross + w * that dual encoder's cosine)
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
                                     # 0 = it scores every (image, caption) pair (official)
   e.cross_batch_size = 32           # retrieval: cross-encoder pairs per batch
   e.dual_encoder = "init"           # retrieval top-K from: 'init' (init_from's) | 'finetuned'
+  e.rerank_fusion = 0.0             # retrieval: rank by cross + w * dual cosine (0: cross only)
   return c
 
 
@@ -243,6 +245,9 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_files: b
                     ("beam_size", train_config.POSITIVE_INT)):
     if key in cfg["evaluation"]:
       train_config.check_number(f"evaluation.{key}", cfg["evaluation"][key], spec)
+  fusion = cfg["evaluation"].get("rerank_fusion", 0.0)
+  if isinstance(fusion, bool) or not isinstance(fusion, (int, float)) or not fusion >= 0:
+    _fail(f"evaluation.rerank_fusion={fusion!r} must be a number >= 0 (0: the cross score alone)")
   if cfg["evaluation"].get("dual_encoder", "init") not in ("init", "finetuned"):
     _fail("evaluation.dual_encoder must be 'init' or 'finetuned'")
   hard = d.get("hard_negatives", 0)

@@ -11,7 +11,8 @@
                   (image, caption) pair, images * texts cross pairs in batches of
                   ``cross_batch_size``; ``rerank_k = K`` re-scores each query's dual-encoder top
                   K, (images + texts) * K pairs. ``cross_pairs`` and ``cross_seconds`` record
-                  the cost. The dual encoder is the run's starting checkpoint (``init_from``,
+                  the cost. ``rerank_fusion = w`` ranks by ``cross + w * cosine`` (the dual
+                  encoder's, as ALBEF / BLIP add ITC to ITM; 0 = the cross score alone). The dual encoder is the run's starting checkpoint (``init_from``,
                   zero-shot) by default (``evaluation.dual_encoder``): cross-encoder
                   fine-tuning leaves the CMCL projections untrained while it moves the encoder
                   under them
@@ -52,6 +53,7 @@ class GenerationSettings:
   block_trigrams: bool = False
   rerank_k: int = 10          # retrieval: 0 = every pair (official), K = the dual top K
   cross_batch_size: int = 32  # retrieval: cross-encoder pairs per batch (bounds the memory)
+  rerank_fusion: float = 0.0  # retrieval: ranking score = cross + rerank_fusion * dual cosine
 
   @classmethod
   def from_config(cls, section) -> "GenerationSettings":
@@ -159,18 +161,22 @@ def _retrieval(task: Task, params, meta, mesh, settings, dual_params=None) -> di
   out.update(m.recalls(m.ranks_from_scores(dual, hits), prefix="dual/i2t_"))
   out.update(m.recalls(m.ranks_from_scores(dual.T, hits.T), prefix="dual/t2i_"))
   t0 = time.time()
+  fuse = float(settings.rerank_fusion)
+  fused = lambda i, t: cross(i, t) + fuse * dual[np.asarray(i), np.asarray(t)] if fuse else \
+      cross(i, t)
   if k == 0:  # the official protocol: the cross-encoder ranks every candidate
-    scores = cross.all_pairs()                            # [images, texts]
+    scores = cross.all_pairs() + fuse * dual              # [images, texts]
     out.update(m.recalls(m.ranks_from_scores(scores, hits), prefix="i2t_"))
     out.update(m.recalls(m.ranks_from_scores(scores.T, hits.T), prefix="t2i_"))
   else:
-    out.update(m.recalls(m.rerank_ranks(dual, hits, k, cross), prefix="i2t_"))
-    out.update(m.recalls(m.rerank_ranks(dual.T, hits.T, k, lambda t, i: cross(i, t)),
+    out.update(m.recalls(m.rerank_ranks(dual, hits, k, fused), prefix="i2t_"))
+    out.update(m.recalls(m.rerank_ranks(dual.T, hits.T, k, lambda t, i: fused(i, t)),
                          prefix="t2i_"))
   seconds = time.time() - t0
   logging.info("retrieval: the cross-encoder scored %d pairs (%s) in %.1f s", cross.scored,
                "every pair" if k == 0 else f"top {k}", seconds)
-  out.update(images=len(img_e), texts=len(texts), rerank_k=k, cross_pairs=cross.scored,
+  out.update(images=len(img_e), texts=len(texts), rerank_k=k, rerank_fusion=fuse,
+             cross_pairs=cross.scored,
              cross_seconds=seconds, full_cross_pairs=len(img_e) * len(texts))
   return out
 

@@ -145,3 +145,40 @@ def ranking(positive: Array, negative_images: Array, negative_texts: Array,
   best_neg = jnp.maximum(beaten(negative_images, image_valid), beaten(negative_texts, text_valid))
   correct = (positive.astype(jnp.float32) > best_neg).astype(jnp.float32)
   return dict(loss_sum=jnp.sum(per_row * w), count=jnp.sum(w), correct=jnp.sum(correct * w))
+
+
+def in_batch_contrastive(image: Array, text: Array, negative_images: Array,
+                         negative_texts: Array, weights: Array | None = None,
+                         image_valid: Array | None = None, text_valid: Array | None = None,
+                         temperature: float = 0.05) -> dict[str, Array]:
+  """Symmetric InfoNCE of the dual encoder on a retrieval batch (CMCL's loss, fine-tuned).
+
+  image, text [B, P]: the unit CMCL embeddings of row r's positive pair; negative_images
+  [B, N, P], negative_texts [B, M, P]: those of its sampled negatives. Image anchor r ranks
+  text r against every valid caption of the batch (the B positives and all B*M negatives);
+  text anchor r ranks image r against the B positive images and all B*N negative images.
+  Logits are cosines / ``temperature``. A padding row (weight 0) is neither an anchor nor a
+  column, nor are its negatives; ``*_valid`` mask absent negatives. Returns
+  dict(contrastive_sum, contrastive_correct): sums over anchors of the mean of the two
+  directions' losses and of "both directions rank their positive first"."""
+  w = _w(weights, image.shape[0])
+  b, p = image.shape
+  row = w > 0
+
+  def direction(anchors, positives, negatives, negative_valid):
+    k = negatives.shape[1]
+    nv = jnp.ones((b, k), bool) if negative_valid is None else negative_valid.astype(bool)
+    cols = jnp.concatenate([positives, negatives.reshape(b * k, p)], 0).astype(jnp.float32)
+    cols_valid = jnp.concatenate([row, (nv & row[:, None]).reshape(-1)])
+    logits = anchors.astype(jnp.float32) @ cols.T / temperature     # [B, B + B k]
+    own = jnp.diagonal(logits[:, :b])
+    loss = _masked_logsumexp(logits, cols_valid[None, :]) - own
+    others = jnp.where(cols_valid[None, :] & ~jnp.eye(b, b + b * k, dtype=bool), logits,
+                       jnp.finfo(jnp.float32).min)
+    return loss, own > jnp.max(others, axis=1)
+
+  l_i2t, c_i2t = direction(image, text, negative_texts, text_valid)
+  l_t2i, c_t2i = direction(text, image, negative_images, image_valid)
+  per_row = 0.5 * (l_i2t + l_t2i)
+  both = (c_i2t & c_t2i).astype(jnp.float32)
+  return dict(contrastive_sum=jnp.sum(per_row * w), contrastive_correct=jnp.sum(both * w))

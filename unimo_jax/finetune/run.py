@@ -32,10 +32,12 @@ from unimo_jax.train import flops as flops_lib
 from unimo_jax.train import optimizer as opt_lib
 from unimo_jax.train import setup as setup_lib
 from unimo_jax.train import state as state_lib
+from unimo_jax.train import train_step as step_lib
 from unimo_jax.train.train_step import mesh_context
 
 _NAMES = {"correct": "accuracy", "vqa_score_sum": "vqa_score", "nll_sum": "nll",
-          "abs_error_sum": "abs_error"}
+          "abs_error_sum": "abs_error", "contrastive_sum": "contrastive_loss",
+          "contrastive_correct": "contrastive_accuracy"}
 
 
 def _micro_batches(batch, k: int, mesh):
@@ -80,20 +82,10 @@ def make_finetune_step(task: tasks_lib.Task, config, tx: optax.GradientTransform
   def step(state, batch):
     rng = jax.random.fold_in(base_key, state.step)
     loss, sums, grads = grads_and_sums(state.params, batch, rng)
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    streak = jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32)
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                              opt_state=keep(new_opt, state.opt_state), nonfinite_streak=streak,
-                              nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
+    new_state, guard = step_lib.guarded_update(tx, state, grads, loss)
     count = jnp.maximum(sums["count"], 1.0)
     metrics = {_NAMES.get(n, n): v / count for n, v in sums.items() if n != "count"}
-    metrics.update(loss=loss, count=sums["count"], grad_norm=grad_norm,
-                   param_norm=optax.tree.norm(state.params), nonfinite=(~ok).astype(jnp.float32),
-                   nonfinite_streak=streak)
+    metrics.update(loss=loss, count=sums["count"], **guard)
     return new_state, metrics
 
   rows = parallel.batch_sharding(mesh)

@@ -60,6 +60,11 @@ class TaskSpec:
   circle_margin, circle_scale: circle-loss m and scale (0.2, 1.0 officially).
   dual_agreement: entailment / retrieval heads also read the pair's CMCL agreement (the text
     and the image encoded alone, ``heads`` module docstring); False is the official head.
+  contrastive_weight: retrieval adds this times the dual encoder's in-batch InfoNCE
+    (``losses.in_batch_contrastive``: CMCL's loss over the batch's positives and sampled
+    negatives) to the ranking loss, so that fine-tuning also trains the dual encoder whose
+    top K the cross-encoder re-ranks; 0 is the official recipe (cross-encoder only).
+  contrastive_temperature: that loss's fixed temperature.
   """
   kind: str
   num_labels: int = 2
@@ -70,6 +75,8 @@ class TaskSpec:
   circle_margin: float = 0.2
   circle_scale: float = 1.0
   dual_agreement: bool = False
+  contrastive_weight: float = 0.0
+  contrastive_temperature: float = 0.05
 
   def validate(self) -> "TaskSpec":
     def need(ok, field, why):
@@ -91,6 +98,10 @@ class TaskSpec:
     need(self.circle_scale > 0, "circle_scale", "must be > 0")
     need(not self.dual_agreement or self.kind in heads_lib.DUAL_KINDS, "dual_agreement",
          f"exists for the {heads_lib.DUAL_KINDS} heads, not {self.kind!r}")
+    need(self.contrastive_weight >= 0, "contrastive_weight", "must be >= 0")
+    need(not self.contrastive_weight or self.kind == "retrieval", "contrastive_weight",
+         f"exists for retrieval, not {self.kind!r}")
+    need(self.contrastive_temperature > 0, "contrastive_temperature", "must be > 0")
     return self
 
   @classmethod
@@ -174,25 +185,36 @@ class Task:
     return self._apply(params, visual, ids, method=Unimo.encode_pair, rng=rng,
                        deterministic=deterministic)
 
+  def embed_texts(self, params, ids, rng=None, deterministic=True) -> jax.Array:
+    """Unit CMCL embeddings [B, P] of texts encoded alone (as pre-training's CMCL does)."""
+    cls = self._apply(params, ids, method=Unimo.encode_text, rng=rng,
+                      deterministic=deterministic)["cls"]
+    return self.model.apply({"params": params["model"]}, cls, method=Unimo.cmcl_text)
+
+  def embed_images(self, params, visual, rng=None, deterministic=True) -> jax.Array:
+    """Unit CMCL embeddings [B, P] of images encoded alone."""
+    img = self._apply(params, visual, method=Unimo.encode_image, rng=rng,
+                      deterministic=deterministic)["img"]
+    return self.model.apply({"params": params["model"]}, img, method=Unimo.cmcl_image)
+
+  def agreement_of(self, text_emb, image_emb) -> jax.Array:
+    """``P * t * i`` [B, P] of unit embeddings: times P so that its mean over P is their cosine
+    and its elements are O(1) (unscaled, they are O(1/P), and Adam's fixed-size steps would take
+    P times as many updates to weigh them in)."""
+    return (text_emb * image_emb).astype(jnp.float32) * float(self.cfg.projection_dim)
+
   def agreement(self, params, visual, ids, rng=None, deterministic=True) -> jax.Array:
     """The pair's CMCL agreement [B, P]: ``P * n(t) * n(i)``, the product of the unit CMCL
-    embeddings of the text and the image, each encoded alone (as pre-training's contrastive
-    loss encodes them), times P so that its mean over P is their cosine and its elements are
-    O(1) (unscaled, they are O(1/P), and Adam's fixed-size steps would take P times as many
-    updates to weigh them in)."""
+    embeddings of the text and the image, each encoded alone."""
     r_t, r_i = (None, None) if rng is None else jax.random.split(rng)
-    cls = self._apply(params, ids, method=Unimo.encode_text, rng=r_t,
-                      deterministic=deterministic)["cls"]
-    img = self._apply(params, visual, method=Unimo.encode_image, rng=r_i,
-                      deterministic=deterministic)["img"]
-    project = lambda x, method: self.model.apply({"params": params["model"]}, x, method=method)
-    t, i = project(cls, Unimo.cmcl_text), project(img, Unimo.cmcl_image)
-    return (t * i).astype(jnp.float32) * float(self.cfg.projection_dim)
+    return self.agreement_of(self.embed_texts(params, ids, r_t, deterministic),
+                             self.embed_images(params, visual, r_i, deterministic))
 
   # ------------------------------------------------------------------ outputs
-  def outputs(self, params, batch, rng=None, deterministic=True) -> jax.Array:
+  def outputs(self, params, batch, rng=None, deterministic=True, agreement=None) -> jax.Array:
     """Head outputs: logits [B, C] (classification, entailment, vqa), predictions [B]
-    (regression), scores [B] of the (visual, ids) pairs (retrieval)."""
+    (regression), scores [B] of the (visual, ids) pairs (retrieval). ``agreement`` [B, P]:
+    the pairs' CMCL agreement when the caller has it (``dual_agreement``), else computed."""
     kind = self.spec.kind
     r_enc, r_head = (None, None) if rng is None else jax.random.split(rng)
     if kind in ("classification", "regression"):
@@ -205,7 +227,9 @@ class Task:
       args = ()
       if self.spec.dual_agreement:
         r_enc, r_dual = (None, None) if r_enc is None else jax.random.split(r_enc)
-        args = (self.agreement(params, visual, batch["ids"], r_dual, deterministic),)
+        if agreement is None:
+          agreement = self.agreement(params, visual, batch["ids"], r_dual, deterministic)
+        args = (agreement,)
       enc = self._pair(params, visual, batch["ids"], r_enc, deterministic)
       return self._head(params, enc["cls"], enc["img"], *args, rng=r_head,
                         deterministic=deterministic)
@@ -244,7 +268,8 @@ class Task:
   # ------------------------------------------------------------------ retrieval
   def _retrieval_loss(self, params, batch, rng, deterministic, w):
     """Scores every positive with its N negative images and M negative captions in ONE
-    encoder pass over B (1 + N + M) pairs, then the ranking loss."""
+    encoder pass over B (1 + N + M) pairs, then the ranking loss (plus the dual encoder's
+    in-batch contrastive loss when ``contrastive_weight`` > 0)."""
     ids, visual = batch["ids"], visual_of(batch)
     neg_visual, neg_ids = visual_of(batch, "neg_"), batch["neg_ids"]
     b = ids.shape[0]
@@ -255,14 +280,37 @@ class Task:
     all_visual = {k: jnp.concatenate([visual[k], flat(neg_visual[k]), rep(visual[k], m)], 0)
                   for k in visual}
     all_ids = jnp.concatenate([ids, rep(ids, n), flat(neg_ids)], 0)
-    scores = self.outputs(params, dict(all_visual, ids=all_ids), rng, deterministic)
+    spec = self.spec
+    agreement, dual = None, None
+    if spec.dual_agreement or spec.contrastive_weight:
+      # Each image and caption encoded alone ONCE (B + B N images, B + B M captions), then
+      # paired as the scored pairs are: positives, caption r with negative images, image r
+      # with negative captions.
+      rng, r_t, r_i = (None, None, None) if rng is None else jax.random.split(rng, 3)
+      cat_visual = {k: jnp.concatenate([visual[k], flat(neg_visual[k])], 0) for k in visual}
+      t_all = self.embed_texts(params, jnp.concatenate([ids, flat(neg_ids)], 0), r_t,
+                               deterministic)
+      i_all = self.embed_images(params, cat_visual, r_i, deterministic)
+      t_pos, t_neg = t_all[:b], t_all[b:]
+      i_pos, i_neg = i_all[:b], i_all[b:]
+      dual = (i_pos, t_pos, i_neg.reshape(b, n, -1), t_neg.reshape(b, m, -1))
+      if spec.dual_agreement:
+        agreement = self.agreement_of(jnp.concatenate([t_pos, rep(t_pos, n), t_neg], 0),
+                                      jnp.concatenate([i_pos, i_neg, rep(i_pos, m)], 0))
+    scores = self.outputs(params, dict(all_visual, ids=all_ids), rng, deterministic,
+                          agreement=agreement)
     pos = scores[:b]
     neg_img = scores[b:b + b * n].reshape(b, n)
     neg_txt = scores[b + b * n:].reshape(b, m)
-    spec = self.spec
-    return losses.ranking(pos, neg_img, neg_txt, w, batch.get("neg_image_valid"),
-                          batch.get("neg_text_valid"), spec.ranking_loss, spec.circle_margin,
-                          spec.circle_scale)
+    out = losses.ranking(pos, neg_img, neg_txt, w, batch.get("neg_image_valid"),
+                         batch.get("neg_text_valid"), spec.ranking_loss, spec.circle_margin,
+                         spec.circle_scale)
+    if spec.contrastive_weight:
+      c = losses.in_batch_contrastive(*dual, w, batch.get("neg_image_valid"),
+                                      batch.get("neg_text_valid"), spec.contrastive_temperature)
+      out.update(c)
+      out["loss_sum"] = out["loss_sum"] + spec.contrastive_weight * c["contrastive_sum"]
+    return out
 
   # ------------------------------------------------------------------ generation
   def token_logits(self, params, batch, rng=None, deterministic=True) -> jax.Array:
