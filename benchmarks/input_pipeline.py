@@ -160,7 +160,11 @@ def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
 # --paper: the paper's shapes, old code vs new, and worker scaling
 # ---------------------------------------------------------------------------------------------
 
-PAPER_WORKER_CASES = ("text", "text_store", "pair_jpeg", "image_npz", "pair_tsv")
+PAPER_WORKER_CASES = ("text", "text_store", "pair_jpeg", "pair_jpeg_pil", "image_jpeg",
+                      "image_jpeg_pil", "image_npz", "pair_tsv")
+# Cases of the second table only: JPEG streams decoded by Pillow in the batch builder (in the
+# workers when data.workers > 0) instead of by TF ops in this process.
+PILLOW_CASES = (("pair_jpeg_pil", "patches", "pair"), ("image_jpeg_pil", "patches", "image"))
 
 
 def _paper_tokenizer(root: str):
@@ -214,7 +218,7 @@ def paper_benchmark(args) -> int:
   records, sec, tokens = paper_shapes.convert_tokens(root, tok_spec)
   print(f"one-off conversion text -> store_tokens: {records} records in {sec:.1f} s "
         f"({records / max(sec, 1e-9):,.0f} records/s, {tokens / max(sec, 1e-9):,.0f} tokens/s)")
-  known = [c for c, _, _ in paper_shapes.CASES]
+  known = [c for c, _, _ in paper_shapes.CASES + PILLOW_CASES]
   cases = args.cases.split(",") if args.cases else known
   if any(c not in known for c in cases):
     raise SystemExit(f"--cases {args.cases}: cases are {','.join(known)}")
@@ -268,7 +272,7 @@ def paper_benchmark(args) -> int:
         f" {'x (max/0)':>10}" + (f" {'x (2/1)':>8}" if scaling else "") +
         "   CPU us per row: this process / each worker, per workers value")
   tok = tokenizers.load_tokenizer(tok_spec)
-  for case, visual, stream in paper_shapes.CASES:
+  for case, visual, stream in paper_shapes.CASES + PILLOW_CASES:
     if case not in PAPER_WORKER_CASES or case not in cases:
       continue
     rates, cpus = [], []
@@ -277,6 +281,8 @@ def paper_benchmark(args) -> int:
                                            text="store" if case == "text_store" else "raw"),
                  stream)
       cfg.workers = w
+      if case.endswith("_pil"):
+        cfg.jpeg_decode = "pillow"
       it = pipeline.make_pipeline(cfg, tokenizer=tok)
       try:
         sec, main_cpu, worker_cpu = time_pipeline(it, args.worker_batches or args.batches,

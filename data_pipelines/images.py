@@ -155,11 +155,15 @@ def jpeg_ratio_index(width, height, image_size: int) -> int:
   return best
 
 
-JPEG_DECODES = ("accurate", "fast")
+# "accurate" / "fast": TF ops in the training process's tf.data stage (`decode_image`);
+# "pillow": Pillow + numpy inside the batch builder, i.e. in the row-building workers
+# (`data_pipelines.pil_decode`, which says how its pixels differ).
+JPEG_DECODES = ("accurate", "fast", "pillow")
 
 
 def check_jpeg_decode(value) -> str:
-  """``data.jpeg_decode``: "accurate" (default) or "fast"; ValueError (one line) otherwise."""
+  """``data.jpeg_decode``: "accurate" (default), "fast" or "pillow"; ValueError (one line)
+  otherwise."""
   if value not in JPEG_DECODES:
     raise ValueError(f"data.jpeg_decode must be one of {JPEG_DECODES}, got {value!r}")
   return value

@@ -39,7 +39,10 @@ Config (``data`` section; `default_config()` has every field with its default):
   max_image_pixels     images whose header says more pixels are dropped (image_too_large)
   jpeg_decode          "accurate" (libjpeg's default IDCT and chroma upsampling) | "fast"
                        (fast integer IDCT, no fancy upsampling: other pixels, less decode time;
-                       benchmarks/README.md)
+                       benchmarks/README.md): both TF ops in this process's tf.data stage |
+                       "pillow" (Pillow + numpy in the batch builder, so in the workers when
+                       data.workers > 0: no per-image work in this process; pixels about one
+                       level apart from "accurate", other resize: `pil_decode`)
   num_regions, region_feature_dim, num_region_classes   R, F, C of the regions input
   region_mask_rate, region_overlap_threshold            MRP masking (0.15, IoU 0.3)
   num_positives, num_negatives, num_related_images, num_related_texts   Kp, Kn, Ki, Kt
@@ -223,7 +226,8 @@ class DataIterator:
             self.cfg, self._tokenizer, process_index=self.process_index,
             process_count=self.process_count, workers=self.workers,
             source_names={s: st.names for s, st in self.streams.items()},
-            ahead=int(self.cfg.get("worker_ahead", 0)))
+            ahead=int(self.cfg.get("worker_ahead", 0)),
+            batch_bytes={s: st.batch_bytes() for s, st in self.streams.items()})
       else:
         self._pool.reset()
       fetch = self._pool.fetch

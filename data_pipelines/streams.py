@@ -24,7 +24,7 @@ import threading
 import numpy as np
 from data_pipelines.lazy import tensorflow as tf  # loaded on first use (row workers never do)
 
-from data_pipelines import images, rewriting, schema
+from data_pipelines import images, pil_decode, rewriting, schema, shm_ring
 from data_pipelines.examples import HALF_FIELDS, Padded, RowBuilder
 from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, TokenStoreSource, load_neighbours, open_source
@@ -33,6 +33,11 @@ from data_pipelines.worker_errors import PoolStopped
 
 _PROBE_RECORDS = 16
 _IMAGE_SLOTS = ("_image", "_image_ratio", "_image_present")
+_DECODED = ("pixels", "related_pixels", "_decode_failed")  # filled by the "pillow" decode
+
+
+def _heap(shape, dtype, zero):
+  return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
 
 
 def source_name(spec, stream: str, k: int) -> str:
@@ -43,7 +48,7 @@ class Stream:
   """Python side of one stream in one process (see the module docstring)."""
 
   def __init__(self, stream: str, cfg, tokenizer, *, process_index: int, process_count: int,
-               probe: bool = True):
+               probe: bool = True, half_regions: bool = True):
     self.stream, self.cfg = stream, cfg
     self.stream_id = schema.STREAM_IDS[stream]
     self.seed = int(cfg["seed"])
@@ -59,6 +64,11 @@ class Stream:
     except ValueError as e:
       raise schema.SchemaError(str(e)) from None
     self.num_images = (1 + (self.builder.d["Ki"] if stream == "pair" else 0)) if self.patches else 0
+    # "pillow": the batch builder decodes the images itself (`pil_decode`), no TF stage.
+    self.python_decode = self.patches and cfg.get("jpeg_decode", "accurate") == "pillow"
+    self._table = (pil_decode.normalise_table(cfg.get("pixel_mean", (0.5, 0.5, 0.5)),
+                                              cfg.get("pixel_std", (0.5, 0.5, 0.5)))
+                   if self.python_decode else None)
     self.sources, self.names, self.neighbours, weights = [], [], [], []
     self.tfidf, self.lexicon = [], []  # per source: {example id: negatives}, rewrite flag
     names = set()
@@ -86,8 +96,10 @@ class Stream:
       weights.append(float(spec.get("weight", 1.0)))
     # Every source gives float16 region features (float16 region stores): the rows and the
     # batches carry them as float16 (half the bytes to write and to pass from the workers) and
-    # the tf.data stage casts them to the schema's float32, exactly.
-    if cfg["visual_input"] == "regions" and stream != "text" and self.sources and all(
+    # the tf.data stage casts them to the schema's float32, exactly. Worker processes
+    # (`half_regions` False) write float32 straight into the shared batch instead, so the
+    # training process has no cast to do.
+    if half_regions and cfg["visual_input"] == "regions" and stream != "text" and self.sources and all(
         src.region_dtype == np.float16 for src in self.sources):
       self.builder.region_dtype = np.dtype(np.float16)
     self.mixture = Mixture(weights, [len(s) for s in self.sources], seed=self.seed,
@@ -105,12 +117,14 @@ class Stream:
     the internal ``_source``, ``_drops`` and ``_truncated``."""
     spec = {}
     for name, (shape, dtype) in schema.row_spec(self.stream, self.cfg).items():
-      if self.patches and name in ("pixels", "related_pixels"):
+      if self.patches and not self.python_decode and name in ("pixels", "related_pixels"):
         continue
       if name in HALF_FIELDS:
         dtype = self.builder.region_dtype
       spec[name] = (shape, dtype)
-    if self.patches:
+    if self.python_decode:
+      spec["_decode_failed"] = ((self.num_images,), np.dtype(np.int32))
+    elif self.patches:
       spec["_image"] = ((self.num_images,), np.dtype(object))
       spec["_image_ratio"] = ((self.num_images,), np.dtype(np.int32))
       spec["_image_present"] = ((self.num_images,), np.dtype(bool))
@@ -134,7 +148,8 @@ class Stream:
       except BadRecord as e:
         reasons[e.reason] += 1
         continue
-      expected = {k: v for k, v in self.out_spec.items() if not k.startswith("_")}
+      expected = {k: v for k, v in self.out_spec.items() if not k.startswith("_")
+                  and k not in _DECODED}
       got = {k: v for k, v in row.items() if not k.startswith("_")}
       schema.check_row(got, expected, source=name, stream=self.stream)
       return
@@ -201,41 +216,55 @@ class Stream:
     row["_drops"] = drops
     return row
 
-  def batch(self, base: int, step: int):
-    """This process's rows of `step` (slots counted from `base`) as arrays in `out_spec` order."""
+  def batch(self, base: int, step: int, alloc=None):
+    """This process's rows of `step` (slots counted from `base`) as arrays in `out_spec` order.
+
+    `alloc(shape, dtype, zero)`, if given, provides the non-object arrays (a worker's shared
+    batch segment, `shm_ring.Arena`); the default is ``np.zeros`` / ``np.empty``."""
+    if alloc is None:
+      alloc = _heap
     first = int(base) + int(step) * self.global_batch + self.process_index * self.local_batch
     slots = np.arange(first, first + self.local_batch, dtype=np.int64)
     with self._lock:
       srcs, recs = self.mixture.records(slots)
     rows = [self.row(int(g), int(s), int(i)) for g, s, i in zip(slots, srcs, recs)]
-    out = []
+    out = {}
     for name, (shape, dtype) in self.out_spec.items():
-      if dtype == np.dtype(object):
-        out.append(np.asarray([list(r[name]) for r in rows], dtype=object).reshape(
-            (self.local_batch,) + shape))
+      full = (self.local_batch,) + tuple(shape)
+      if name in _DECODED:
+        out[name] = alloc(full, dtype, False)  # written by the decode below
+      elif dtype == np.dtype(object):
+        out[name] = np.asarray([list(r[name]) for r in rows], dtype=object).reshape(full)
       elif any(isinstance(r[name], Padded) for r in rows):
         # Written in place: the same values as stacking the padded rows, one copy fewer.
-        a = np.zeros((self.local_batch,) + tuple(shape), dtype)
+        a = alloc(full, dtype, True)
         for j, r in enumerate(rows):
           v = r[name]
           if isinstance(v, Padded):
             v.write(a[j])
           else:
             a[j] = np.asarray(v, dtype).reshape(shape)
-        out.append(a)
+        out[name] = a
       else:
         # Row by row into one array: the same values as np.stack, without its per-row copies.
-        a = np.empty((self.local_batch,) + tuple(shape), dtype)
+        a = alloc(full, dtype, False)
         for j, r in enumerate(rows):
           a[j] = r[name]
-        out.append(a)
-    return tuple(out)
+        out[name] = a
+    if self.python_decode:
+      ok = pil_decode.decode_batch(rows, out["pixels"], out.get("related_pixels"),
+                                   out["_decode_failed"], self._table)
+      if "related_valid" in out:
+        out["related_valid"] &= ok[:, 1:]
+      pil_decode.mask_invalid(out, out["row_valid"] & (out["_decode_failed"][:, 0] == 0))
+    return tuple(out.values())
 
   # -- numpy batches without tf.data --------------------------------------------------------
   @property
   def needs_tf(self) -> bool:
-    """Whether this stream's batches need TF ops after the Python builder (image decoding)."""
-    return self.patches
+    """Whether this stream's batches need TF ops after the Python builder (TF image decoding;
+    "pillow" decodes in the builder)."""
+    return self.patches and not self.python_decode
 
   def batch_spec(self) -> dict:
     """{field: (batch shape, dtype)} of `as_dict`'s output (internal ``_*`` fields included)."""
@@ -243,6 +272,12 @@ class Stream:
     return {name: ((self.local_batch,) + tuple(shape),
                    row_spec[name][1] if name in row_spec else np.dtype(dtype))
             for name, (shape, dtype) in self.out_spec.items()}
+
+  def batch_bytes(self) -> int:
+    """Bytes of one batch's non-object arrays as the workers write them (float32 regions):
+    the size of its shared segment (`shm_ring`), before any batch was built."""
+    return sum(shm_ring.aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+               for shape, dtype in self.batch_spec().values() if np.dtype(dtype) != object)
 
   def as_dict(self, arrays) -> dict:
     """`batch`'s arrays -> {field: array} with the schema's dtypes (what tf.data's stage gives
@@ -291,7 +326,7 @@ class Stream:
     ds = ds.map(py_batch, num_parallel_calls=1 if fetch is not None else max(
         1, int(parallel_batches)), deterministic=True)
     ds = ds.map(to_dict)
-    if self.patches:
+    if self.needs_tf:
       # unbatch() segfaults on zero-size components in TF 2.21 (e.g. Ki = 0 related images):
       # such fields hold no values, so they leave before and come back as zeros after.
       empty = {k: (tuple(v.shape), v.dtype) for k, v in ds.element_spec.items()

@@ -20,12 +20,25 @@ Guarantees kept:
   it exits for any reason (close, exit, SIGTERM, SIGKILL) they see EOF and exit; `close()` also
   terminates, then kills, any that do not stop within a few seconds.
 
+Transport: each batch is built in place in a shared-memory segment that the pool lends with
+the task (`shm_ring`: a ring of one-batch buffers per stream, grown on demand, recycled when
+the consumer drops the batch); only a small header crosses the pipe and the batch is handed on
+as numpy views, without a copy in this process. The first batch of a stream, which sizes its
+segments, and object arrays (encoded images for a TF decode) travel through the pipe. Region
+features are written as float32 by the workers (no cast in this process), and with
+``data.jpeg_decode = "pillow"`` the workers decode the images too (`pil_decode`).
+
 Processes are started with `subprocess` (fresh interpreters, never `fork` of a process running
 TensorFlow and JAX threads; unlike multiprocessing's spawn they do not re-import the caller's
 main module). Workers do not import TensorFlow unless a source needs it (TFDS sources do), see
 `data_pipelines.lazy`. Memory per worker: the interpreter with numpy, scipy and sentencepiece
 (~60 MB), the sources' indexes, plus ``ahead`` batches in flight (benchmarks/README.md).
+Shared memory (in /dev/shm, i.e. RAM, counted once for the host, not per worker): per stream,
+``ahead`` + 1 + (batches the consumer still holds) segments of one batch each.
 """
+import collections
+import itertools
+import atexit
 import os
 import pickle
 import struct
@@ -37,12 +50,13 @@ import weakref
 
 import numpy as np
 
-from data_pipelines import schema
+from data_pipelines import schema, shm_ring
 from data_pipelines.worker_errors import PoolStopped, WorkerError  # noqa: F401  (raised here)
 
 _HEADER = struct.Struct("<Q")
 _PROGRESS = 8  # int64 per worker: generation, stream id, step, slot, source, record, -, -
 _LIVE = weakref.WeakSet()
+_POOL_IDS = itertools.count()
 
 
 def resolve_workers(value) -> int:
@@ -133,7 +147,7 @@ class WorkerPool:
   """N worker processes building `Stream.batch(base, step)` (see the module docstring)."""
 
   def __init__(self, cfg, tokenizer, *, process_index: int, process_count: int, workers: int,
-               source_names: dict, ahead: int = 0):
+               source_names: dict, ahead: int = 0, batch_bytes: dict | None = None):
     import mmap  # pylint: disable=import-outside-toplevel
     import tempfile  # pylint: disable=import-outside-toplevel
     self.n = int(workers)
@@ -150,6 +164,12 @@ class WorkerPool:
     self._done = {}  # (gen, stream, base, step) -> (ok, batch or message)
     self._error = None
     self._closing = False
+    # Shared batch segments (shm_ring): by path; free ones per stream; bytes a batch needs.
+    self.shm_prefix = f"unimo_{os.getpid()}_{next(_POOL_IDS)}_"
+    self._segments = {}
+    self._free = collections.defaultdict(collections.deque)
+    self._need = dict(batch_bytes or {})  # grown if a worker reports more
+    self._seg_ids = itertools.count()
     fd, self._progress_path = tempfile.mkstemp(prefix="unimo_workers_")
     os.write(fd, bytes(8 * _PROGRESS * self.n))
     self._progress_mm = mmap.mmap(fd, 8 * _PROGRESS * self.n)
@@ -166,7 +186,7 @@ class WorkerPool:
         _widen(result_w)
         proc = subprocess.Popen(
             [sys.executable, "-m", "data_pipelines.workers", str(task_r), str(result_w),
-             self._progress_path, str(k)], pass_fds=(task_r, result_w), env=env,
+             self._progress_path, str(k), self.shm_prefix], pass_fds=(task_r, result_w), env=env,
             stdin=subprocess.DEVNULL)
         os.close(task_r)
         os.close(result_w)
@@ -202,11 +222,59 @@ class WorkerPool:
         if kind == "fatal":
           self._error = WorkerError(f"input worker {w.index} could not start: {msg[1]}")
         elif kind == "batch":
-          _, gen, stream, base, step, ok, value = msg
+          _, gen, stream, base, step, ok, value, path, needed = msg
           w.in_flight = max(0, w.in_flight - 1)
-          if gen == self._gen:
-            self._done[(gen, stream, base, step)] = (ok, value)
+          if needed:
+            self._need[stream] = max(self._need.get(stream, 0), int(needed))
+          if gen == self._gen and not self._closing:
+            self._done[(gen, stream, base, step)] = (ok, value, path)
+          else:
+            self._give_back(stream, path)
+        elif kind == "skip":
+          _, stream, path = msg
+          w.in_flight = max(0, w.in_flight - 1)
+          self._give_back(stream, path)
         self._cond.notify_all()
+
+  # -- shared segments -------------------------------------------------------------------------
+  def _take(self, stream):
+    """A free segment big enough for a batch of `stream` (a new one if none is), or None
+    while the size is unknown (the stream's first batch comes through the pipe)."""
+    need = self._need.get(stream)
+    if not need or self._closing:
+      return None
+    free = self._free[stream]
+    while free:
+      seg = free.pop()
+      if seg.size >= need:
+        return seg
+      self._drop(seg)  # from before the stream's size was known to be larger
+    path = os.path.join(shm_ring.SHM_DIR, f"{self.shm_prefix}{next(self._seg_ids)}")
+    seg = shm_ring.Segment(path, need)
+    self._segments[path] = seg
+    return seg
+
+  def _give_back(self, stream, path):
+    """Segment `path` is no longer used by a worker or a consumer (any thread)."""
+    seg = self._segments.get(path) if path else None
+    if seg is None:
+      return
+    if self._closing:
+      self._drop(seg)
+    else:
+      self._free[stream].append(seg)  # deque.append: atomic, safe from a finalizer
+
+  def _drop(self, seg):
+    self._segments.pop(seg.path, None)
+    seg.unlink()
+    seg.close()
+
+  def _arrays(self, stream, value, path) -> tuple:
+    """A worker's header -> the batch's arrays (views of the segment, or as sent)."""
+    seg = self._segments.get(path) if path else None
+    if seg is None:
+      return tuple(entry[1] for entry in value)
+    return seg.views(value, lambda: self._give_back(stream, path))
 
   def _died(self, w: _Worker) -> str:
     try:
@@ -227,9 +295,11 @@ class WorkerPool:
   def _issue(self, stream, base, step):
     w = min(self._workers, key=lambda x: (x.in_flight, x.index))
     w.in_flight += 1
+    seg = self._take(stream)
     try:
       with w.lock:
-        _send(w.task_fd, ("batch", self._gen, stream, int(base), int(step)))
+        _send(w.task_fd, ("batch", self._gen, stream, int(base), int(step),
+                          seg.path if seg is not None else ""))
     except OSError:  # the worker is gone: its reader thread says why (EOF on its results)
       self._cond.wait_for(lambda: self._error is not None or self._closing, timeout=10.0)
       if self._error is None and self._closing:
@@ -259,10 +329,11 @@ class WorkerPool:
         if gen != self._gen:
           raise PoolStopped("input workers restarted (data state restored)")
         self._cond.wait(1.0)
-      ok, value = self._done.pop(key)
+      ok, value, path = self._done.pop(key)
     if not ok:
+      self._give_back(stream, path)
       raise WorkerError(value)
-    return value
+    return self._arrays(stream, value, path)
 
   def reset(self):
     """A new generation: in-flight and buffered batches of the old one are dropped."""
@@ -270,6 +341,8 @@ class WorkerPool:
       self._gen += 1
       self._progress[:, 0] = self._gen
       self._next.clear()
+      for (_, stream, _, _), (_, _, path) in self._done.items():
+        self._give_back(stream, path)
       self._done.clear()
       self._cond.notify_all()
 
@@ -299,6 +372,10 @@ class WorkerPool:
       if w.thread is not None:
         w.thread.join(timeout=2.0)
       w.result_file.close()
+    self._done.clear()
+    for seg in list(self._segments.values()):
+      self._drop(seg)  # views handed out stay valid; the names are gone
+    shm_ring.unlink_all(self.shm_prefix)
     self._progress = None
     try:
       self._progress_mm.close()
@@ -316,6 +393,7 @@ class WorkerPool:
       pass
 
 
+@atexit.register
 def close_all():
   for pool in list(_LIVE):
     pool.close()
@@ -326,7 +404,16 @@ def close_all():
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_main(task_fd: int, result_fd: int, progress_path: str, index: int):
+def _worker_main(task_fd: int, result_fd: int, progress_path: str, index: int, prefix: str):
+  try:
+    _serve(task_fd, result_fd, progress_path, index)
+  finally:
+    # EOF on the tasks: the pool closed, or its process ended (exit, SIGTERM, SIGKILL, crash).
+    # The segments are unlinked here as well as in `close()`, so none outlives both sides.
+    shm_ring.unlink_all(prefix)
+
+
+def _serve(task_fd: int, result_fd: int, progress_path: str, index: int):
   import mmap  # pylint: disable=import-outside-toplevel
   import signal  # pylint: disable=import-outside-toplevel
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it closes us
@@ -337,8 +424,9 @@ def _worker_main(task_fd: int, result_fd: int, progress_path: str, index: int):
   try:
     from data_pipelines.streams import Stream  # pylint: disable=import-outside-toplevel
     cfg, tokenizer, process_index, process_count = pickle.loads(_recv(tasks))
+    # float32 region features written here: the training process has no cast to do.
     streams = {s: Stream(s, cfg, tokenizer, process_index=process_index,
-                         process_count=process_count, probe=False)
+                         process_count=process_count, probe=False, half_regions=False)
                for s in schema.enabled_streams(cfg)}
   except Exception:  # pylint: disable=broad-except
     _send(result_fd, ("fatal", traceback.format_exc(limit=6)))
@@ -351,17 +439,30 @@ def _worker_main(task_fd: int, result_fd: int, progress_path: str, index: int):
 
   for st in streams.values():
     st.on_row = on_row
+  maps = shm_ring.Mappings()
   while True:
     task = _recv(tasks)
     if task is None:  # the parent closed the pipe or exited
       return
-    _, gen, stream, base, step = task
+    _, gen, stream, base, step, path = task
     if gen < progress[0]:
-      continue  # a stale task of a restored iterator: its result would be dropped anyway
+      # A stale task of a restored iterator (its result would be dropped): the segment and
+      # the in-flight count go back at once.
+      msg = ("skip", stream, path)
+      try:
+        _send(result_fd, msg)
+      except (BrokenPipeError, OSError):
+        return
+      continue
     progress[1:3] = (schema.STREAM_IDS[stream], step)
     current.clear()
+    needed = 0
     try:
-      msg = ("batch", gen, stream, base, step, True, streams[stream].batch(base, step))
+      arena = shm_ring.Arena(maps.get(path) if path else None)
+      arrays = streams[stream].batch(base, step, alloc=arena)
+      needed = arena.needed
+      msg = ("batch", gen, stream, base, step, True, arena.layout(arrays), path, needed)
+      del arrays
     except Exception as e:  # pylint: disable=broad-except
       names = streams[stream].names
       where = ""
@@ -370,7 +471,7 @@ def _worker_main(task_fd: int, result_fd: int, progress_path: str, index: int):
         where = (f": slot {current['slot']}, source {name!r} record {current['record']}")
       text = (f"input worker {index}: stream {stream} step {step}{where}: "
               f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
-      msg = ("batch", gen, stream, base, step, False, text)
+      msg = ("batch", gen, stream, base, step, False, text, path, needed)
     try:
       _send(result_fd, msg)
     except (BrokenPipeError, OSError):
@@ -378,5 +479,5 @@ def _worker_main(task_fd: int, result_fd: int, progress_path: str, index: int):
 
 
 if __name__ == "__main__":
-  _worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+  _worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
   os._exit(0)  # pylint: disable=protected-access  (no interpreter teardown of library threads)

@@ -1,0 +1,111 @@
+"""``data.jpeg_decode = "pillow"``: images decoded in Python (Pillow + numpy) by the row builder.
+
+With "accurate" / "fast" the builder hands encoded bytes on and TensorFlow decodes them in the
+training process's tf.data stage (`images.decode_image`). With "pillow" the builder itself
+decodes every image of a batch into its ``pixels`` / ``related_pixels`` arrays, so the decode
+runs wherever the batch is built: in the row-building worker processes (`workers`) with
+``data.workers`` > 0, in this process's tf.data `numpy_function` with 0. Both run this module,
+so the pixels are byte-identical for any worker count; the training process then does no
+per-image work at all (the point: on a host whose cores are all busy, TF decoding in the
+training process competed with the workers, benchmarks/README.md).
+
+What differs from the TF decoders (documented, not a bug; a config is one or the other):
+- JPEG: Pillow's libjpeg-turbo with its defaults (accurate integer IDCT, fancy upsampling), the
+  same algorithm as "accurate" but another libjpeg-turbo build: about one level in 255 apart
+  on some pixels (measured on 224 px photos). DCT downscaling of large JPEGs (1/2, 1/4, 1/8)
+  is the same choice (`images.jpeg_ratio_index`), done through Pillow's ``draft``. CMYK /
+  YCCK JPEGs are converted by Pillow's formula, not libjpeg's.
+- Resize (only images not stored at S x S): Pillow's antialiased bilinear filter on uint8
+  (rounded to uint8 before normalising); TF resizes float values.
+- PNG / GIF / BMP / WebP: Pillow's readers, ``convert("RGB")`` (alpha dropped, palette and gray
+  expanded); 16-bit gray keeps its high byte.
+- Bytes Pillow cannot decode (or that are truncated) give zeros and a failed flag, as TF's
+  failures do: the row is masked and counted as ``undecodable_image``.
+Normalisation is the same float32 formula, ``(x / 255 - mean) / std``, through a 256-entry
+table per channel (the same float32 operations, once per level instead of once per pixel).
+"""
+import io
+import struct
+
+import numpy as np
+
+from data_pipelines.images import JPEG_RATIOS, RAW_MAGIC
+
+
+def normalise_table(mean, std) -> np.ndarray:
+  """float32 [3, 256]: ``(v / 255 - mean[c]) / std[c]`` for every level v, computed in float32
+  exactly as `images.normalise` computes it per pixel."""
+  v = np.arange(256, dtype=np.float32)
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return np.stack([(v / np.float32(255.0) - mean[c]) / std[c] for c in range(3)])
+
+
+def _pixels(data: bytes, ratio_index: int) -> np.ndarray:
+  """Encoded bytes -> uint8 [H, W, 3] (raises on anything undecodable)."""
+  if data[:4] == RAW_MAGIC:
+    h, w = struct.unpack("<ii", data[4:12])
+    return np.frombuffer(data, np.uint8, offset=12).reshape(h, w, 3)
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  im = Image.open(io.BytesIO(data))
+  r = JPEG_RATIOS[int(ratio_index)] if im.format == "JPEG" else 1
+  if r > 1:
+    im.draft(None, (max(1, im.width // r), max(1, im.height // r)))
+  im.load()
+  if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    gray = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+  if im.mode != "RGB":
+    im = im.convert("RGB")
+  return np.asarray(im)
+
+
+def decode_into(data, ratio_index: int, out: np.ndarray, table: np.ndarray) -> bool:
+  """Decodes `data` into float32 `out` [S, S, 3] (normalised by `table`); False (and zeros)
+  when the bytes do not decode."""
+  size = out.shape[0]
+  try:
+    px = _pixels(bytes(data), ratio_index)
+    if px.shape[:2] != (size, size):
+      from PIL import Image  # pylint: disable=import-outside-toplevel
+      px = np.asarray(Image.fromarray(np.ascontiguousarray(px)).resize(
+          (size, size), Image.Resampling.BILINEAR))
+  except Exception:  # pylint: disable=broad-except  (any reader error: a bad image, counted)
+    out[...] = 0
+    return False
+  for c in range(3):
+    np.take(table[c], px[:, :, c], out=out[:, :, c], mode="clip")
+  return True
+
+
+def decode_batch(rows, pixels: np.ndarray, related, failed: np.ndarray, table: np.ndarray):
+  """Each row's image slots (``_image``, ``_image_ratio``, ``_image_present``, slot 0 the row's
+  image, then its related images) -> `pixels` [b, S, S, 3] and `related` [b, Ki, S, S, 3] (or
+  None), in place; `failed` [b, 1 + Ki] int32 gets 1 where a present image did not decode.
+  Returns ok [b, 1 + Ki] bool (decoded; False for absent slots, whose pixels are zeros)."""
+  ok = np.zeros(failed.shape, bool)
+  for j, r in enumerate(rows):
+    for k, (data, ratio, present) in enumerate(zip(r["_image"], r["_image_ratio"],
+                                                  r["_image_present"])):
+      out = pixels[j] if k == 0 else related[j, k - 1]
+      if present:
+        ok[j, k] = decode_into(data, ratio, out, table)
+      else:
+        out[...] = 0
+  failed[...] = (np.asarray([list(r["_image_present"]) for r in rows], bool).reshape(
+      failed.shape) & ~ok).astype(np.int32)
+  return ok
+
+
+def mask_invalid(fields: dict, valid: np.ndarray):
+  """numpy twin of `streams.mask_invalid` over a batch, in place: ``row_valid`` = `valid` [b],
+  every ``*_weights`` times valid, every other ``*_valid`` flag and ``visual_mask`` and-ed."""
+  for k, v in fields.items():
+    if k.startswith("_"):
+      continue
+    shaped = valid.reshape((-1,) + (1,) * (v.ndim - 1))
+    if k == "row_valid":
+      v[...] = valid
+    elif k.endswith("_weights"):
+      v *= shaped.astype(v.dtype)
+    elif k.endswith("_valid") or k == "visual_mask":
+      v &= shaped

@@ -1,0 +1,295 @@
+"""Worker batches through shared memory, and images decoded in the workers (jpeg_decode "pillow"):
+byte-identical batches for 0, 1, 2 workers and after a resume, pixels equal to an independent
+Pillow + numpy decode, planted undecodable images counted once, no /dev/shm segment left after
+close, a worker crash or SIGTERM."""
+import glob
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import pil_decode, pipeline, shm_ring
+from data_pipelines import streams as streams_lib
+import data_fixtures as fx
+import worker_fixtures as wfx
+
+TOK = fx.WhitespaceTokenizer()
+S = 16
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+N_IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("transport_data")
+  rng = np.random.default_rng(5)
+  fx.write_corpus(root / "corpus.txt", 20, rng)
+  fx.write_pairs_jsonl(root / "pairs.jsonl", root / "pimg", 10, rng, missing_image=1)
+  folder = root / "imgs"
+  os.makedirs(folder)
+  for i in range(N_IMAGES):  # JPEGs at the model's size (no resize), one larger (resized)
+    size = (S, S) if i else (2 * S, 3 * S)
+    (folder / f"{i:04d}.jpg").write_bytes(fx.image_bytes(fx.random_pixels(rng, *size), "JPEG"))
+  # Passes the header check (valid chunks and CRCs) and fails in the decoder.
+  (folder / "bad.png").write_bytes(fx.undecodable_png(S, S))
+  return root
+
+
+def _config(root, workers=0, jpeg_decode="pillow", **kw):
+  c = pipeline.default_config()
+  c.seed = 4
+  c.image_size, c.patch_size = S, 4
+  c.jpeg_decode = jpeg_decode
+  c.workers = workers
+  c.num_positives, c.num_negatives, c.num_related_images, c.num_related_texts = 2, 2, 0, 0
+  c.streams.text.update(dict(batch_size=4, max_length=12, max_predictions=3, s2s_max_length=16,
+                             s2s_max_predictions=6, sources=[
+                                 dict(name="corpus", kind="text", path=str(root / "corpus.txt"))]))
+  c.streams.image.update(dict(batch_size=4, sources=[
+      dict(name="imgs", kind="image_folder", path=str(root / "imgs"))]))
+  c.streams.pair.update(dict(batch_size=4, max_length=14, max_predictions=2,
+                             s2s_max_predictions=14, sources=[
+                                 dict(name="pairs", kind="jsonl", path=str(root / "pairs.jsonl"),
+                                      image_dir=str(root / "pimg"))]))
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _batches(cfg, n, **kw):
+  it = pipeline.make_pipeline(cfg, tokenizer=TOK, **kw)
+  try:
+    return [next(it) for _ in range(n)], it.dropped_counts(), it.get_state()
+  finally:
+    it.close()
+
+
+def _same(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def _segments(prefix):
+  return glob.glob(os.path.join(shm_ring.SHM_DIR, prefix + "*"))
+
+
+def _in_segment(a):
+  """`a` is a view of a mapped segment (not a copy)."""
+  base = a.base
+  buf = getattr(base, "base", None)
+  return isinstance(base, np.ndarray) and isinstance(getattr(buf, "obj", buf), mmap.mmap)
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      state = next(l for l in f if l.startswith("State:"))
+  except (FileNotFoundError, ProcessLookupError, StopIteration):
+    return False
+  return "Z" not in state.split()[1]
+
+
+def _reference_pixels(path):
+  """Independent decode: Pillow's RGB levels (libjpeg's DCT downscale to >= S, then Pillow's
+  bilinear filter when not S x S), normalised per pixel in float32: (x / 255 - 0.5) / 0.5."""
+  im = Image.open(path)
+  im.draft("RGB", (S, S))
+  im = im.convert("RGB")
+  if im.size != (S, S):
+    im = im.resize((S, S), Image.Resampling.BILINEAR)
+  px = np.asarray(im).astype(np.float32)
+  return (px / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+
+
+def test_pillow_decode_identical_for_0_1_2_workers_and_equal_to_pillow(data):
+  ref, ref_drops, ref_state = _batches(_config(data, 0), 6)
+  for n in (1, 2):
+    got, drops, state = _batches(_config(data, n), 6)
+    for a, b in zip(ref, got):
+      _same(a, b)
+    assert drops == ref_drops and state == ref_state
+  refs = [_reference_pixels(p) for p in sorted(glob.glob(str(data / "imgs" / "*.jpg")))]
+  seen_bad = 0
+  for b in ref:
+    for px, valid in zip(b["image/pixels"], b["image/row_valid"]):
+      if valid:
+        assert any(np.array_equal(px, r) for r in refs)
+      else:
+        seen_bad += 1
+        assert not px.any()
+  # The planted undecodable PNG: counted once per row that met it, whichever worker built it.
+  assert seen_bad > 0 and ref_drops["imgs"].get("undecodable_image") == seen_bad
+
+
+def test_pillow_resume_in_the_middle_with_workers(data):
+  ref, _, _ = _batches(_config(data, 0), 7)
+  it = pipeline.make_pipeline(_config(data, 2), tokenizer=TOK)
+  try:
+    first = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))
+    [next(it) for _ in range(2)]  # pylint: disable=expression-not-assigned
+    it.set_state(state)
+    again = [next(it) for _ in range(4)]
+  finally:
+    it.close()
+  for a, b in zip(ref[:3] + ref[3:7], first + again):
+    _same(a, b)
+
+
+def test_two_processes_with_pillow_workers_equal_one(data):
+  ref, _, _ = _batches(_config(data, 0), 3)
+  parts = [_batches(_config(data, 2), 3, process_index=p, process_count=2)[0] for p in (0, 1)]
+  for step in range(3):
+    for k, v in ref[step].items():
+      assert np.concatenate([parts[0][step][k], parts[1][step][k]]).tobytes() == v.tobytes()
+
+
+def test_batches_are_views_of_shared_segments_recycled_and_unlinked(data):
+  """Direct streams come out as views of the pool's segments (no copy in this process); a
+  dropped batch's segment is reused (the ring stays small); held batches are never
+  overwritten; close unlinks every segment and the views stay readable."""
+  ref, _, _ = _batches(_config(data, 0), 14)
+  it = pipeline.make_pipeline(_config(data, 2), tokenizer=TOK)
+  pool = it._pool  # pylint: disable=protected-access
+  try:
+    for k in range(8):  # each batch dropped at once
+      _same(ref[k], next(it))
+    assert 0 < len(_segments(pool.shm_prefix)) <= 3 * (pool.ahead + 3)
+    assert len(pool._segments) == len(_segments(pool.shm_prefix))  # pylint: disable=protected-access
+    held = [next(it) for _ in range(6)]  # held: the ring grows instead of reusing them
+    for k in ("image/pixels", "pair/pixels", "text/mlm_ids"):
+      assert _in_segment(held[0][k]), k
+  finally:
+    it.close()
+  assert _segments(pool.shm_prefix) == []
+  for a, b in zip(ref[8:], held):
+    _same(a, b)
+
+
+def test_region_rows_arrive_as_float32_from_the_workers(tmp_path):
+  """Float16 region stores: in-process the row builder keeps float16 and casts after; workers
+  write float32 into the segment, so the batches are the same bytes with no cast here."""
+  from data_pipelines.sources import open_source, region_store  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  keys = [f"r{i}" for i in range(8)]
+  fx.write_npz_regions(tmp_path / "npz", keys, rng, 6, 5)
+  region_store.write_store(open_source(dict(kind="region_npz", path=str(tmp_path / "npz")),
+                                       name="npz"), str(tmp_path / "store"), shard_images=4)
+  c = pipeline.default_config()
+  c.visual_input, c.num_regions, c.region_feature_dim, c.num_region_classes = "regions", 4, 6, 5
+  c.streams.image.update(dict(batch_size=4, sources=[
+      dict(name="st", kind="region_store", path=str(tmp_path / "store"))]))
+  ref, _, _ = _batches(c, 4)
+  c.workers = 2
+  it = pipeline.make_pipeline(c, tokenizer=TOK)
+  try:
+    for a in ref:
+      b = next(it)
+      _same(a, b)
+      assert _in_segment(b["image/region_features"])
+      # independent: the float16 store values widened to float32
+      assert np.array_equal(b["image/region_features"],
+                            b["image/region_features"].astype(np.float16).astype(np.float32))
+  finally:
+    it.close()
+
+
+def test_worker_crash_leaves_no_segment(tmp_path):
+  with open(tmp_path / "bad.txt", "w") as f:
+    for i in range(40):
+      f.write(f"a red circle {'zap' if i == 30 else 'dot'} {i}\n")
+  cfg = pipeline.default_config()
+  cfg.workers = 2
+  cfg.streams.text.update(dict(batch_size=2, max_length=8, max_predictions=2, s2s_max_length=8,
+                               s2s_max_predictions=4, sources=[
+                                   dict(name="crashy", kind="text", path=str(tmp_path / "bad.txt"))]))
+  it = pipeline.make_pipeline(cfg, tokenizer=wfx.FailInWorkerTokenizer("zap", "exit"))
+  prefix, pids = it._pool.shm_prefix, it.worker_pids  # pylint: disable=protected-access
+  try:
+    with pytest.raises(Exception, match="exited with code 7") as e:
+      for _ in range(40):
+        next(it)
+    assert "'crashy'" in str(e.value)
+  finally:
+    it.close()
+  assert _segments(prefix) == []
+  assert not any(_alive(p) for p in pids)
+
+
+_SCRIPT = """
+import json, sys
+sys.path[:0] = {paths!r}
+import pathlib
+from data_pipelines import pipeline
+from test_worker_transport import _config, TOK
+it = pipeline.make_pipeline(_config(pathlib.Path({root!r}), 2), tokenizer=TOK)
+for _ in range(3):
+  next(it)
+print(json.dumps([it.worker_pids, it._pool.shm_prefix]), flush=True)
+while True:
+  next(it)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_training_process_leaves_no_process_and_no_segment(data, tmp_path, sig):
+  script = tmp_path / "run.py"
+  script.write_text(textwrap.dedent(_SCRIPT.format(paths=[TESTS, ROOT], root=str(data))))
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, cwd=ROOT,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  try:
+    pids, prefix = json.loads(proc.stdout.readline())
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert _segments(prefix)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  deadline = time.time() + 20
+  while time.time() < deadline and (any(_alive(p) for p in pids) or _segments(prefix)):
+    time.sleep(0.2)
+  assert not any(_alive(p) for p in pids), pids
+  assert _segments(prefix) == []
+
+
+def test_decode_ratio_table_and_mask_against_references():
+  """DCT downscale as Pillow's draft, normalisation table as the per-pixel float32 formula,
+  the numpy mask as the TF one."""
+  rng = np.random.default_rng(0)
+  big = fx.image_bytes(fx.random_pixels(rng, 8 * S, 8 * S), "JPEG")
+  table = pil_decode.normalise_table((0.4, 0.5, 0.6), (0.2, 0.3, 0.5))
+  out = np.empty((S, S, 3), np.float32)
+  assert pil_decode.decode_into(big, 3, out, table)  # ratio 1/8: already S x S
+  im = Image.open(__import__("io").BytesIO(big))
+  im.draft("RGB", (S, S))
+  px = np.asarray(im.convert("RGB")).astype(np.float32)
+  want = (px / np.float32(255) - np.asarray((0.4, 0.5, 0.6), np.float32)) / np.asarray(
+      (0.2, 0.3, 0.5), np.float32)
+  assert im.size == (S, S) and np.array_equal(out, want)
+  assert not pil_decode.decode_into(b"\xff\xd8\xff garbage", 0, out, table) and not out.any()
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  fields = dict(row_valid=np.array([True, True, False]),
+                mlm_weights=np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32),
+                related_valid=np.array([[True], [True], [True]]),
+                visual_mask=np.array([[True, False], [True, True], [False, True]]),
+                _source=np.array([0, 1, 2], np.int32))
+  valid = np.array([True, False, False])
+  tf_out = {k: tf.stack([streams_lib.mask_invalid(
+      {f: tf.constant(v[j]) for f, v in fields.items()}, tf.constant(valid[j]))[k]
+                         for j in range(3)]).numpy() for k in fields}
+  mine = {k: v.copy() for k, v in fields.items()}
+  pil_decode.mask_invalid(mine, valid)
+  for k in fields:
+    assert np.array_equal(mine[k], tf_out[k]), k
