@@ -25,6 +25,7 @@ Region masking runs on the pixel boxes (IoU is scale free); patches use `patch_m
 import numpy as np
 
 from data_pipelines import images, rewriting, schema
+from data_pipelines.half_float import copy_into
 from data_pipelines.sources.base import BadRecord, text_list
 from unimo_jax import masking
 
@@ -47,7 +48,7 @@ class Padded:
   def write(self, out):
     """Fills `out` (zeros, `shape`) with the data."""
     if len(self.data):
-      out[:len(self.data)] = self.data
+      copy_into(out[:len(self.data)], np.asarray(self.data))
 
   def __array__(self, dtype=None, copy=None):
     out = np.zeros(self.shape, self.dtype)

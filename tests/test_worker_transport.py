@@ -293,3 +293,16 @@ def test_decode_ratio_table_and_mask_against_references():
   pil_decode.mask_invalid(mine, valid)
   for k in fields:
     assert np.array_equal(mine[k], tf_out[k]), k
+
+
+def test_half_to_float_is_numpys_cast_for_every_half():
+  from data_pipelines import half_float  # pylint: disable=import-outside-toplevel
+  every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+  every = np.concatenate([every] * 3)  # more than one chunk, and a partial last one
+  every = every[: (1 << 17) + 12345]
+  out = np.full(every.shape, 7.0, np.float32)
+  half_float.half_to_float(every, out)
+  assert out.view(np.uint32).tobytes() == every.astype(np.float32).view(np.uint32).tobytes()
+  small = np.zeros((3, 4), np.float32)
+  half_float.copy_into(small[:2], every[:8].reshape(2, 4))
+  assert np.array_equal(small[:2], every[:8].reshape(2, 4).astype(np.float32)) and not small[2].any()
