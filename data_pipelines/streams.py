@@ -26,6 +26,7 @@ from data_pipelines.lazy import tensorflow as tf  # loaded on first use (row wor
 
 from data_pipelines import images, pil_decode, rewriting, schema, shm_ring
 from data_pipelines.examples import HALF_FIELDS, Padded, RowBuilder
+from data_pipelines.half_float import copy_into
 from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, TokenStoreSource, load_neighbours, open_source
 from data_pipelines.sources import token_store
@@ -94,14 +95,15 @@ class Stream:
           spec["tfidf_negatives"])) if spec.get("tfidf_negatives") else {})
       self.lexicon.append(bool(spec.get("lexicon_negatives", False)))
       weights.append(float(spec.get("weight", 1.0)))
-    # Every source gives float16 region features (float16 region stores): the rows and the
-    # batches carry them as float16 (half the bytes to write and to pass from the workers) and
-    # the tf.data stage casts them to the schema's float32, exactly. Worker processes
-    # (`half_regions` False) write float32 straight into the shared batch instead, so the
-    # training process has no cast to do.
-    if half_regions and cfg["visual_input"] == "regions" and stream != "text" and self.sources and all(
+    # Every source gives float16 region features (float16 region stores): the rows carry them
+    # as float16 (half the bytes to write). In this process the batches do too, and the tf.data
+    # stage (or `as_dict`) casts them to the schema's float32, exactly; worker processes
+    # (`half_regions` False) write them as float32 straight into the shared batch
+    # (`half_float`), so the training process has no cast to do.
+    if cfg["visual_input"] == "regions" and stream != "text" and self.sources and all(
         src.region_dtype == np.float16 for src in self.sources):
       self.builder.region_dtype = np.dtype(np.float16)
+    self.half_regions = bool(half_regions)
     self.mixture = Mixture(weights, [len(s) for s in self.sources], seed=self.seed,
                            stream_id=self.stream_id, period=int(cfg.get("mixture_period", 1000)))
     self._lock = threading.Lock()
@@ -119,7 +121,7 @@ class Stream:
     for name, (shape, dtype) in schema.row_spec(self.stream, self.cfg).items():
       if self.patches and not self.python_decode and name in ("pixels", "related_pixels"):
         continue
-      if name in HALF_FIELDS:
+      if name in HALF_FIELDS and self.half_regions:
         dtype = self.builder.region_dtype
       spec[name] = (shape, dtype)
     if self.python_decode:
@@ -243,7 +245,12 @@ class Stream:
           if isinstance(v, Padded):
             v.write(a[j])
           else:
-            a[j] = np.asarray(v, dtype).reshape(shape)
+            copy_into(a[j], np.asarray(v).reshape(shape))
+        out[name] = a
+      elif name in HALF_FIELDS:
+        a = alloc(full, dtype, False)
+        for j, r in enumerate(rows):
+          copy_into(a[j], np.asarray(r[name]))  # float16 -> float32 (workers), exact
         out[name] = a
       else:
         # Row by row into one array: the same values as np.stack, without its per-row copies.
