@@ -32,12 +32,17 @@ import numpy as np
 from data_pipelines.images import JPEG_RATIOS, RAW_MAGIC
 
 
+_CHANNEL_OFFSETS = np.arange(3, dtype=np.int16) * 256
+
+
 def normalise_table(mean, std) -> np.ndarray:
-  """float32 [3, 256]: ``(v / 255 - mean[c]) / std[c]`` for every level v, computed in float32
-  exactly as `images.normalise` computes it per pixel."""
+  """float32 [3, 256] (or [1, 256] when all channels share mean and std):
+  ``(v / 255 - mean[c]) / std[c]`` for every level v, in float32 exactly as
+  `images.normalise` computes it per pixel."""
   v = np.arange(256, dtype=np.float32)
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  return np.stack([(v / np.float32(255.0) - mean[c]) / std[c] for c in range(3)])
+  rows = np.stack([(v / np.float32(255.0) - mean[c]) / std[c] for c in range(3)])
+  return rows[:1] if np.all(rows == rows[0]) else rows
 
 
 def _pixels(data: bytes, ratio_index: int) -> np.ndarray:
@@ -72,8 +77,10 @@ def decode_into(data, ratio_index: int, out: np.ndarray, table: np.ndarray) -> b
   except Exception:  # pylint: disable=broad-except  (any reader error: a bad image, counted)
     out[...] = 0
     return False
-  for c in range(3):
-    np.take(table[c], px[:, :, c], out=out[:, :, c], mode="clip")
+  if table.shape[0] == 1:  # the same normalisation for every channel: one contiguous lookup
+    np.take(table[0], px, out=out, mode="clip")
+  else:
+    np.take(table.reshape(-1), px + _CHANNEL_OFFSETS, out=out, mode="clip")
   return True
 
 
