@@ -25,9 +25,11 @@ batched (no per-source pipelines or buffers), and one prefetch follows the join 
 Row building scales with the host's cores through `data.workers` processes (`workers`), each
 building whole batches; since a batch is a pure function of (seed, stream, step), the batches,
 drop counts and states are the same for any worker count (0 builds them in this process).
-With workers, a stream without images to decode (text, region features) takes its numpy batches
-straight from the pool, without tf.data (whose per-batch overhead in this process was the
-limit of worker scaling, benchmarks/README.md); streams with images keep the tf.data stage.
+With workers, a stream without images to decode in TF (text, region features, images with
+``jpeg_decode = "pillow"``, which the workers decode) takes its numpy batches straight from the
+pool, without tf.data (whose per-batch overhead in this process was the limit of worker
+scaling, benchmarks/README.md): views of the shared segments the workers built them in, no copy
+and no per-row work here; streams with images for TF to decode keep the tf.data stage.
 
 Config (``data`` section; `default_config()` has every field with its default):
   seed                 int, data seed (mixture, record order, masking)
@@ -51,7 +53,14 @@ Config (``data`` section; `default_config()` has every field with its default):
   parallel_batches     Python batch builders running at once per stream (in-process threads)
   workers              row-building worker processes (`data_pipelines.workers`): -1 (default)
                        derives it from the host's cores (cores - 2 with >= 4 cores, else 0),
-                       0 builds rows in this process; batches are identical for any value
+                       0 builds rows in this process; batches are identical for any value.
+                       Workers build each batch in place in a shared-memory segment
+                       (/dev/shm) handed to the trainer without a copy; memory: per worker
+                       ~60 MB + the sources' indexes, and for the host per stream
+                       (worker_ahead + 1 + batches the trainer still holds) segments of one
+                       batch each (paper shapes, 16 rows: 512-token texts 0.18 MB, 224 px
+                       images 9.6 MB, pairs with 224 px pixels and Ki 1 19 MB, 100-region
+                       images 23 MB, 100-region pairs with Ki 1 37 MB)
   worker_ahead         batches per stream in flight in the workers (0: workers + 1)
   prefetch             batches prefetched after joining the streams
   streams.<text|image|pair>:

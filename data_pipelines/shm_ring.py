@@ -18,7 +18,8 @@ closed it or the training process ended in any way (SIGTERM, SIGKILL, a crash), 
 outlives both sides. Views already handed out stay valid after the unlink (POSIX semantics).
 
 Memory: per stream, (``data.worker_ahead`` + 1 + batches held by the consumer) segments of one
-batch each (bytes in benchmarks/README.md: e.g. 19 MB for 16 pair rows at 224 px with Ki 1).
+batch each (`Stream.batch_bytes`: e.g. 19 MB for 16 pair rows at 224 px with Ki 1, 23 MB for 16
+image rows of 100 regions; data_pipelines/pipeline.py lists the paper shapes' sizes).
 """
 import glob
 import mmap
