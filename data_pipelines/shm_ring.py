@@ -37,6 +37,16 @@ def aligned(n: int) -> int:
   return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+_DTYPES = {}
+
+
+def _dtype(name: str) -> np.dtype:
+  d = _DTYPES.get(name)
+  if d is None:
+    d = _DTYPES[name] = np.dtype(name)
+  return d
+
+
 def unlink_all(prefix: str):
   """Removes every segment file whose name starts with `prefix` (missing ones are fine)."""
   for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + "*")):
@@ -63,16 +73,9 @@ class Segment:
     `on_free()` runs once the last view is gone."""
     base = np.frombuffer(self.mm, np.uint8)  # a fresh base per batch: the finalizer's anchor
     weakref.finalize(base, on_free)
-    out = []
-    for entry in layout:
-      if entry[0] == "shm":
-        _, offset, shape, dtype = entry
-        dtype = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        out.append(base[offset:offset + n].view(dtype).reshape(shape))
-      else:
-        out.append(entry[1])
-    return tuple(out)
+    # np.ndarray over `base` (not slicing + view + reshape): ~1 us an array instead of ~7.
+    return tuple(np.ndarray(e[2], _dtype(e[3]), buffer=base, offset=e[1]) if e[0] == "shm"
+                 else e[1] for e in layout)
 
   def close(self):
     try:
