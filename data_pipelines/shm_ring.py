@@ -60,12 +60,26 @@ class Segment:
   """One shared batch buffer, created by the pool (`path` under SHM_DIR, `size` bytes)."""
 
   def __init__(self, path: str, size: int):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    """Raises OSError when the space is not there (a small /dev/shm, e.g. a container's
+    64 MB default): the pool then sends batches through the pipe instead."""
     try:
-      os.ftruncate(fd, size)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # left by an earlier process that had this pid and was killed
+      os.unlink(path)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+      # Reserve the pages now: on a full tmpfs a write into a merely truncated file would kill
+      # the writing worker with SIGBUS; here it is an ENOSPC we can handle.
+      if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+      else:
+        os.ftruncate(fd, size)
       self.mm = mmap.mmap(fd, size)
-    finally:
+    except OSError:
       os.close(fd)
+      os.unlink(path)
+      raise
+    os.close(fd)
     self.path, self.size = path, int(size)
 
   def views(self, layout, on_free) -> tuple:

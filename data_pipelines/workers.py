@@ -36,9 +36,10 @@ main module). Workers do not import TensorFlow unless a source needs it (TFDS so
 Shared memory (in /dev/shm, i.e. RAM, counted once for the host, not per worker): per stream,
 ``ahead`` + 1 + (batches the consumer still holds) segments of one batch each.
 """
+import atexit
 import collections
 import itertools
-import atexit
+import logging
 import os
 import pickle
 import struct
@@ -170,6 +171,7 @@ class WorkerPool:
     self._free = collections.defaultdict(collections.deque)
     self._need = dict(batch_bytes or {})  # grown if a worker reports more
     self._seg_ids = itertools.count()
+    self._shm_warned = False
     fd, self._progress_path = tempfile.mkstemp(prefix="unimo_workers_")
     os.write(fd, bytes(8 * _PROGRESS * self.n))
     self._progress_mm = mmap.mmap(fd, 8 * _PROGRESS * self.n)
@@ -250,7 +252,14 @@ class WorkerPool:
         return seg
       self._drop(seg)  # from before the stream's size was known to be larger
     path = os.path.join(shm_ring.SHM_DIR, f"{self.shm_prefix}{next(self._seg_ids)}")
-    seg = shm_ring.Segment(path, need)
+    try:
+      seg = shm_ring.Segment(path, need)
+    except OSError as e:
+      if not self._shm_warned:
+        self._shm_warned = True
+        logging.warning("input workers: no room for a %d-byte shared batch in %s (%s); "
+                        "batches go through the pipe (slower)", need, shm_ring.SHM_DIR, e)
+      return None
     self._segments[path] = seg
     return seg
 

@@ -306,3 +306,16 @@ def test_half_to_float_is_numpys_cast_for_every_half():
   small = np.zeros((3, 4), np.float32)
   half_float.copy_into(small[:2], every[:8].reshape(2, 4))
   assert np.array_equal(small[:2], every[:8].reshape(2, 4).astype(np.float32)) and not small[2].any()
+
+
+def test_no_room_in_shared_memory_falls_back_to_the_pipe(data, monkeypatch):
+  """A full /dev/shm (ENOSPC when a segment is reserved) costs speed, not batches."""
+  def full(path, size):
+    raise OSError(28, "No space left on device", path)
+  ref, ref_drops, _ = _batches(_config(data, 0), 4)
+  monkeypatch.setattr(shm_ring, "Segment", full)
+  got, drops, _ = _batches(_config(data, 2), 4)
+  for a, b in zip(ref, got):
+    _same(a, b)
+    assert not _in_segment(b["image/pixels"])
+  assert drops == ref_drops
