@@ -148,7 +148,7 @@ class Mappings:
   """A worker's mappings of the segments it was given, by path (the least recently used
   beyond `keep` are closed: segments the pool replaced are not used again)."""
 
-  def __init__(self, keep: int = 64):
+  def __init__(self, keep: int = 32):
     self.keep, self._maps = keep, {}
 
   def get(self, path: str):
