@@ -122,6 +122,9 @@ def test_input_pipeline_paper_mode(tmp_path, capsys):
                     flags=re.M)[:6] == cases
   assert "workers=1" in out and "x (2/1)" not in out
   assert out.count("one-off conversion") == 3
+  # the workers table also times the JPEG streams decoded by Pillow in the builder
+  assert re.findall(r"^  (pair_jpeg_pil|image_jpeg_pil) +[\d,]+", out, flags=re.M) == [
+      "pair_jpeg_pil", "image_jpeg_pil"]
 
 
 def test_input_pipeline_paper_mode_text_cases(tmp_path, capsys):
