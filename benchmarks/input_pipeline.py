@@ -19,8 +19,9 @@ corpus (``text``) and, on the new path, from a token store tokenised once (``tex
 `unimo-jax prepare tokens`). The second table also gives the CPU per row of the training
 process and of each worker, and times the JPEG streams twice: decoded by TF ops in the
 training process (``data.jpeg_decode`` "accurate", the default: ``pair_jpeg``, ``image_jpeg``)
-and by Pillow in the batch builder, i.e. in the workers (``"pillow"``: ``*_jpeg_pil``). E.g. (under 3 minutes on 2 cores; ``--cases text,text_store``
-and ``--tables per_core|workers`` shorten it):
+and by Pillow in the batch builder, i.e. in the workers (``"pillow"``: ``*_jpeg_pil``).
+E.g. (under 3 minutes on 2 cores; ``--cases text,text_store`` and ``--tables
+per_core|workers`` shorten it):
   python benchmarks/input_pipeline.py --paper --batch 16 --batches 6 --runs 3 --workers 0,1,2
 With --train_steps > 0 it also trains the demo model on random schema batches for that many
 steps and prints the ratio of the pipeline's steps/s to the train step's (> 1: the input keeps

@@ -166,7 +166,8 @@ def test_batches_are_views_of_shared_segments_recycled_and_unlinked(data):
     for k in range(8):  # each batch dropped at once
       _same(ref[k], next(it))
     assert 0 < len(_segments(pool.shm_prefix)) <= 3 * (pool.ahead + 3)
-    assert len(pool._segments) == len(_segments(pool.shm_prefix))  # pylint: disable=protected-access
+    live = pool._segments  # pylint: disable=protected-access
+    assert len(live) == len(_segments(pool.shm_prefix))
     held = [next(it) for _ in range(6)]  # held: the ring grows instead of reusing them
     for k in ("image/pixels", "pair/pixels", "text/mlm_ids"):
       assert _in_segment(held[0][k]), k
@@ -180,7 +181,8 @@ def test_batches_are_views_of_shared_segments_recycled_and_unlinked(data):
 def test_region_rows_arrive_as_float32_from_the_workers(tmp_path):
   """Float16 region stores: in-process the row builder keeps float16 and casts after; workers
   write float32 into the segment, so the batches are the same bytes with no cast here."""
-  from data_pipelines.sources import open_source, region_store  # pylint: disable=import-outside-toplevel
+  from data_pipelines.sources import open_source  # pylint: disable=import-outside-toplevel
+  from data_pipelines.sources import region_store  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(2)
   keys = [f"r{i}" for i in range(8)]
   fx.write_npz_regions(tmp_path / "npz", keys, rng, 6, 5)
@@ -213,7 +215,7 @@ def test_worker_crash_leaves_no_segment(tmp_path):
   cfg.workers = 2
   cfg.streams.text.update(dict(batch_size=2, max_length=8, max_predictions=2, s2s_max_length=8,
                                s2s_max_predictions=4, sources=[
-                                   dict(name="crashy", kind="text", path=str(tmp_path / "bad.txt"))]))
+      dict(name="crashy", kind="text", path=str(tmp_path / "bad.txt"))]))
   it = pipeline.make_pipeline(cfg, tokenizer=wfx.FailInWorkerTokenizer("zap", "exit"))
   prefix, pids = it._pool.shm_prefix, it.worker_pids  # pylint: disable=protected-access
   try:
@@ -305,7 +307,8 @@ def test_half_to_float_is_numpys_cast_for_every_half():
   assert out.view(np.uint32).tobytes() == every.astype(np.float32).view(np.uint32).tobytes()
   small = np.zeros((3, 4), np.float32)
   half_float.copy_into(small[:2], every[:8].reshape(2, 4))
-  assert np.array_equal(small[:2], every[:8].reshape(2, 4).astype(np.float32)) and not small[2].any()
+  assert np.array_equal(small[:2], every[:8].reshape(2, 4).astype(np.float32))
+  assert not small[2].any()
 
 
 def test_no_room_in_shared_memory_falls_back_to_the_pipe(data, monkeypatch):
