@@ -60,9 +60,10 @@ def test_run_config_validation_names_the_field():
   c = demo.get_config()
   config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
                       check_files=False)
-  c.data.jpeg_decode = "fast"
-  config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
-                      check_files=False)
+  for ok in ("fast", "pillow"):
+    c.data.jpeg_decode = ok
+    config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
+                        check_files=False)
   c.data.jpeg_decode = "turbo"
   with pytest.raises(config_lib.ConfigError, match="data.jpeg_decode must be"):
     config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
