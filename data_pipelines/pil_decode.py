@@ -11,8 +11,9 @@ training process competed with the workers, benchmarks/README.md).
 
 What differs from the TF decoders (documented, not a bug; a config is one or the other):
 - JPEG: Pillow's libjpeg-turbo with its defaults (accurate integer IDCT, fancy upsampling), the
-  same algorithm as "accurate" but another libjpeg-turbo build: about one level in 255 apart
-  on some pixels (measured on 224 px photos). DCT downscaling of large JPEGs (1/2, 1/4, 1/8)
+  same algorithm as "accurate" but another libjpeg-turbo build: on the paper-shape 224 px
+  JPEGs two thirds of the uint8 values differ from TF's, by 1.0 level in 255 on average and at
+  most 4. DCT downscaling of large JPEGs (1/2, 1/4, 1/8)
   is the same choice (`images.jpeg_ratio_index`), done through Pillow's ``draft``. CMYK /
   YCCK JPEGs are converted by Pillow's formula, not libjpeg's.
 - Resize (only images not stored at S x S): Pillow's antialiased bilinear filter on uint8

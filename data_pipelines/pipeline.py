@@ -43,8 +43,8 @@ Config (``data`` section; `default_config()` has every field with its default):
                        (fast integer IDCT, no fancy upsampling: other pixels, less decode time;
                        benchmarks/README.md): both TF ops in this process's tf.data stage |
                        "pillow" (Pillow + numpy in the batch builder, so in the workers when
-                       data.workers > 0: no per-image work in this process; pixels about one
-                       level apart from "accurate", other resize: `pil_decode`)
+                       data.workers > 0: no per-image work in this process; pixels 1.0 level
+                       in 255 apart from "accurate" on average, other resize: `pil_decode`)
   num_regions, region_feature_dim, num_region_classes   R, F, C of the regions input
   region_mask_rate, region_overlap_threshold            MRP masking (0.15, IoU 0.3)
   num_positives, num_negatives, num_related_images, num_related_texts   Kp, Kn, Ki, Kt
