@@ -23,8 +23,9 @@ Guarantees kept:
 Transport: each batch is built in place in a shared-memory segment that the pool lends with
 the task (`shm_ring`: a ring of one-batch buffers per stream, grown on demand, recycled when
 the consumer drops the batch); only a small header crosses the pipe and the batch is handed on
-as numpy views, without a copy in this process. The first batch of a stream, which sizes its
-segments, and object arrays (encoded images for a TF decode) travel through the pipe. Region
+as numpy views, without a copy in this process. Segments are sized from the stream's spec
+(`Stream.batch_bytes`; a worker that needed more says so, and later segments grow); object
+arrays (encoded images for a TF decode) travel through the pipe with the header. Region
 features are written as float32 by the workers (no cast in this process), and with
 ``data.jpeg_decode = "pillow"`` the workers decode the images too (`pil_decode`).
 
@@ -162,7 +163,7 @@ class WorkerPool:
     self._cond = threading.Condition()
     self._gen = 0
     self._next = {}  # (stream, base) -> first step not yet issued
-    self._done = {}  # (gen, stream, base, step) -> (ok, batch or message)
+    self._done = {}  # (gen, stream, base, step) -> (ok, header or message, segment path)
     self._error = None
     self._closing = False
     # Shared batch segments (shm_ring): by path; free ones per stream; bytes a batch needs.
@@ -241,7 +242,7 @@ class WorkerPool:
   # -- shared segments -------------------------------------------------------------------------
   def _take(self, stream):
     """A free segment big enough for a batch of `stream` (a new one if none is), or None
-    while the size is unknown (the stream's first batch comes through the pipe)."""
+    (the batch then comes through the pipe) when its size is unknown or /dev/shm is full."""
     need = self._need.get(stream)
     if not need or self._closing:
       return None
