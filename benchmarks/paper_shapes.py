@@ -234,18 +234,23 @@ class RowProfile:
     b = stream.builder
     for src in stream.sources:
       self._wrap(src, "read", "read")
-    for name in ("encode", "sequence", "texts"):
+    # Names a tree lacks are skipped (the old tree masks row by row, this one a batch of text
+    # rows at once: span_mlm_batch / infilling_batch, codec.sequences).
+    for name in ("encode", "sequence", "sequences", "texts"):
       self._wrap(b.codec, name, "tokenise") if b.codec is not None else None
     if b.codec is not None:
       self._wrap(b.codec.tok, "word_starts", "tokenise")
-    for name in ("span_mlm", "infilling", "captioning_layout", "region_mask", "patch_mask"):
+    for name in ("span_mlm", "infilling", "span_mlm_batch", "infilling_batch",
+                 "captioning_layout", "region_mask", "patch_mask"):
       self._wrap(examples.masking, name, "mask")
     for name in ("paraphrase_positives", "lexicon_rewrites"):
       self._wrap(examples.rewriting, name, "rewrite")
     self._wrap(b, "_regions", "regions")
 
   def _wrap(self, obj, name, phase):
-    fn = getattr(obj, name)
+    fn = getattr(obj, name, None)
+    if fn is None:
+      return
     seconds = self.seconds
 
     def timed(*a, **k):

@@ -30,6 +30,9 @@ from data_pipelines.sources.base import BadRecord, text_list
 from unimo_jax import masking
 
 
+# A deferred text row's (window ids, generator), masked by `RowBuilder.finish_text_rows`.
+_PENDING = "_pending_text"
+
 # Row fields in `RowBuilder.region_dtype` (float32 in the schema; `Stream` casts them back).
 HALF_FIELDS = ("region_features", "region_class_probs", "related_region_features")
 
@@ -89,6 +92,24 @@ class TextCodec:
     ws = np.ones(length, bool)
     if len(ids):
       ws[1:1 + len(ids)] = np.asarray(self.tok.word_starts(ids), bool)
+    return out, ws
+
+  def sequences(self, texts, length: int):
+    """`sequence` of each of B id arrays (no truncation counts): ids [B, length] int32 and word
+    starts [B, length] bool, written for the whole batch at once."""
+    B, keep = len(texts), max(0, length - 2)
+    cut = [t[:keep] for t in texts]
+    n = np.asarray([len(t) for t in cut], np.intp)
+    out = np.full((B, length), self.pad, np.int32)
+    ws = np.ones((B, length), bool)
+    if n.any():
+      rows = np.repeat(np.arange(B), n)
+      cols = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + 1
+      out[rows, cols] = np.concatenate(cut)
+      # word_starts per text: a tokenizer's word starts may depend on the text's first token.
+      ws[rows, cols] = np.concatenate([np.asarray(self.tok.word_starts(t), bool) for t in cut])
+    out[:, 0] = self.cls
+    out[np.arange(B), n + 1] = self.sep
     return out, ws
 
   def texts(self, texts, count: int, length: int, stats: dict | None = None):
@@ -163,7 +184,8 @@ class RowBuilder:
             "s2s_position_ids": out["position_ids"], "s2s_positions": out["positions"],
             "s2s_targets": out["targets"], "s2s_weights": out["weights"]}
 
-  def _text_row(self, rec, rng, stats):
+  def _text_window(self, rec, rng, stats):
+    """The ids a text row masks: the text's ids, or one random window of a long document."""
     if "token_ids" in rec:  # a token store: the ids encode(text) gives, tokenised beforehand
       ids = np.asarray(rec["token_ids"], np.int32)
       if ids.size == 0:
@@ -172,26 +194,60 @@ class RowBuilder:
       ids = self.codec.encode(rec["text"])
     else:
       raise BadRecord("missing_field", "text")
-    L, L2 = self.d["L"], self.d["L2"]
-    want = max(L - 2 if "mlm" in self.objectives else 0, L2 if "s2s" in self.objectives else 0)
+    want = max(self.d["L"] - 2 if "mlm" in self.objectives else 0,
+               self.d["L2"] if "s2s" in self.objectives else 0)
     if len(ids) > want:  # a long document: both objectives see one random window from a word
       _cut(stats)
       ws_all = np.asarray(self.codec.tok.word_starts(ids), bool)
       starts = np.flatnonzero(ws_all[:len(ids) - want + 1])
       start = int(starts[rng.integers(len(starts))]) if len(starts) else 0
       ids = ids[start:start + want]
-    row = {}
+    return ids
+
+  def text_fields(self, windows, rngs) -> dict:
+    """Span MLM and infilling of B text windows (`_text_window`), rngs[b] for row b: the text
+    rows' masked fields as [B, ...] arrays, each row what masking it alone gives (the masking
+    draws of a row come after its window's)."""
+    L, L2 = self.d["L"], self.d["L2"]
+    out = {}
     if "mlm" in self.objectives:
-      seq, ws = self.codec.sequence(ids, L)
-      row.update(self._mlm(seq, ws, rng))
+      seq, ws = self.codec.sequences(windows, L)
+      out.update(self._mlm_batch(seq, ws, rngs))
     if "s2s" in self.objectives:
       # infilling cuts the text further to what its layout fits.
-      out = masking.infilling(ids[:L2], rng, max_length=L2, max_predictions=self.d["P2"],
-                              bos_id=self.codec.cls, eos_id=self.codec.mask,
-                              pad_id=self.codec.pad, sep_id=self.codec.sep,
-                              rate=self.infill_rate)
-      row.update(self._s2s(out))
-    return row
+      out.update(self._s2s(masking.infilling_batch(
+          [w[:L2] for w in windows], rngs, max_length=L2, max_predictions=self.d["P2"],
+          bos_id=self.codec.cls, eos_id=self.codec.mask, pad_id=self.codec.pad,
+          sep_id=self.codec.sep, rate=self.infill_rate)))
+    return out
+
+  def _mlm_batch(self, seq, ws, rngs, prefix="mlm_"):
+    out = masking.span_mlm_batch(seq, ws, rngs, vocab_size=self.codec.vocab_size,
+                                 mask_id=self.codec.mask, special_ids=self.codec.special,
+                                 max_predictions=self.d["P"], mask_rate=self.mask_rate)
+    return {f"{prefix}ids": out["input_ids"], f"{prefix}positions": out["positions"],
+            f"{prefix}targets": out["targets"], f"{prefix}weights": out["weights"]}
+
+  def finish_text_rows(self, rows) -> dict:
+    """Masks the text rows that `build(..., defer=True)` left pending, all at once: {field:
+    [len(rows), ...]} for every masked field (rows without a pending text, e.g. padding rows,
+    keep their own values); the pending marks are removed from the rows."""
+    pending = [j for j, r in enumerate(rows) if _PENDING in r]
+    if not pending:
+      return {}
+    windows, rngs = zip(*(rows[j].pop(_PENDING) for j in pending))
+    fields = self.text_fields(list(windows), list(rngs))
+    if len(pending) == len(rows):
+      return fields
+    out = {}
+    for name, a in fields.items():
+      full = np.empty((len(rows),) + a.shape[1:], a.dtype)
+      for j, r in enumerate(rows):
+        if name in r:
+          full[j] = r[name]
+      full[pending] = a
+      out[name] = full
+    return out
 
   # -- visual pieces ------------------------------------------------------------------------
   def check_image(self, data):
@@ -309,8 +365,11 @@ class RowBuilder:
 
   # -- rows ---------------------------------------------------------------------------------
   def build(self, rec, rng, related_images=(), related_texts=(), extra_negatives=(),
-            lexicon_negatives=False):
+            lexicon_negatives=False, defer: bool = False):
     """One row (dict) of this stream from raw record `rec`; raises BadRecord.
+
+    Text rows with `defer`: the row keeps its window and generator pending and
+    `finish_text_rows` masks a batch of such rows at once (the same values).
 
     Pairs only: `extra_negatives` (e.g. TF-IDF-nearest captions of other images) follow the
     record's own hard negatives; `lexicon_negatives` fills the remaining slots with word-level
@@ -318,7 +377,11 @@ class RowBuilder:
     """
     row, stats = {}, {}
     if self.stream == "text":
-      row.update(self._text_row(rec, rng, stats))
+      window = self._text_window(rec, rng, stats)
+      if defer:
+        row[_PENDING] = (window, rng)
+      else:
+        row.update({k: v[0] for k, v in self.text_fields([window], [rng]).items()})
     elif self.stream == "image":
       self._visual(rec, rng, row)
     else:

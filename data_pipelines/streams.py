@@ -186,20 +186,23 @@ class Stream:
         related.append(None)
     return related, nb[1]
 
-  def _build(self, s: int, i: int, slot: int):
+  def _build(self, s: int, i: int, slot: int, defer: bool = False):
     rec = self._read(s, i)
     rng = np.random.default_rng([self.seed, self.stream_id, slot]) if slot >= 0 else (
         np.random.default_rng([self.seed, self.stream_id, 0]))
     if self.stream != "pair":
-      return self.builder.build(rec, rng)
+      return self.builder.build(rec, rng, defer=defer)
     related_images, related_texts = self._related(s, rec)
     key = rec.get("key", "")
     extra = self.tfidf[s].get(int(key), ()) if self.tfidf[s] and key.isdigit() else ()
     return self.builder.build(rec, rng, related_images, related_texts, extra_negatives=extra,
                               lexicon_negatives=self.lexicon[s])
 
-  def row(self, slot: int, s: int, i: int):
-    """The row of global `slot` (record i of source s, or its replacements) + drop counts."""
+  def row(self, slot: int, s: int, i: int, defer: bool = False):
+    """The row of global `slot` (record i of source s, or its replacements) + drop counts.
+
+    defer: a text row's masking is left to `builder.finish_text_rows` (`batch` masks its rows
+    together)."""
     drops = np.zeros(len(schema.DROP_REASONS), np.int32)
     if self.on_row is not None:
       self.on_row(slot, s, i)
@@ -208,7 +211,7 @@ class Stream:
         with self._lock:
           i = self.mixture.replacement(slot, s, attempt)
       try:
-        row = self._build(s, i, slot)
+        row = self._build(s, i, slot, defer)
         break
       except BadRecord as e:
         drops[schema.REASON_IDS[e.reason]] += 1
@@ -223,17 +226,27 @@ class Stream:
 
     `alloc(shape, dtype, zero)`, if given, provides the non-object arrays (a worker's shared
     batch segment, `shm_ring.Arena`); the default is ``np.zeros`` / ``np.empty``."""
-    if alloc is None:
+    own = alloc is None
+    if own:
       alloc = _heap
     first = int(base) + int(step) * self.global_batch + self.process_index * self.local_batch
     slots = np.arange(first, first + self.local_batch, dtype=np.int64)
     with self._lock:
       srcs, recs = self.mixture.records(slots)
-    rows = [self.row(int(g), int(s), int(i)) for g, s, i in zip(slots, srcs, recs)]
+    rows = [self.row(int(g), int(s), int(i), defer=True) for g, s, i in zip(slots, srcs, recs)]
+    # Text rows are masked together: their masked fields come as whole batch arrays.
+    masked = self.builder.finish_text_rows(rows) if self.stream == "text" else {}
     out = {}
     for name, (shape, dtype) in self.out_spec.items():
       full = (self.local_batch,) + tuple(shape)
-      if name in _DECODED:
+      if name in masked:
+        v = np.asarray(masked[name], dtype).reshape(full)
+        if own:  # this process's arrays: masking's own
+          out[name] = v
+        else:
+          out[name] = alloc(full, dtype, False)
+          out[name][...] = v
+      elif name in _DECODED:
         out[name] = alloc(full, dtype, False)  # written by the decode below
       elif dtype == np.dtype(object):
         out[name] = np.asarray([list(r[name]) for r in rows], dtype=object).reshape(full)

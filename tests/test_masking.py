@@ -409,3 +409,92 @@ def test_infilling_equals_the_reference_loop():
     _assert_same_outputs_and_generator(
         lambda i, rng, **k: ref.infilling(i, rng, **k),
         lambda i, rng, **k: masking.infilling(i, rng, **k), seed, ids, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch functions give, row by row, what the reference gives for each text alone
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows_equal_reference(ref_rows, out, rngs_ref, rngs, list_keys=()):
+  for j, a in enumerate(ref_rows):
+    for k in a:
+      b = out[k][j]
+      if k not in list_keys:
+        assert out[k].dtype == a[k].dtype and out[k].shape[1:] == a[k].shape, (j, k)
+      assert b.dtype == a[k].dtype and b.tobytes() == a[k].tobytes(), (j, k)
+    assert rngs_ref[j].bit_generator.state == rngs[j].bit_generator.state, j
+
+
+def test_span_mlm_batch_equals_the_reference_row_by_row():
+  """Batches of mixed texts (specials anywhere, padding, no maskable word, 512-token texts):
+  every row and every generator as the plain loop (tests/masking_reference.py) on that row."""
+  import masking_reference as ref
+  rng = np.random.default_rng(21)
+  for case in range(60):
+    B = int(rng.integers(1, 9))
+    L = 512 if case % 6 == 0 else int(rng.integers(1, 96))
+    ids = np.full((B, L), PAD, np.int32)
+    starts = np.ones((B, L), bool)
+    for b in range(B):
+      if case % 6 == 0:
+        ids[b], starts[b] = _text(rng, L - 2)
+        continue
+      kind = rng.random()
+      if kind < 0.1:
+        continue  # only padding: no maskable word
+      i, s = _random_case(rng)
+      i, s = i[:L], s[:L]
+      ids[b, :len(i)], starts[b, :len(s)] = i, s
+    kw = dict(vocab_size=60 if L < 512 else VOCAB, mask_id=59 if L < 512 else MASK,
+              special_ids=(CLS, PAD, SEP), max_predictions=int(rng.integers(1, 81)),
+              mask_rate=float(rng.choice([0.15, 0.5])), max_span_words=int(rng.integers(1, 11)),
+              min_span_words=int(rng.integers(0, 2)))
+    seeds = [[case, b] for b in range(B)]
+    r_ref = [np.random.default_rng(s) for s in seeds]
+    r_new = [np.random.default_rng(s) for s in seeds]
+    expected = [ref.span_mlm(ids[b], starts[b], r_ref[b], return_spans=True, **kw)
+                for b in range(B)]
+    got = masking.span_mlm_batch(ids, starts, r_new, return_spans=True, **kw)
+    _rows_equal_reference(expected, got, r_ref, r_new, list_keys=("spans",))
+
+
+def test_infilling_batch_equals_the_reference_row_by_row():
+  """Texts of different lengths in one batch (empty, shorter than a fragment, with [PAD],
+  [CLS] / [SEP] ends, 510 tokens): every row and generator as the reference loop's."""
+  import masking_reference as ref
+  rng = np.random.default_rng(22)
+  for case in range(80):
+    B = int(rng.integers(1, 9))
+    texts = []
+    for _ in range(B):
+      kind = rng.random()
+      if kind < 0.1:
+        texts.append(np.zeros(0, np.int32))
+      elif kind < 0.2:
+        texts.append(rng.integers(4, 59, int(rng.integers(1, 4))).astype(np.int32))
+      elif kind < 0.35:
+        texts.append(_text(rng, 510)[0][1:-1])
+      else:
+        texts.append(_random_case(rng)[0])  # specials (and PAD runs) anywhere
+    long = any(len(t) > 100 for t in texts)
+    kw = dict(max_length=int(rng.integers(60 if long else 3, 600 if long else 100)),
+              max_predictions=int(rng.integers(0, 200 if long else 40)), bos_id=CLS,
+              eos_id=59, pad_id=PAD, sep_id=SEP, rate=float(rng.choice([0.1, 0.25, 0.6])))
+    seeds = [[case, b] for b in range(B)]
+    r_ref = [np.random.default_rng(s) for s in seeds]
+    r_new = [np.random.default_rng(s) for s in seeds]
+    expected = [ref.infilling(t, r, return_fragments=True, **kw) for t, r in zip(texts, r_ref)]
+    got = masking.infilling_batch(texts, r_new, return_fragments=True, **kw)
+    _rows_equal_reference(expected, got, r_ref, r_new, list_keys=("fragments",))
+
+
+def test_batch_functions_check_their_inputs():
+  rng = [np.random.default_rng(0)]
+  with pytest.raises(ValueError, match=r"\[B, L\] with B = 1"):
+    masking.span_mlm_batch(np.zeros((2, 4), np.int32), np.ones((2, 4), bool), rng,
+                           vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS,
+                           max_predictions=4)
+  with pytest.raises(ValueError, match="2 texts and 1 generators"):
+    masking.infilling_batch([np.zeros(3, np.int32)] * 2, rng, max_length=8, max_predictions=4,
+                            bos_id=CLS, eos_id=MASK, pad_id=PAD)
