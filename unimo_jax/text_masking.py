@@ -125,23 +125,25 @@ def random_ordinary_ids(rng: np.random.Generator, size: int, *, vocab_size: int,
 
 
 @functools.lru_cache(maxsize=16)
-def _special_table(special_ids: frozenset) -> np.ndarray:
-  """bool [max id + 2]: True at the special ids (non-negative); the last entry stands for every
-  larger id."""
-  table = np.zeros(max(special_ids) + 2, bool)
-  table[sorted(special_ids)] = True
+def _maskable_table(special_ids: frozenset) -> np.ndarray:
+  """bool [max id + 2]: False at the special ids (non-negative), True elsewhere; the last entry
+  stands for every larger id."""
+  table = np.ones(max(special_ids) + 2, bool)
+  table[sorted(special_ids)] = False
   return table
 
 
 def _words(ids: np.ndarray, word_starts: np.ndarray, special_ids: frozenset):
   """Maskable words of B texts [B, L]: flat token index of each word's start [W] (row-major, so
-  ascending by row, then position), its length [W], contiguous_with_previous [W] bool (False for
-  a row's first word), and the number of maskable tokens of each row [B]."""
+  ascending by row, then position), its length [W], contiguous_with_previous [W] bool (that of
+  a row's first word is meaningless: spans never reach back), maskable tokens per row [B]."""
   B, L = ids.shape
-  if min(special_ids) >= 0 and (not ids.size or ids.min() >= 0):
-    # A table lookup: one pass whatever the number of special ids (np.isin sorts).
-    table = _special_table(special_ids)
-    maskable = ~table[np.minimum(ids, len(table) - 1)]
+  if min(special_ids) >= 0 and ids.dtype.kind in "iu":
+    # A table lookup: one pass whatever the number of special ids (np.isin sorts). Seen as
+    # unsigned, a negative id is larger than any special id, as it is no special id.
+    table = _maskable_table(special_ids)
+    unsigned = ids.view(ids.dtype.str.replace("i", "u")) if ids.dtype.kind == "i" else ids
+    maskable = table[np.minimum(unsigned, len(table) - 1)]
   else:
     maskable = np.ones(ids.shape, bool)
     for s in special_ids:
@@ -149,22 +151,21 @@ def _words(ids: np.ndarray, word_starts: np.ndarray, special_ids: frozenset):
   # A special token always ends a word, even if the tokenizer did not flag the next token.
   starts = maskable & word_starts
   starts[:, 0] = maskable[:, 0]
-  starts[:, 1:] |= maskable[:, 1:] & ~maskable[:, :-1]
+  starts[:, 1:] |= np.greater(maskable[:, 1:], maskable[:, :-1])  # maskable after a special
   start = np.flatnonzero(starts)
   # before[t]: maskable tokens ahead of flat position t. A word's tokens are the maskable ones
-  # from its start to the next start (or its row's end): a maskable token after a special one
-  # starts a word of its own.
+  # from its start to the next start: a maskable token after a special one, or at a row's
+  # first position, starts a word, so what lies between a row's last word and the next row's
+  # first start is special and does not count.
   before = np.zeros(B * L + 1, np.intp)
   np.cumsum(maskable.reshape(-1), out=before[1:])
-  row = start // L
   end = np.empty_like(start)
   end[:-1] = start[1:]
   end[-1:] = B * L
-  np.minimum(end, (row + 1) * L, out=end)
   length = before[end] - before[start]
   contiguous = np.zeros(len(start), bool)
-  contiguous[1:] = (start[1:] == start[:-1] + length[:-1]) & (row[1:] == row[:-1])
-  return start, length, contiguous, np.diff(before[::L])
+  contiguous[1:] = start[1:] == start[:-1] + length[:-1]
+  return start, length, contiguous, (before[-1:] if B == 1 else np.diff(before[::L]))
 
 
 def _choose_spans(rng, start, length, contig, w_len, budget: int, longest: int,
@@ -253,16 +254,20 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
   else:
     w_start = w_len = np.zeros(0, np.intp)
     w_contig, n_maskable = np.zeros(0, bool), np.zeros(B, np.intp)
-  counts = np.bincount(w_start // max(L, 1), minlength=B).tolist()
-  first = np.zeros(B + 1, np.intp)
-  np.cumsum(counts, out=first[1:])
-  nonempty = np.flatnonzero(counts)
-  longest = np.zeros(B, np.intp)
-  if len(nonempty):
-    longest[nonempty] = np.maximum.reduceat(w_len, first[nonempty])
-  start_l = (w_start - w_start // max(L, 1) * L).tolist()  # within the row
-  len_l, contig_l = w_len.tolist(), w_contig.tolist()
-  first, longest, n_maskable = first.tolist(), longest.tolist(), n_maskable.tolist()
+  if B == 1:  # one text (a caption of a pair row): no per-row bookkeeping
+    first, start_l = [0, len(w_start)], w_start.tolist()
+    longest = [int(w_len.max()) if len(w_len) else 0]
+  else:
+    row, col = np.divmod(w_start, max(L, 1))
+    counts = np.bincount(row, minlength=B)
+    first = np.zeros(B + 1, np.intp)
+    np.cumsum(counts, out=first[1:])
+    nonempty = np.flatnonzero(counts)
+    longest = np.zeros(B, np.intp)
+    if len(nonempty):
+      longest[nonempty] = np.maximum.reduceat(w_len, first[nonempty])
+    first, longest, start_l = first.tolist(), longest.tolist(), col.tolist()
+  len_l, contig_l, n_maskable = w_len.tolist(), w_contig.tolist(), n_maskable.tolist()
   span_first, span_tokens, draws_u, draws_v, all_spans = [], [], [], [], []
   for b, rng in enumerate(rngs):
     lo, hi = first[b], first[b + 1]
@@ -285,11 +290,16 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
 
   # The masked tokens: each span is a run of tokens (its words are contiguous), in flat
   # coordinates; sorted, they are each row's positions in ascending order, as the draws are.
-  tokens = np.asarray(span_tokens, np.intp)
-  run_start = np.asarray(span_first, np.intp) - (np.cumsum(tokens) - tokens)
-  positions = np.sort(np.repeat(run_start, tokens) + np.arange(int(tokens.sum())))
-  u = np.concatenate(draws_u) if B else np.zeros(0)
-  replacement = _shift_past(np.concatenate(draws_v), excl) if B else np.zeros(0, np.int32)
+  if B == 1:
+    runs = sorted(zip(span_first, span_tokens))
+    positions = np.asarray([t for a, n in runs for t in range(a, a + n)], np.intp)
+    u, v = draws_u[0], draws_v[0]
+  else:
+    tokens = np.asarray(span_tokens, np.intp)
+    run_start = np.asarray(span_first, np.intp) - (np.cumsum(tokens) - tokens)
+    positions = np.sort(np.repeat(run_start, tokens) + np.arange(int(tokens.sum())))
+    u, v = (np.concatenate(draws_u), np.concatenate(draws_v)) if B else (np.zeros(0),) * 2
+  replacement = _shift_past(v, excl)
   input_ids = ids.astype(np.int32)  # a copy
   flat = input_ids.reshape(-1)
   targets = flat[positions]
@@ -297,10 +307,13 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
   to_random = (u >= mask_prob) & (u < mask_prob + random_prob)
   flat[positions[to_mask]] = mask_id
   flat[positions[to_random]] = replacement[to_random]
-  row = positions // max(L, 1)
-  n_row = np.bincount(row, minlength=B)
-  within = np.arange(len(positions)) - np.repeat(np.cumsum(n_row) - n_row, n_row)
-  out = _scatter_predictions(row, within, positions - row * L, targets, B, max_predictions)
+  if B == 1:
+    out = {k: a[None] for k, a in _predictions(positions, targets, max_predictions).items()}
+  else:
+    row = positions // max(L, 1)
+    n_row = np.bincount(row, minlength=B)
+    within = np.arange(len(positions)) - np.repeat(np.cumsum(n_row) - n_row, n_row)
+    out = _scatter_predictions(row, within, positions - row * L, targets, B, max_predictions)
   out["input_ids"] = input_ids
   if return_spans:
     out["spans"] = [np.asarray(s, dtype=np.int32).reshape(-1, 4) for s in all_spans]
