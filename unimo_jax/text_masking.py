@@ -168,28 +168,46 @@ def _words(ids: np.ndarray, word_starts: np.ndarray, special_ids: frozenset):
   return start, length, contiguous, (before[-1:] if B == 1 else np.diff(before[::L]))
 
 
-def _choose_spans(rng, start, length, contig, w_len, budget: int, longest: int,
-                  max_predictions: int, lengths: list, cdf: list) -> list:
+def _choose_spans(rng, start, length, contig, masked, lo: int, hi: int, w_len, budget: int,
+                  longest: int, max_predictions: int, lengths: list, cdf: list) -> list:
   """One text's spans: [(first token, tokens, words, drawn length)], drawn as the reference loop.
 
-  start / length / contig: the text's words as lists; w_len: their lengths as an array."""
-  n_words = len(length)
+  The text's words are lo..hi-1 of the batch's lists: start (token within the text), length,
+  contig, masked (all False there; set for the masked words); w_len: their lengths [hi - lo]."""
   # The loop runs once per span (~20 times at 512 tokens) and costs what its calls cost, so it
   # works on Python lists: `unmasked` (ascending word indices) IS the candidate list while the
   # remaining budget fits the longest word, and one numpy pass finds the candidates only near
   # the end of the budget (on lengths where masked words are set past any budget, updated then).
-  masked = [False] * n_words
-  unmasked = list(range(n_words))
+  unmasked = list(range(lo, hi))
   avail_len, pending = None, []
   count = 0
   spans = []
   # Bound once: the loop body is a few microseconds, attribute lookups are a share of it.
   rand, integers, bisect_right, last = rng.random, rng.integers, bisect.bisect_right, len(cdf) - 1
-  # Each iteration masks at least one word or stops, so n_words + 1 iterations always suffice.
-  for _ in range(n_words + 1):
+  # Each iteration masks at least one word or stops, so hi - lo + 1 iterations always suffice.
+  for _ in range(hi - lo + 1):
     if count >= budget:
       break
     remaining = budget - count
+    if remaining >= longest and unmasked:
+      # Every unmasked word fits (the common case): the same steps as below, fewer of them.
+      drawn = lengths[min(bisect_right(cdf, rand()), last)]
+      k = drawn if drawn > 1 else 1
+      j = int(integers(len(unmasked)))
+      w = anchor = unmasked[j]
+      n_tok = n_w = 0
+      while n_w < k and w < hi and not masked[w] and n_tok + length[w] <= remaining:
+        if n_w > 0 and not contig[w]:
+          break  # a special token lies between the words: spans do not cross it
+        masked[w] = True
+        n_tok += length[w]
+        n_w += 1
+        w += 1
+      pending.append((anchor, w))
+      del unmasked[j:j + n_w]  # anchor..w-1 sit together in `unmasked` from anchor's place
+      count += n_tok
+      spans.append((start[anchor], n_tok, n_w, drawn))
+      continue
     every = remaining >= longest
     if every:
       candidates = unmasked
@@ -197,15 +215,15 @@ def _choose_spans(rng, start, length, contig, w_len, budget: int, longest: int,
       if avail_len is None:
         avail_len = w_len.copy()
       for a, b in pending:
-        avail_len[a:b] = _INTP_MAX
+        avail_len[a - lo:b - lo] = _INTP_MAX
       pending = []
-      candidates = np.flatnonzero(avail_len <= remaining)
+      candidates = np.flatnonzero(avail_len <= remaining) + lo
     fallback = len(candidates) == 0
     if fallback:
       # No whole word fits the budget: mask one word anyway, if it fits the P slots.
       if count > 0:
         break
-      candidates = np.flatnonzero(w_len <= max_predictions)
+      candidates = np.flatnonzero(w_len <= max_predictions) + lo
       every = False
       if len(candidates) == 0:
         break
@@ -215,16 +233,15 @@ def _choose_spans(rng, start, length, contig, w_len, budget: int, longest: int,
     j = int(integers(len(candidates)))
     anchor = int(candidates[j])
     w, n_tok, n_w = anchor, 0, 0
-    while n_w < k and w < n_words and not masked[w] and n_tok + length[w] <= remaining:
+    while n_w < k and w < hi and not masked[w] and n_tok + length[w] <= remaining:
       if n_w > 0 and not contig[w]:
-        break  # a special token lies between the words: spans do not cross it
+        break
       masked[w] = True
       n_tok += length[w]
       n_w += 1
       w += 1
     if n_w:
       pending.append((anchor, w))
-      # anchor..w-1 were all unmasked, so they sit together in `unmasked` from anchor's place.
       pos = j if every else bisect.bisect_left(unmasked, anchor)
       del unmasked[pos:pos + n_w]
     count += n_tok
@@ -268,14 +285,15 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
       longest[nonempty] = np.maximum.reduceat(w_len, first[nonempty])
     first, longest, start_l = first.tolist(), longest.tolist(), col.tolist()
   len_l, contig_l, n_maskable = w_len.tolist(), w_contig.tolist(), n_maskable.tolist()
+  masked = [False] * len(len_l)
   span_first, span_tokens, draws_u, draws_v, all_spans = [], [], [], [], []
   for b, rng in enumerate(rngs):
     lo, hi = first[b], first[b + 1]
     budget = 0
     if n_maskable[b]:
       budget = min(max_predictions, max(1, _round_half_up(mask_rate * n_maskable[b])))
-    spans = _choose_spans(rng, start_l[lo:hi], len_l[lo:hi], contig_l[lo:hi], w_len[lo:hi],
-                          budget, longest[b], max_predictions, lengths, cdf)
+    spans = _choose_spans(rng, start_l, len_l, contig_l, masked, lo, hi, w_len[lo:hi], budget,
+                          longest[b], max_predictions, lengths, cdf)
     n_pred, o = 0, b * L
     for s in spans:
       if s[1]:
