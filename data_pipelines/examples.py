@@ -102,7 +102,11 @@ class TextCodec:
     n = np.asarray([len(t) for t in cut], np.intp)
     out = np.full((B, length), self.pad, np.int32)
     ws = np.ones((B, length), bool)
-    if n.any():
+    if B and (n == n[0]).all():  # windows of long documents: all of one length
+      out[:, 1:1 + n[0]] = np.stack(cut)
+      # word_starts per text: a tokenizer's word starts may depend on the text's first token.
+      ws[:, 1:1 + n[0]] = np.stack([np.asarray(self.tok.word_starts(t), bool) for t in cut])
+    elif n.any():
       rows = np.repeat(np.arange(B), n)
       cols = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + 1
       out[rows, cols] = np.concatenate(cut)

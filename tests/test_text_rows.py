@@ -85,3 +85,28 @@ def test_paper_shaped_text_batches_equal_the_reference(corpus):
         assert got.dtype == v.dtype and got.tobytes() == v.tobytes(), (step, j, k)
       windows += int(batch["_truncated"][j])
   assert 0 < windows < 32  # long documents (windows) and short ones both occurred
+
+
+class _FirstTokenTokenizer:
+  """Word starts that depend on the text's first token (as byte-level BPE's do)."""
+  cls_id, pad_id, sep_id, mask_id, vocab_size = 0, 1, 2, 9, 10
+
+  def word_starts(self, ids):
+    out = np.asarray(ids) % 3 == 0
+    if len(out):
+      out[0] = True
+    return out
+
+
+def test_codec_sequences_equal_sequence_row_by_row():
+  from data_pipelines.examples import TextCodec
+  codec = TextCodec(_FirstTokenTokenizer())
+  rng = np.random.default_rng(1)
+  for lengths in ([5, 5, 5], [0, 3, 9, 12], [0, 0], [12], [7, 2]):
+    texts = [rng.integers(4, 9, n).astype(np.int32) for n in lengths]
+    ids, ws = codec.sequences(texts, 10)
+    for j, t in enumerate(texts):
+      want_ids, want_ws = codec.sequence(t, 10)
+      np.testing.assert_array_equal(ids[j], want_ids)
+      np.testing.assert_array_equal(ws[j], want_ws)
+    assert ids.dtype == np.int32 and ws.dtype == bool
