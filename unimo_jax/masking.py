@@ -4,6 +4,8 @@ Every function takes one example and a `np.random.Generator` (callers build it a
 `np.random.default_rng([seed, stream, index])`), so a batch is a pure function of (seed, position)
 and the data pipeline can call these functions from `tf.numpy_function` or from a plain Python
 iterator. Outputs have fixed shapes; padding rows of `positions/targets/weights` are 0/0/0.0.
+`span_mlm_batch` / `infilling_batch` (from `text_masking`) mask B texts with B generators at
+once: row b is what the one-text function gives with generator b.
 
 Objectives (facts in shared/UNIMO.md, decisions written next to each function):
   span_mlm          bidirectional span MLM: whole words, span length ~ truncated Geo(0.2), 15%.
