@@ -4,7 +4,7 @@ Every function takes one example and a `np.random.Generator` (callers build it a
 `np.random.default_rng([seed, stream, index])`), so a batch is a pure function of (seed, position)
 and the data pipeline can call these functions from `tf.numpy_function` or from a plain Python
 iterator. Outputs have fixed shapes; padding rows of `positions/targets/weights` are 0/0/0.0.
-`span_mlm_batch` / `infilling_batch` (from `text_masking`) mask B texts with B generators at
+`span_mlm_batch` / `infilling_batch` (`text_masking`, `infilling`) mask B texts with B generators at
 once: row b is what the one-text function gives with generator b.
 
 Objectives (facts in shared/UNIMO.md, decisions written next to each function):
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
-# Span MLM and infilling live in `text_masking` (one text or a batch of texts); re-exported.
+# Span MLM (`text_masking`) and infilling (`infilling`), one text or a batch: re-exported.
+from unimo_jax.infilling import _strip_text, infilling, infilling_batch  # noqa: F401
 from unimo_jax.text_masking import (FIRST_ORDINARY_ID, _predictions, _round_half_up,  # noqa: F401
-                                    _strip_text, infilling, infilling_batch,
                                     random_ordinary_ids, span_length_distribution, span_mlm,
                                     span_mlm_batch)
 
 
 # ---------------------------------------------------------------------------------------------
-# Seq2seq layout of captioning (image prefix); infilling is in `text_masking`
+# Seq2seq layout of captioning (image prefix); infilling is in `unimo_jax.infilling`
 # ---------------------------------------------------------------------------------------------
 
 
