@@ -164,12 +164,13 @@ def _words(ids: np.ndarray, word_starts: np.ndarray, special_ids: frozenset):
   return start, length, contiguous, (before[-1:] if B == 1 else np.diff(before[::L]))
 
 
-def _choose_spans(rng, start, length, contig, masked, lo: int, hi: int, w_len, budget: int,
+def _choose_spans(rng, length, breaks, masked, lo: int, hi: int, w_len, budget: int,
                   longest: int, max_predictions: int, lengths: list, cdf: list) -> list:
-  """One text's spans: [(first token, tokens, words, drawn length)], drawn as the reference loop.
+  """One text's spans: [(first word, tokens, words, drawn length)], drawn as the reference loop.
 
-  The text's words are lo..hi-1 of the batch's lists: start (token within the text), length,
-  contig, masked (all False there; set for the masked words); w_len: their lengths [hi - lo]."""
+  The text's words are lo..hi-1 of the batch's: length (list), breaks (the words that are not
+  contiguous with the previous one: a special token lies between), masked (list, all False
+  there; set for the masked words); w_len: their lengths [hi - lo]."""
   # The loop runs once per span (~20 times at 512 tokens) and costs what its calls cost, so it
   # works on Python lists: `unmasked` (ascending word indices) IS the candidate list while the
   # remaining budget fits the longest word, and one numpy pass finds the candidates only near
@@ -193,7 +194,7 @@ def _choose_spans(rng, start, length, contig, masked, lo: int, hi: int, w_len, b
       w = anchor = unmasked[j]
       n_tok = n_w = 0
       while n_w < k and w < hi and not masked[w] and n_tok + length[w] <= remaining:
-        if n_w > 0 and not contig[w]:
+        if n_w > 0 and w in breaks:
           break  # a special token lies between the words: spans do not cross it
         masked[w] = True
         n_tok += length[w]
@@ -202,7 +203,7 @@ def _choose_spans(rng, start, length, contig, masked, lo: int, hi: int, w_len, b
       pending.append((anchor, w))
       del unmasked[j:j + n_w]  # anchor..w-1 sit together in `unmasked` from anchor's place
       count += n_tok
-      spans.append((start[anchor], n_tok, n_w, drawn))
+      spans.append((anchor, n_tok, n_w, drawn))
       continue
     every = remaining >= longest
     if every:
@@ -230,7 +231,7 @@ def _choose_spans(rng, start, length, contig, masked, lo: int, hi: int, w_len, b
     anchor = int(candidates[j])
     w, n_tok, n_w = anchor, 0, 0
     while n_w < k and w < hi and not masked[w] and n_tok + length[w] <= remaining:
-      if n_w > 0 and not contig[w]:
+      if n_w > 0 and w in breaks:
         break
       masked[w] = True
       n_tok += length[w]
@@ -241,7 +242,7 @@ def _choose_spans(rng, start, length, contig, masked, lo: int, hi: int, w_len, b
       pos = j if every else bisect.bisect_left(unmasked, anchor)
       del unmasked[pos:pos + n_w]
     count += n_tok
-    spans.append((start[anchor], n_tok, n_w, drawn))
+    spans.append((anchor, n_tok, n_w, drawn))
   return spans
 
 
@@ -249,10 +250,10 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
                    mask_id: int, special_ids: Iterable[int], max_predictions: int,
                    mask_rate: float = 0.15, geo_p: float = 0.2, max_span_words: int = 10,
                    min_span_words: int = 0, mask_prob: float = 0.8, random_prob: float = 0.1,
-                   return_spans: bool = False) -> dict:
+                   return_spans: bool = False, single: bool = False) -> dict:
   """`span_mlm` of each row of ids [B, L] / word_starts [B, L] with rngs[b]: the same arrays
   with a leading B (``spans``: a list of B arrays), and each generator left as `span_mlm`
-  leaves it."""
+  leaves it. (single: B = 1 and the arrays without the leading axis, for `span_mlm`.)"""
   ids = np.asarray(ids)
   word_starts = np.asarray(word_starts, dtype=bool)
   if ids.shape != word_starts.shape or ids.ndim != 2 or len(rngs) != len(ids):
@@ -268,32 +269,32 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
     w_start = w_len = np.zeros(0, np.intp)
     w_contig, n_maskable = np.zeros(0, bool), np.zeros(B, np.intp)
   if B == 1:  # one text (a caption of a pair row): no per-row bookkeeping
-    first, start_l = [0, len(w_start)], w_start.tolist()
+    first = [0, len(w_start)]
     longest = [int(w_len.max()) if len(w_len) else 0]
   else:
-    row, col = np.divmod(w_start, max(L, 1))
-    counts = np.bincount(row, minlength=B)
+    counts = np.bincount(w_start // max(L, 1), minlength=B)
     first = np.zeros(B + 1, np.intp)
     np.cumsum(counts, out=first[1:])
     nonempty = np.flatnonzero(counts)
     longest = np.zeros(B, np.intp)
     if len(nonempty):
       longest[nonempty] = np.maximum.reduceat(w_len, first[nonempty])
-    first, longest, start_l = first.tolist(), longest.tolist(), col.tolist()
-  len_l, contig_l, n_maskable = w_len.tolist(), w_contig.tolist(), n_maskable.tolist()
+    first, longest = first.tolist(), longest.tolist()
+  len_l, n_maskable = w_len.tolist(), n_maskable.tolist()
+  breaks = set(np.flatnonzero(~w_contig).tolist())  # a few per row: a set beats a list here
   masked = [False] * len(len_l)
-  span_first, span_tokens, draws_u, draws_v, all_spans = [], [], [], [], []
+  span_word, span_tokens, draws_u, draws_v, all_spans = [], [], [], [], []
   for b, rng in enumerate(rngs):
     lo, hi = first[b], first[b + 1]
     budget = 0
     if n_maskable[b]:
       budget = min(max_predictions, max(1, _round_half_up(mask_rate * n_maskable[b])))
-    spans = _choose_spans(rng, start_l, len_l, contig_l, masked, lo, hi, w_len[lo:hi], budget,
+    spans = _choose_spans(rng, len_l, breaks, masked, lo, hi, w_len[lo:hi], budget,
                           longest[b], max_predictions, lengths, cdf)
-    n_pred, o = 0, b * L
+    n_pred = 0
     for s in spans:
       if s[1]:
-        span_first.append(o + s[0])
+        span_word.append(s[0])
         span_tokens.append(s[1])
         n_pred += s[1]
     assert n_pred <= max_predictions
@@ -305,12 +306,12 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
   # The masked tokens: each span is a run of tokens (its words are contiguous), in flat
   # coordinates; sorted, they are each row's positions in ascending order, as the draws are.
   if B == 1:
-    runs = sorted(zip(span_first, span_tokens))
+    runs = sorted(zip(w_start[span_word].tolist(), span_tokens))
     positions = np.asarray([t for a, n in runs for t in range(a, a + n)], np.intp)
     u, v = draws_u[0], draws_v[0]
   else:
     tokens = np.asarray(span_tokens, np.intp)
-    run_start = np.asarray(span_first, np.intp) - (np.cumsum(tokens) - tokens)
+    run_start = w_start[span_word] - (np.cumsum(tokens) - tokens)
     positions = np.sort(np.repeat(run_start, tokens) + np.arange(int(tokens.sum())))
     u, v = (np.concatenate(draws_u), np.concatenate(draws_v)) if B else (np.zeros(0),) * 2
   replacement = _shift_past(v, excl)
@@ -323,6 +324,9 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
   flat[positions[to_random]] = replacement[to_random]
   if B == 1:
     out = {k: a[None] for k, a in _predictions(positions, targets, max_predictions).items()}
+    if single:  # `span_mlm`: the arrays of the one text, without the leading axis
+      out = {k: a[0] for k, a in out.items()}
+      input_ids = flat
   else:
     row = positions // max(L, 1)
     n_row = np.bincount(row, minlength=B)
@@ -330,7 +334,13 @@ def span_mlm_batch(ids, word_starts, rngs: Sequence[np.random.Generator], *, voc
     out = _scatter_predictions(row, within, positions - row * L, targets, B, max_predictions)
   out["input_ids"] = input_ids
   if return_spans:
-    out["spans"] = [np.asarray(s, dtype=np.int32).reshape(-1, 4) for s in all_spans]
+    out["spans"] = []
+    for b, spans in enumerate(all_spans):  # first word -> its first token in the text
+      a = np.asarray(spans, dtype=np.int64).reshape(-1, 4)
+      a[:, 0] = w_start[a[:, 0]] - b * L
+      out["spans"].append(a.astype(np.int32))
+    if single:
+      out["spans"] = out["spans"][0]
   return out
 
 
@@ -375,5 +385,6 @@ def span_mlm(ids, word_starts, rng: np.random.Generator, *, vocab_size: int, mas
                        mask_id=mask_id, special_ids=special_ids,
                        max_predictions=max_predictions, mask_rate=mask_rate, geo_p=geo_p,
                        max_span_words=max_span_words, min_span_words=min_span_words,
-                       mask_prob=mask_prob, random_prob=random_prob, return_spans=return_spans)
-  return {k: v[0] for k, v in out.items()}
+                       mask_prob=mask_prob, random_prob=random_prob, return_spans=return_spans,
+                       single=True)
+  return out
