@@ -110,3 +110,36 @@ def test_codec_sequences_equal_sequence_row_by_row():
       np.testing.assert_array_equal(ids[j], want_ids)
       np.testing.assert_array_equal(ws[j], want_ws)
     assert ids.dtype == np.int32 and ws.dtype == bool
+
+
+def test_padding_rows_among_masked_rows(corpus, tmp_path):
+  """Records that fail (a line of only spaces, one attempt) become padding rows in batches
+  whose other rows are masked together: those still equal the reference."""
+  _, docs, tok = corpus
+  lines = ["   " if k % 3 == 0 else d for k, d in enumerate(docs)]
+  (tmp_path / "docs.txt").write_text("\n".join(lines) + "\n")
+  cfg = pipeline.default_config()
+  cfg.seed, cfg.max_attempts = 5, 1
+  cfg.streams.text.update(dict(batch_size=6, max_length=L, max_predictions=P, s2s_max_length=L2,
+                               s2s_max_predictions=P2, sources=[
+                                   dict(name="docs", kind="text", path=str(tmp_path / "docs.txt"))]))
+  st = Stream("text", pipeline.resolve_config(cfg), tok, process_index=0, process_count=1)
+  empty = st.builder.empty_row()
+  padded = 0
+  for step in range(3):
+    batch = dict(zip(st.out_spec, st.batch(0, step)))
+    slots = np.arange(step * 6, step * 6 + 6)
+    _, recs = st.mixture.records(slots)
+    for j, (slot, i) in enumerate(zip(slots, recs)):
+      if not lines[int(i)].strip():
+        assert not batch["row_valid"][j] and batch["_drops"][j].sum() == 1
+        for k, v in empty.items():
+          if k in batch and not k.startswith("_"):
+            assert batch[k][j].tobytes() == np.asarray(v, batch[k].dtype).tobytes(), k
+        padded += 1
+        continue
+      want = _reference_row(docs[int(i)], tok,
+                            np.random.default_rng([5, schema.STREAM_IDS["text"], int(slot)]))
+      for k, v in want.items():
+        assert batch[k][j].tobytes() == v.tobytes(), (step, j, k)
+  assert 0 < padded < 18
