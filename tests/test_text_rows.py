@@ -120,9 +120,9 @@ def test_padding_rows_among_masked_rows(corpus, tmp_path):
   (tmp_path / "docs.txt").write_text("\n".join(lines) + "\n")
   cfg = pipeline.default_config()
   cfg.seed, cfg.max_attempts = 5, 1
+  source = dict(name="docs", kind="text", path=str(tmp_path / "docs.txt"))
   cfg.streams.text.update(dict(batch_size=6, max_length=L, max_predictions=P, s2s_max_length=L2,
-                               s2s_max_predictions=P2, sources=[
-                                   dict(name="docs", kind="text", path=str(tmp_path / "docs.txt"))]))
+                               s2s_max_predictions=P2, sources=[source]))
   st = Stream("text", pipeline.resolve_config(cfg), tok, process_index=0, process_count=1)
   empty = st.builder.empty_row()
   padded = 0
