@@ -13,6 +13,10 @@ change on the machine hits every implementation alike. Implementations:
               builds (``unimo_jax.train.setup.build_run``): a text stream with span MLM only,
               the default ``model.scan_unroll = 1`` (one scanned layer body);
   ours_unrolled  the same with ``model.scan_unroll = layers`` (the layer scan unrolled);
+  ours_dp     ours_unrolled data-parallel over one XLA CPU device per core (the process gets
+              ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>``, the mesh is
+              ``data = -1``): how ``unimo-jax train`` runs on a CPU host given those flags;
+              the same global batch, the gradients all-reduced between the devices;
   flax        the same model written the obvious way in flax.linen + optax (post-LN BERT, the
               LM head at the masked positions), defined in this file;
   hf          Hugging Face ``RobertaForMaskedLM`` (random init, no download), stock: the LM head
@@ -53,8 +57,8 @@ SHAPES = {
     # --smoke: seconds, not a measurement
     "T1": dict(layers=2, hidden=64, heads=4, mlp=128, vocab=500, batch=4, length=32),
 }
-IMPLS = ("ours", "ours_unrolled", "flax", "hf", "hf_masked")
-OURS = ("ours", "ours_unrolled")
+IMPLS = ("ours", "ours_unrolled", "ours_dp", "flax", "hf", "hf_masked")
+OURS = ("ours", "ours_unrolled", "ours_dp")
 BF16_IMPLS = ("ours", "ours_unrolled", "hf_masked")
 DROPOUT = 0.1
 
@@ -157,6 +161,19 @@ def _worker_ours_unrolled(shape, steps, dtype):
   return _worker_ours(shape, steps, dtype, unroll=shape["layers"])
 
 
+def _worker_ours_dp(shape, steps, dtype):
+  # the devices come from XLA_FLAGS, set by ``spawn`` before JAX starts in this process
+  return _worker_ours(shape, steps, dtype, unroll=shape["layers"])
+
+
+def cpu_devices(shape) -> int:
+  """Devices of the ours_dp row: one per core, as many as divide the batch."""
+  n = max(1, os.cpu_count() or 1)
+  while shape["batch"] % n:
+    n -= 1
+  return n
+
+
 def _worker_flax(shape, steps, dtype):
   import flax.linen as nn
   import jax
@@ -256,6 +273,8 @@ def worker(name: str, shape_name: str, steps: int, dtype: str) -> None:
     out = _worker_ceiling(shape, steps, dtype)
   else:
     out = dict(seconds=_time(globals()[f"_worker_{name}"](shape, steps, dtype), steps))
+  if "jax" in sys.modules:  # the JAX rows: how many devices the step ran on
+    out["devices"] = len(sys.modules["jax"].devices())
   out.update(impl=name, shape=shape_name, dtype=dtype, wall=time.perf_counter() - t0,
              peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
   print("RESULT " + json.dumps(out), flush=True)
@@ -267,6 +286,8 @@ def spawn(name, shape, steps, dtype, timeout):
          "--steps", str(steps), "--dtype", dtype]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one device, as a user's single-machine run
+  if name == "ours_dp":
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={cpu_devices(SHAPES[shape])}"
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                         cwd=REPO)
   for line in proc.stdout.splitlines():

@@ -48,6 +48,14 @@ def test_flops_batch_and_table(capsys):
   assert f"| {gflops:.0f} | {gflops / 20:.2f} |" in flax_row
 
 
+def test_cpu_devices_divide_the_batch(monkeypatch):
+  bench = _bench()
+  monkeypatch.setattr(os, "cpu_count", lambda: 6)
+  assert bench.cpu_devices(dict(batch=32)) == 4 and bench.cpu_devices(dict(batch=12)) == 6
+  monkeypatch.setattr(os, "cpu_count", lambda: None)
+  assert bench.cpu_devices(dict(batch=32)) == 1
+
+
 def test_ceiling_worker():
   bench = _bench()
   out = bench._worker_ceiling(bench.SHAPES["T1"], 1, "float32")
@@ -59,5 +67,10 @@ def test_smoke_run_spawns_every_implementation():
   proc = subprocess.run([sys.executable, PATH, "--smoke"], capture_output=True, text=True,
                         timeout=900, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  for impl in ("ours", "flax", "hf", "hf_masked"):
+  for impl in ("ours", "ours_dp", "flax", "hf", "hf_masked"):
     assert f"| T1 | float32 | {impl} |" in proc.stdout, proc.stdout
+  # the data-parallel row ran on one device per core
+  dp = _bench().spawn("ours_dp", "T1", 1, "float32", 600)
+  bench = _bench()
+  assert dp["devices"] == bench.cpu_devices(bench.SHAPES["T1"])
+  assert os.cpu_count() < 2 or dp["devices"] >= 2
