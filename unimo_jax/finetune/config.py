@@ -11,7 +11,7 @@ Task files (``experiments/configs/finetune/*.py``) start from ``default_config()
   init_step     checkpoint step of an ``init_from`` workdir (0 = its latest)
   task          ``unimo_jax.finetune.tasks.TaskSpec``: kind, num_labels, head_hidden,
                 head_dropout, label_smoothing, ranking_loss, circle_margin, circle_scale,
-                dual_agreement
+                dual_agreement, contrastive_weight, contrastive_temperature
   data          the task reader (``data_pipelines.finetune``: every field documented there;
                 ``SEQ2SEQ_TFDS_KEYS`` gives the source / target features of the TFDS
                 summarisation datasets)
