@@ -19,7 +19,9 @@ from PIL import Image
 from data_pipelines import pil_decode, pipeline, shm_ring
 from data_pipelines import streams as streams_lib
 import data_fixtures as fx
+import test_workers as workers_tests
 import worker_fixtures as wfx
+from test_workers import _alive, _batches, _same
 
 TOK = fx.WhitespaceTokenizer()
 S = 16
@@ -45,39 +47,10 @@ def data(tmp_path_factory):
 
 
 def _config(root, workers=0, jpeg_decode="pillow", **kw):
-  c = pipeline.default_config()
-  c.seed = 4
-  c.image_size, c.patch_size = S, 4
-  c.jpeg_decode = jpeg_decode
-  c.workers = workers
-  c.num_positives, c.num_negatives, c.num_related_images, c.num_related_texts = 2, 2, 0, 0
-  c.streams.text.update(dict(batch_size=4, max_length=12, max_predictions=3, s2s_max_length=16,
-                             s2s_max_predictions=6, sources=[
-                                 dict(name="corpus", kind="text", path=str(root / "corpus.txt"))]))
-  c.streams.image.update(dict(batch_size=4, sources=[
-      dict(name="imgs", kind="image_folder", path=str(root / "imgs"))]))
-  c.streams.pair.update(dict(batch_size=4, max_length=14, max_predictions=2,
-                             s2s_max_predictions=14, sources=[
-                                 dict(name="pairs", kind="jsonl", path=str(root / "pairs.jsonl"),
-                                      image_dir=str(root / "pimg"))]))
-  for k, v in kw.items():
-    c[k] = v
+  """test_workers' pipeline config on this module's data, 4 images a batch, Pillow decoding."""
+  c = workers_tests._config(root, seed=4, workers=workers, jpeg_decode=jpeg_decode, **kw)
+  c.streams.image.batch_size = 4
   return c
-
-
-def _batches(cfg, n, **kw):
-  it = pipeline.make_pipeline(cfg, tokenizer=TOK, **kw)
-  try:
-    return [next(it) for _ in range(n)], it.dropped_counts(), it.get_state()
-  finally:
-    it.close()
-
-
-def _same(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-    assert a[k].tobytes() == b[k].tobytes(), k
 
 
 def _segments(prefix):
@@ -89,15 +62,6 @@ def _in_segment(a):
   base = a.base
   buf = getattr(base, "base", None)
   return isinstance(base, np.ndarray) and isinstance(getattr(buf, "obj", buf), mmap.mmap)
-
-
-def _alive(pid):
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      state = next(l for l in f if l.startswith("State:"))
-  except (FileNotFoundError, ProcessLookupError, StopIteration):
-    return False
-  return "Z" not in state.split()[1]
 
 
 def _reference_pixels(path):
