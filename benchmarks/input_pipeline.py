@@ -62,15 +62,7 @@ def build_tokenizer(cfg, workdir: str, vocab_size: int):
 
 def time_iterator(it, batches: int, runs: int):
   """Median seconds per batch over `runs` runs of `batches` batches (after 3 warm-up ones)."""
-  for _ in range(3):
-    next(it)
-  per_batch = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    for _ in range(batches):
-      next(it)
-    per_batch.append((time.perf_counter() - t) / batches)
-  return statistics.median(per_batch)
+  return time_pipeline(it, batches, runs)[0]
 
 
 def _process_cpu(pid: int) -> float:
@@ -85,7 +77,7 @@ def time_pipeline(it, batches: int, runs: int):
   process's CPU seconds and each worker's over all timed batches)."""
   for _ in range(3):
     next(it)
-  pids = it.worker_pids
+  pids = getattr(it, "worker_pids", [])  # a plain iterator has no workers
   start = [_process_cpu(p) for p in pids]
   cpu = time.process_time()
   per_batch = []

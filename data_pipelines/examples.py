@@ -175,12 +175,18 @@ class RowBuilder:
     return vis | ({"captions", "paraphrases", "hard_negatives"} if self.stream == "pair" else set())
 
   # -- text pieces --------------------------------------------------------------------------
-  def _mlm(self, seq, ws, rng, prefix="mlm_"):
-    out = masking.span_mlm(seq, ws, rng, vocab_size=self.codec.vocab_size,
-                           mask_id=self.codec.mask, special_ids=self.codec.special,
-                           max_predictions=self.d["P"], mask_rate=self.mask_rate)
+  def _mlm_args(self) -> dict:
+    return dict(vocab_size=self.codec.vocab_size, mask_id=self.codec.mask,
+                special_ids=self.codec.special, max_predictions=self.d["P"],
+                mask_rate=self.mask_rate)
+
+  @staticmethod
+  def _mlm_fields(out, prefix) -> dict:
     return {f"{prefix}ids": out["input_ids"], f"{prefix}positions": out["positions"],
             f"{prefix}targets": out["targets"], f"{prefix}weights": out["weights"]}
+
+  def _mlm(self, seq, ws, rng, prefix="mlm_"):
+    return self._mlm_fields(masking.span_mlm(seq, ws, rng, **self._mlm_args()), prefix)
 
   @staticmethod
   def _s2s(out):
@@ -226,11 +232,7 @@ class RowBuilder:
     return out
 
   def _mlm_batch(self, seq, ws, rngs, prefix="mlm_"):
-    out = masking.span_mlm_batch(seq, ws, rngs, vocab_size=self.codec.vocab_size,
-                                 mask_id=self.codec.mask, special_ids=self.codec.special,
-                                 max_predictions=self.d["P"], mask_rate=self.mask_rate)
-    return {f"{prefix}ids": out["input_ids"], f"{prefix}positions": out["positions"],
-            f"{prefix}targets": out["targets"], f"{prefix}weights": out["weights"]}
+    return self._mlm_fields(masking.span_mlm_batch(seq, ws, rngs, **self._mlm_args()), prefix)
 
   def finish_text_rows(self, rows) -> dict:
     """Masks the text rows that `build(..., defer=True)` left pending, all at once: {field:
