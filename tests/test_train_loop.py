@@ -341,7 +341,9 @@ def test_a_failed_save_stops_the_run_at_the_next_step(tmp_path, caplog):
   finally:
     ru.unlock(directory)
   assert "\n" not in str(e.value) and os.path.join(directory, "6") in str(e.value)
-  assert data.count <= 7  # found at the step after the failed write, not at the next save (9)
+  # Found within a step of the failed write, not at the next save (9): the write fails in the
+  # background, so on a loaded machine it may fail just after step 7's poll and be found at 8.
+  assert data.count <= 8
   assert "checkpoint saved at step 3" in caplog.messages
   assert "checkpoint saved at step 6" not in caplog.messages
   assert not [t for t in threading.enumerate()
