@@ -196,12 +196,8 @@ def test_worker_crash_leaves_no_segment(tmp_path):
   with open(tmp_path / "bad.txt", "w") as f:
     for i in range(40):
       f.write(f"a red circle {'zap' if i == 30 else 'dot'} {i}\n")
-  cfg = pipeline.default_config()
-  cfg.workers = 2
-  cfg.streams.text.update(dict(batch_size=2, max_length=8, max_predictions=2, s2s_max_length=8,
-                               s2s_max_predictions=4, sources=[
-      dict(name="crashy", kind="text", path=str(tmp_path / "bad.txt"))]))
-  it = pipeline.make_pipeline(cfg, tokenizer=wfx.FailInWorkerTokenizer("zap", "exit"))
+  it = pipeline.make_pipeline(workers_tests._crashy_config(tmp_path / "bad.txt"),
+                              tokenizer=wfx.FailInWorkerTokenizer("zap", "exit"))
   prefix, pids = it._pool.shm_prefix, it.worker_pids  # pylint: disable=protected-access
   try:
     with pytest.raises(Exception, match="exited with code 7") as e:

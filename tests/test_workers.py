@@ -187,6 +187,16 @@ def test_bad_record_counted_once_whichever_worker(data):
     assert state["dropped"]["corpus"] == {"non_utf8_text": expected}
 
 
+def _crashy_config(path):
+  """Two workers reading the text source 'crashy' at ``path``, two rows a batch."""
+  cfg = pipeline.default_config()
+  cfg.workers = 2
+  cfg.streams.text.update(dict(batch_size=2, max_length=8, max_predictions=2, s2s_max_length=8,
+                               s2s_max_predictions=4, sources=[
+                                   dict(name="crashy", kind="text", path=str(path))]))
+  return cfg
+
+
 @pytest.mark.parametrize("how, message", [
     ("raise", "ValueError: cannot tokenise 'zap'"),
     ("exit", "exited with code 7"),
@@ -195,12 +205,8 @@ def test_worker_failure_is_an_error_naming_the_source(tmp_path, how, message):
   with open(tmp_path / "bad.txt", "w") as f:
     for i in range(10):
       f.write(f"a red circle zap {i}\n")
-  cfg = pipeline.default_config()
-  cfg.workers = 2
-  cfg.streams.text.update(dict(batch_size=2, max_length=8, max_predictions=2, s2s_max_length=8,
-                               s2s_max_predictions=4, sources=[
-                                   dict(name="crashy", kind="text", path=str(tmp_path / "bad.txt"))]))
-  it = pipeline.make_pipeline(cfg, tokenizer=wfx.FailInWorkerTokenizer("zap", how))
+  it = pipeline.make_pipeline(_crashy_config(tmp_path / "bad.txt"),
+                              tokenizer=wfx.FailInWorkerTokenizer("zap", how))
   pids = it.worker_pids
   t = time.time()
   try:
