@@ -11,15 +11,19 @@ warm-up):
   - the mixed three-stream pipeline (rows/s over all streams, and steps/s).
 With --paper it instead measures the paper's shapes on generated data (`paper_shapes.py`):
 per-core rows/s of the Python row builder by phase for the code at --old_rev and this checkout
-(alternated runs of each, in child processes), then rows/s through tf.data for each
---workers value. The new path reads region features from float16 stores converted once from
-the npz files and the TSV (`unimo-jax prepare regions`; the conversion's throughput is
-printed); the old path reads the npz / TSV files. The text stream is timed from the raw
-corpus (``text``) and, on the new path, from a token store tokenised once (``text_store``,
-`unimo-jax prepare tokens`). The second table also gives the CPU per row of the training
-process and of each worker, and times the JPEG streams twice: decoded by TF ops in the
-training process (``data.jpeg_decode`` "accurate", the default: ``pair_jpeg``, ``image_jpeg``)
-and by Pillow in the batch builder, i.e. in the workers (``"pillow"``: ``*_jpeg_pil``).
+(alternated runs of each, in child processes), then rows/s through tf.data for each --workers
+value: --runs rounds, each timing every value once through a fresh pipeline, in alternating
+order (medians over the rounds; the 2/1 ratio is the median of each round's). The new path
+reads region features from float16 stores converted once from the npz files and the TSV
+(`unimo-jax prepare regions`; the conversion's throughput is printed); the old path reads the
+npz / TSV files. The text stream is timed from the raw corpus (``text``) and, on the new path,
+from a token store tokenised once (``text_store``, `unimo-jax prepare tokens`). The second
+table also gives the cores busy (CPU seconds of all processes over wall seconds: a stream that
+already keeps every core busy cannot gain from another worker) and the CPU per row of the
+training process and of each worker, and times the JPEG streams twice: decoded by TF ops in
+the training process (``data.jpeg_decode`` "accurate", the default: ``pair_jpeg``,
+``image_jpeg``) and by Pillow in the batch builder, i.e. in the workers (``"pillow"``:
+``*_jpeg_pil``).
 E.g. (under 3 minutes on 2 cores; ``--cases text,text_store`` and ``--tables
 per_core|workers`` shorten it):
   python benchmarks/input_pipeline.py --paper --batch 16 --batches 6 --runs 3 --workers 0,1,2
@@ -88,6 +92,29 @@ def time_pipeline(it, batches: int, runs: int):
     per_batch.append((time.perf_counter() - t) / batches)
   return (statistics.median(per_batch), time.process_time() - cpu,
           [_process_cpu(p) - s for p, s in zip(pids, start)])
+
+
+def worker_rounds(cfg, tok, counts, batches: int, rounds: int, rows_per_batch: int) -> dict:
+  """{workers: [one dict per round]}: each round times `batches` batches through a fresh
+  pipeline for every value in `counts`, in alternating order (a drift in the machine's speed
+  then hits every value alike). Per run: rows per wall second, cores busy (the CPU seconds of
+  this process and its workers over the wall seconds), CPU microseconds per row of this process
+  and of each worker (a worker's CPU over all the run's rows)."""
+  out = {w: [] for w in counts}
+  for r in range(rounds):
+    for w in (counts if r % 2 == 0 else counts[::-1]):
+      c = cfg.copy_and_resolve_references()
+      c.workers = w
+      it = pipeline.make_pipeline(c, tokenizer=tok)
+      try:
+        sec, cpu, worker_cpu = time_pipeline(it, batches, 1)
+      finally:
+        it.close()
+      wall = sec * batches
+      rows = rows_per_batch * batches
+      out[w].append(dict(rate=rows / wall, busy=(cpu + sum(worker_cpu)) / wall,
+                         main_us=1e6 * cpu / rows, worker_us=[1e6 * c / rows for c in worker_cpu]))
+  return out
 
 
 def time_python_rows(stream, batches: int, runs: int):
@@ -258,39 +285,41 @@ def paper_benchmark(args) -> int:
               f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
   if args.tables == "per_core":
     return 0
-  print(f"\nthrough the pipeline (new code, this process + data.workers processes), rows per "
-        f"wall second (median of {args.runs} runs of {args.worker_batches or args.batches} "
-        f"batches); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
   counts = [int(w) for w in args.workers.split(",")]
   scaling = 1 in counts and 2 in counts
+  batches = args.worker_batches or args.batches
+  print(f"\nthrough the pipeline (new code, this process + data.workers processes), rows per "
+        f"wall second: {args.runs} rounds, each timing every workers value once ({batches} "
+        f"batches, a fresh pipeline), in alternating order; medians over the rounds; load "
+        f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
   print(f"  {'case':<11} " + " ".join(f"{f'workers={w}':>11}" for w in counts) +
         f" {'x (max/0)':>10}" + (f" {'x (2/1)':>8}" if scaling else "") +
-        "   CPU us per row: this process / each worker, per workers value")
+        "   cores busy (CPU s / wall s of all processes), and CPU us per row: this process / "
+        "each worker, per workers value" + ("; 2/1 of each round" if scaling else ""))
   tok = tokenizers.load_tokenizer(tok_spec)
   for case, visual, stream in paper_shapes.CASES + PILLOW_CASES:
     if case not in PAPER_WORKER_CASES or case not in cases:
       continue
-    rates, cpus = [], []
+    cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store",
+                                         text="store" if case == "text_store" else "raw"),
+               stream)
+    if case.endswith("_pil"):
+      cfg.jpeg_decode = "pillow"
+    per_w = worker_rounds(cfg, tok, counts, batches, args.runs, args.batch)
+    rates = [statistics.median(r["rate"] for r in per_w[w]) for w in counts]
+    cells = []
     for w in counts:
-      cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store",
-                                           text="store" if case == "text_store" else "raw"),
-                 stream)
-      cfg.workers = w
-      if case.endswith("_pil"):
-        cfg.jpeg_decode = "pillow"
-      it = pipeline.make_pipeline(cfg, tokenizer=tok)
-      try:
-        sec, main_cpu, worker_cpu = time_pipeline(it, args.worker_batches or args.batches,
-                                                  args.runs)
-      finally:
-        it.close()
-      rates.append(args.batch / sec)
-      rows = args.batch * (args.worker_batches or args.batches) * args.runs
-      cpus.append(f"{1e6 * main_cpu / rows:.0f}/" + ",".join(f"{1e6 * c / rows:.0f}"
-                                                            for c in worker_cpu))
-    ratio = f" {rates[counts.index(2)] / rates[counts.index(1)]:>8.2f}" if scaling else ""
+      busy = statistics.median(r["busy"] for r in per_w[w])
+      main_us = statistics.median(r["main_us"] for r in per_w[w])
+      each = [statistics.median(r["worker_us"][k] for r in per_w[w]) for k in range(w)]
+      cells.append(f"{busy:.2f} {main_us:.0f}/" + ",".join(f"{c:.0f}" for c in each))
+    ratio, rounds = "", ""
+    if scaling:
+      per_round = [b["rate"] / a["rate"] for a, b in zip(per_w[1], per_w[2])]
+      ratio = f" {statistics.median(per_round):>8.2f}"
+      rounds = "; " + " ".join(f"{x:.2f}" for x in per_round)
     print(f"  {case:<11} " + " ".join(f"{r:>11,.0f}" for r in rates) +
-          f" {max(rates[1:] or rates) / rates[0]:>10.2f}{ratio}   " + "  ".join(cpus))
+          f" {max(rates[1:] or rates) / rates[0]:>10.2f}{ratio}   " + "  ".join(cells) + rounds)
   return 0
 
 

@@ -32,7 +32,11 @@ Each process: build, compile/warm up (2 steps), then the median of ``--steps`` s
 analytic training FLOPs (3x the forward matmul FLOPs of the encoder and of the LM head at the
 predicted positions: the same useful work for every implementation, so the stock HF row's extra
 head work is not credited). The JAX f32 matmul ceiling (2048^2, median of 10) is measured at the
-start and the end; the fraction of the ceiling uses their mean.
+start and the end; the fraction of the ceiling uses their mean. Last, per shape, the step's
+matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted on its own, summed
+per step): how close to the ceiling the products themselves get, and how much of the fastest
+``ours`` step is everything else (element-wise work, the optimizer, the products' slowdown
+inside one program).
 
 bf16 row (``--bf16``): ours with ``model.dtype = bfloat16`` (float32 parameters, bf16 matmuls
 accumulating in float32) beside HF masked-head under ``torch.autocast("cpu", bfloat16)``. To add
@@ -111,6 +115,57 @@ def _worker_ceiling(shape, steps, dtype):
   jax.block_until_ready(f(a, a))
   sec = _time(lambda: jax.block_until_ready(f(a, a)), 10)
   return dict(seconds=sec, gflops=2 * n ** 3 / sec / 1e9)
+
+
+def matmul_products(shape) -> list:
+  """The products of one training step as (kind, operand shapes, count): each dense layer's
+  forward ``X W`` ("nn"), ``dY W^T`` ("nt") and ``X^T dY`` ("tn"); attention's batched
+  ``Q K^T`` ("scores") and ``A V`` ("mix"), x3 for training. Their FLOPs sum to
+  `train_flops`."""
+  b, l, h, m, v, heads = (shape[k] for k in ("batch", "length", "hidden", "mlp", "vocab",
+                                             "heads"))
+  t, p, d, n = b * l, b * predictions(shape), h // heads, shape["layers"]
+
+  def dense(rows, k, out, count):
+    return [("nn", ((rows, k), (k, out)), count), ("nt", ((rows, out), (k, out)), count),
+            ("tn", ((rows, k), (rows, out)), count)]
+
+  out = []
+  for k, o in ((h, 3 * h), (h, h), (h, m), (m, h)):
+    out += dense(t, k, o, n)
+  out += [("scores", ((b * heads, l, d), (b * heads, l, d)), 3 * n),
+          ("mix", ((b * heads, l, l), (b * heads, l, d)), 3 * n)]
+  return out + dense(p, h, h, 1) + dense(p, h, v, 1)
+
+
+def product_flops(kind, shapes) -> float:
+  (r, k), (_, c) = shapes[0][-2:], shapes[1][-2:]
+  batch = shapes[0][0] if len(shapes[0]) == 3 else 1
+  if kind == "nn":
+    return 2.0 * r * k * c
+  if kind == "nt":  # (r, k') (k, k')^T: r x k outputs over k' = shapes[0][1]
+    return 2.0 * r * k * shapes[1][0]
+  if kind == "tn":  # (r', k)^T (r', c): k x c outputs over r'
+    return 2.0 * r * k * c
+  if kind == "scores":  # (b, l, d) (b, l', d)^T
+    return 2.0 * batch * r * k * shapes[1][1]
+  return 2.0 * batch * r * k * c  # mix: (b, l, l') (b, l', d)
+
+
+def _worker_matmuls(shape, steps, dtype):
+  """The step's matmuls alone (`matmul_products`, each jitted on its own), summed per step: the
+  time a step would take if everything else were free and each product ran as fast as alone."""
+  import jax
+  import jax.numpy as jnp
+  fns = dict(nn=lambda x, w: x @ w, nt=lambda x, w: x @ w.T, tn=lambda x, w: x.T @ w,
+             scores=lambda q, k: jnp.einsum("bld,bmd->blm", q, k),
+             mix=lambda a, u: jnp.einsum("blm,bmd->bld", a, u))
+  fns = {k: jax.jit(f) for k, f in fns.items()}
+  sec = 0.0
+  for kind, shapes, count in matmul_products(shape):
+    args = [jnp.ones(s, jnp.dtype(dtype)) for s in shapes]
+    sec += count * _time(lambda: jax.block_until_ready(fns[kind](*args)), max(3, steps))
+  return dict(seconds=sec, gflops=train_flops(shape) / sec / 1e9)
 
 
 def step_fn(name: str, shape_name: str, dtype: str = "float32"):
@@ -269,8 +324,8 @@ def _worker_hf_masked(shape, steps, dtype):
 def worker(name: str, shape_name: str, steps: int, dtype: str) -> None:
   shape = SHAPES[shape_name]
   t0 = time.perf_counter()
-  if name == "ceiling":
-    out = _worker_ceiling(shape, steps, dtype)
+  if name in ("ceiling", "matmuls"):
+    out = globals()[f"_worker_{name}"](shape, steps, dtype)
   else:
     out = dict(seconds=_time(globals()[f"_worker_{name}"](shape, steps, dtype), steps))
   if "jax" in sys.modules:  # the JAX rows: how many devices the step ran on
@@ -341,7 +396,10 @@ def main(argv=None):
       print(f"  round {r} {shape} {name:<10} {dtype:<8} {res['seconds']:.3f} s/step", flush=True)
   ceilings.append(spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout))
   ceiling = statistics.mean(c["gflops"] for c in ceilings)
+  matmuls = {s: spawn("matmuls", s, a.steps, "float32", a.timeout) for s in shapes}
   print_table(results, ceilings, ceiling, shapes, impls, a.bf16)
+  for line in matmul_lines(results, matmuls, ceiling):
+    print(line)
   print(f"load average at end: {os.getloadavg()[0]:.2f}")
   if a.json:
     with open(a.json, "w") as f:
@@ -376,6 +434,25 @@ def print_table(results, ceilings, ceiling, shapes, impls, bf16):
               f"{gflops / ceiling:.2f} | {max(x['peak_rss_mib'] for x in rows):.0f} |")
   for line in best_ratios(results):
     print(line)
+
+
+def matmul_lines(results, matmuls, ceiling):
+  """Per shape: the step's matmuls alone (s, fraction of the ceiling) against the fastest f32
+  row of ours, i.e. how much of its step is everything else plus the matmuls' slowdown inside
+  the program."""
+  lines = []
+  for shape, mm in matmuls.items():
+    ours = [x["seconds"] for x in results if x["shape"] == shape and x["impl"] in OURS
+            and x["dtype"] == "float32"]
+    line = (f"{shape}: the step's matmuls alone {mm['seconds']:.3f} s ({mm['gflops']:.0f} "
+            f"GFLOP/s, {mm['gflops'] / ceiling:.2f} of the ceiling)")
+    if ours:
+      best = min(ours)
+      line += (f"; the fastest ours step {best:.3f} s spends {best - mm['seconds']:.3f} s "
+               f"({(best - mm['seconds']) / best:.0%}) beyond them; 0.75 of the ceiling is a "
+               f"{train_flops(SHAPES[shape]) / (0.75 * ceiling * 1e9):.3f} s step")
+    lines.append(line)
+  return lines
 
 
 def best_ratios(results):

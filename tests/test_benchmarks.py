@@ -138,4 +138,4 @@ def test_input_pipeline_paper_mode_text_cases(tmp_path, capsys):
   rows = re.findall(r"^  (text_store|text|pair_jpeg|image_jpeg|image_npz|pair_tsv) +[\d,]+", out,
                     flags=re.M)
   assert rows == ["text", "text_store"] * 2
-  assert "x (2/1)" in out and "CPU us per row" in out
+  assert "x (2/1)" in out and "CPU us per row" in out and "cores busy" in out

@@ -48,6 +48,24 @@ def test_flops_batch_and_table(capsys):
   assert f"| {gflops:.0f} | {gflops / 20:.2f} |" in flax_row
 
 
+def test_matmul_products_are_the_analytic_flops(capsys):
+  """The matmuls-alone bound times exactly the products train_flops counts (hand-checked
+  above), and its line compares them with the fastest of ours."""
+  bench = _bench()
+  for shape in (dict(layers=2, hidden=4, heads=2, mlp=8, vocab=10, batch=3, length=20),
+                bench.SHAPES["S1"], bench.SHAPES["S2"]):
+    total = sum(count * bench.product_flops(kind, shapes)
+                for kind, shapes, count in bench.matmul_products(shape))
+    assert total == pytest.approx(bench.train_flops(shape), rel=1e-12)
+  out = bench._worker_matmuls(bench.SHAPES["T1"], 1, "float32")
+  assert out["seconds"] > 0
+  results = [dict(impl="ours_unrolled", shape="T1", dtype="float32", round=0, seconds=3.0),
+             dict(impl="hf_masked", shape="T1", dtype="float32", round=0, seconds=1.0)]
+  (line,) = bench.matmul_lines(results, {"T1": dict(seconds=2.0, gflops=10.0)}, 20.0)
+  assert "alone 2.000 s (10 GFLOP/s, 0.50 of the ceiling)" in line
+  assert "ours step 3.000 s spends 1.000 s (33%) beyond them" in line
+
+
 def test_cpu_devices_divide_the_batch(monkeypatch):
   bench = _bench()
   monkeypatch.setattr(os, "cpu_count", lambda: 6)
