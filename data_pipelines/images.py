@@ -15,8 +15,9 @@ Two halves:
   4000x3000 photo cost about what a 500x375 one does. Alpha is dropped (as PIL's convert('RGB')).
 
 A record that passes the header check and still fails to decode (corrupt entropy-coded data)
-must not kill the run: `safe_decode_image` runs the decode inside a one-element dataset with
-`ignore_errors` and returns ``(zeros, False)`` instead, so the row is masked and counted.
+must not kill the run: `safe_decode_batch` decodes a batch's images in one nested dataset with
+`ignore_errors` and returns zeros and ok False for such an image, so its row is masked and
+counted.
 """
 import struct
 import zlib
@@ -30,6 +31,8 @@ RAW_MAGIC = b"RAW1"
 # Decode-ratio choices libjpeg offers (index into this tuple is what the pipeline passes).
 JPEG_RATIOS = (1, 2, 4, 8)
 _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers; C4/C8/CC are not
+# SOI, a 1 x 1 gray frame header, a scan header, EOI: enough for `tf.io.extract_jpeg_shape`.
+_TINY_JPEG = bytes.fromhex("ffd8ffc0000b080001000101011100ffda0008010100003f00ffd9")
 
 
 def inspect_image(data: bytes):
@@ -173,10 +176,15 @@ def decode_image(data, ratio_index, *, image_size: int, mean, std, jpeg_decode="
   """TF ops: encoded bytes (scalar string) -> float32 ``[S, S, 3]`` normalised pixels.
 
   `ratio_index` (scalar int32) picks the JPEG DCT downscale (see `jpeg_ratio_index`); other
-  formats ignore it. Raises (inside tf.data) on undecodable bytes: use `safe_decode_image`.
-  `jpeg_decode` "accurate" is libjpeg's default (the slow integer IDCT and fancy chroma
-  upsampling); "fast" uses the fast integer IDCT and plain chroma replication: different pixels
-  (benchmarks/README.md gives the measured difference and the time it saves).
+  formats ignore it. Raises (inside tf.data) on undecodable bytes: use `safe_decode_batch`.
+  `jpeg_decode` "accurate" is libjpeg's accurate integer IDCT (``dct_method="INTEGER_ACCURATE"``)
+  with fancy chroma upsampling: Pillow's decode, bit for bit, so "pillow" gives the same pixels
+  for JPEGs that need no resize (tests/test_jpeg_decode.py). TF's own default (``dct_method=""``)
+  is libjpeg-turbo's FAST integer IDCT, ~1 level in 255 away on two thirds of the values; until
+  this was set, "accurate" decoded that way, so JPEG inputs' pixels moved by ~1 level. The
+  demo's synthetic_scenes images are raw uint8 pixels (a TFDS Tensor feature, `encode_raw`):
+  no JPEG decode, so its pixels did not change. "fast" uses the fast integer IDCT and plain
+  chroma replication: other pixels (benchmarks/README.md gives the measured difference, time).
   """
   fast = check_jpeg_decode(jpeg_decode) == "fast"
 
@@ -184,7 +192,7 @@ def decode_image(data, ratio_index, *, image_size: int, mean, std, jpeg_decode="
     if fast:
       return lambda: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_FAST",
                                        fancy_upscaling=False)
-    return lambda: tf.io.decode_jpeg(data, channels=3, ratio=r)
+    return lambda: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_ACCURATE")
 
   def other():
     return tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
@@ -223,21 +231,93 @@ def normalise(img, *, mean, std):
   return (img / 255.0 - mean) / std
 
 
+def safe_decode_batch(data, ratio_index, present, *, image_size: int, mean, std,
+                      jpeg_decode="accurate"):
+  """`decode_image` of N images that never raises: ``(pixels [N,S,S,3] f32, ok [N] bool)``.
+
+  `data` [N] string, `ratio_index` [N] int32, `present` [N] bool (False: an absent related
+  image, not decoded). An image that fails to decode, and an absent one, gives zeros and ok
+  False; every other image gives exactly `decode_image`'s pixels.
+
+  TF has no try/except inside a graph, so the decodes run in ONE nested dataset per call with
+  `ignore_errors`, each image carrying its index, and what decoded is scattered back into zeros
+  (one nested dataset per image cost ~630 us per image, more than the JPEG decode). Inside it,
+  the images that need neither DCT scaling nor a resize (JPEGs of ratio index 0 with an S x S
+  header, raw S x S pixels) take `decode_image`'s ops without its `tf.case` / `tf.cond` (each
+  cost ~100 us of CPU per image there); the other images follow them through `decode_image`
+  itself, and that part of the nested dataset (its function) is only made when a batch has
+  such images: `concatenate` makes the next iterator when the one before it ends, and `batch`
+  stops after the last present image.
+  """
+  size = int(image_size)
+  data = tf.reshape(data, [-1])
+  ratio_index = tf.reshape(tf.cast(ratio_index, tf.int32), [-1])
+  present = tf.reshape(tf.cast(present, tf.bool), [-1])
+  n = tf.shape(data, out_type=tf.int32)[0]
+  fast = check_jpeg_decode(jpeg_decode) == "fast"
+  # Plain candidates, vectorised: present JPEGs at full scale (`tf.io.is_jpeg`'s test).
+  plain = present & tf.equal(ratio_index, 0) & tf.equal(tf.strings.substr(data, 0, 3),
+                                                        b"\xff\xd8\xff")
+  index = tf.cast(tf.reshape(tf.where(present), [-1]), tf.int32)
+  images = tf.data.Dataset.from_tensor_slices(
+      (index, tf.gather(data, index), tf.gather(ratio_index, index), tf.gather(plain, index)))
+
+  def is_direct(i, b, r, p):
+    # The header of the candidates only (the others read a 1 x 1 JPEG header): no branch.
+    shape = tf.io.extract_jpeg_shape(tf.where(p, b, _TINY_JPEG))
+    return p & tf.reduce_all(tf.equal(shape[:2], [size, size]))
+
+  def direct(i, b, r, p):
+    if fast:
+      img = tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_FAST", fancy_upscaling=False)
+    else:
+      img = tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE")
+    img = tf.cast(tf.ensure_shape(img, [size, size, 3]), tf.float32)
+    return i, normalise(img, mean=mean, std=std)
+
+  raw_header = RAW_MAGIC + np.asarray([size, size], "<i4").tobytes()
+
+  def is_raw(i, b, r, p):  # already-decoded pixels at S x S (`encode_raw`)
+    return tf.equal(tf.strings.substr(b, 0, 12), raw_header) & tf.equal(
+        tf.strings.length(b), 12 + 3 * size * size)
+
+  def raw(i, b, r, p):
+    img = tf.reshape(tf.io.decode_raw(tf.strings.substr(b, 12, -1), tf.uint8), [size, size, 3])
+    return i, normalise(tf.cast(img, tf.float32), mean=mean, std=std)
+
+  def general(i, b, r, p):
+    return i, decode_image(b, r, image_size=size, mean=mean, std=std, jpeg_decode=jpeg_decode)
+
+  def decoded(ds, fn):
+    # The map's parallelism decodes the images of one call side by side (as the per-image
+    # AUTOTUNE map of the stream did); `deterministic` keeps them in index order.
+    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+
+  # ignore_errors also drops an image whose header `is_direct` cannot read (its decode would
+  # fail the same way).
+  jpegs = decoded(images.filter(is_direct), direct)
+  raws = decoded(images.filter(is_raw), raw)
+  rest = decoded(images.filter(lambda *x: ~(is_direct(*x) | is_raw(*x))), general)
+  # All failed (or none is present): the batch is empty and `concatenate` supplies it.
+  none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32),
+                                       tf.zeros([0, size, size, 3], tf.float32)))
+  m = tf.maximum(tf.shape(index, out_type=tf.int64)[0], 1)
+  got, pixels = jpegs.concatenate(raws).concatenate(rest).batch(m).concatenate(none).take(
+      1).get_single_element()
+  ok = tf.reduce_any(tf.equal(tf.range(n)[:, None], got[None, :]), axis=1)
+  # The usual batch (every image present, decoded, in order) needs no scatter.
+  in_order = tf.equal(tf.shape(got)[0], n) & tf.reduce_all(
+      tf.equal(got, tf.range(tf.shape(got)[0])))
+  pixels = tf.cond(in_order, lambda: pixels,
+                   lambda: tf.scatter_nd(got[:, None], pixels, tf.stack([n, size, size, 3])))
+  return tf.ensure_shape(pixels, [data.shape[0], size, size, 3]), tf.ensure_shape(ok, data.shape)
+
+
 def safe_decode_image(data, ratio_index, present, *, image_size: int, mean, std,
                       jpeg_decode="accurate"):
-  """`decode_image` that never raises: returns ``(pixels [S,S,3] f32, ok bool)``.
-
-  `present` False skips the decode (an absent related image) and returns ``(zeros, False)``.
-  The decode runs in a one-element dataset with `ignore_errors`, followed by a zero fallback:
-  TF has no try/except inside a graph, and this keeps one corrupt image from ending the run.
-  """
-  zeros = tf.zeros([image_size, image_size, 3], tf.float32)
-
-  def attempt():
-    ds = tf.data.Dataset.from_tensors((data, ratio_index)).map(
-        lambda b, r: (decode_image(b, r, image_size=image_size, mean=mean, std=std,
-                                   jpeg_decode=jpeg_decode), True))
-    ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors((zeros, False)))
-    return ds.take(1).get_single_element()
-
-  return tf.cond(present, attempt, lambda: (zeros, tf.constant(False)))
+  """One image through `safe_decode_batch`: ``(pixels [S,S,3] f32, ok bool)``; `present`
+  False skips the decode and gives ``(zeros, False)``."""
+  pixels, ok = safe_decode_batch(tf.reshape(data, [1]), tf.reshape(ratio_index, [1]),
+                                 tf.reshape(present, [1]), image_size=image_size, mean=mean,
+                                 std=std, jpeg_decode=jpeg_decode)
+  return pixels[0], ok[0]

@@ -11,11 +11,12 @@ training process competed with the workers, benchmarks/README.md).
 
 What differs from the TF decoders (documented, not a bug; a config is one or the other):
 - JPEG: Pillow's libjpeg-turbo with its defaults (accurate integer IDCT, fancy upsampling), the
-  same algorithm as "accurate" but another libjpeg-turbo build: on the paper-shape 224 px
-  JPEGs two thirds of the uint8 values differ from TF's, by 1.0 level in 255 on average and at
-  most 4. DCT downscaling of large JPEGs (1/2, 1/4, 1/8)
-  is the same choice (`images.jpeg_ratio_index`), done through Pillow's ``draft``. CMYK /
-  YCCK JPEGs are converted by Pillow's formula, not libjpeg's.
+  same decode as "accurate" (TF with ``dct_method="INTEGER_ACCURATE"``): the same uint8
+  values, bit for bit, for RGB (any chroma subsampling), grayscale and progressive JPEGs, the
+  paper-shape 224 px ones included, and for the DCT downscales of large JPEGs (1/2, 1/4, 1/8:
+  the same choice, `images.jpeg_ratio_index`, done through Pillow's ``draft``);
+  tests/test_jpeg_decode.py checks it. CMYK / YCCK JPEGs are converted by Pillow's formula,
+  not libjpeg's (at most 1 level apart).
 - Resize (only images not stored at S x S): Pillow's antialiased bilinear filter on uint8
   (rounded to uint8 before normalising); TF resizes float values.
 - PNG / GIF / BMP / WebP: Pillow's readers, ``convert("RGB")`` (alpha dropped, palette and gray

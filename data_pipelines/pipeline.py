@@ -39,12 +39,13 @@ Config (``data`` section; `default_config()` has every field with its default):
   image_size, patch_size   S and the patch side (N = (S / patch)^2 visual tokens with patches)
   pixel_mean, pixel_std    per-channel normalisation of pixels in [0, 1] (default 0.5: [-1, 1])
   max_image_pixels     images whose header says more pixels are dropped (image_too_large)
-  jpeg_decode          "accurate" (libjpeg's default IDCT and chroma upsampling) | "fast"
-                       (fast integer IDCT, no fancy upsampling: other pixels, less decode time;
-                       benchmarks/README.md): both TF ops in this process's tf.data stage |
-                       "pillow" (Pillow + numpy in the batch builder, so in the workers when
-                       data.workers > 0: no per-image work in this process; pixels 1.0 level
-                       in 255 apart from "accurate" on average, other resize: `pil_decode`)
+  jpeg_decode          "accurate" (libjpeg's accurate integer IDCT, fancy chroma upsampling) |
+                       "fast" (fast integer IDCT, no fancy upsampling: other pixels, less decode
+                       time; benchmarks/README.md): both TF ops in this process's tf.data stage
+                       | "pillow" (Pillow + numpy in the batch builder, so in the workers when
+                       data.workers > 0: no per-image work in this process; the same pixels as
+                       "accurate" for JPEGs that need no resize, other resize: `pil_decode`).
+                       The demo's synthetic_scenes images are raw pixels: no JPEG decode.
   num_regions, region_feature_dim, num_region_classes   R, F, C of the regions input
   region_mask_rate, region_overlap_threshold            MRP masking (0.15, IoU 0.3)
   num_positives, num_negatives, num_related_images, num_related_texts   Kp, Kn, Ki, Kt

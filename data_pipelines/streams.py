@@ -2,9 +2,9 @@
 
 The dataset is ``range(0, inf)`` of step numbers mapped by ONE `tf.numpy_function` per step that
 builds this process's rows of that step in Python (a per-batch call: a per-row numpy_function
-costs ~100 us of overhead, a per-batch one a few us per row), then, in ``patches`` mode,
-unbatched so TensorFlow decodes and resizes every image in parallel (`images.safe_decode_image`)
-and batched again. Row j of step t of this process is global slot
+costs ~100 us of overhead, a per-batch one a few us per row), then, in ``patches`` mode, maps
+each batch's images through `images.safe_decode_batch` (decoded and resized in parallel, a
+failed one masks its row). Row j of step t of this process is global slot
 ``base + t * B + process_index * b + j`` (B global, b = B / process_count rows per process), so
 the GLOBAL batch of a step is the same for any process count, and the processes read disjoint
 records at every step.
@@ -347,58 +347,45 @@ class Stream:
         1, int(parallel_batches)), deterministic=True)
     ds = ds.map(to_dict)
     if self.needs_tf:
-      # unbatch() segfaults on zero-size components in TF 2.21 (e.g. Ki = 0 related images):
-      # such fields hold no values, so they leave before and come back as zeros after.
-      empty = {k: (tuple(v.shape), v.dtype) for k, v in ds.element_spec.items()
-               if 0 in v.shape}
-      if self.stream == "pair" and self.num_images == 1:
-        size = self.builder.d["S"]
-        empty["related_pixels"] = ((self.local_batch, 0, size, size, 3), tf.float32)
-
-      def drop_empty(d):
-        return {k: v for k, v in d.items() if k not in empty}
-
-      def restore_empty(d):
-        return {**d, **{k: tf.zeros(shape, dtype) for k, (shape, dtype) in empty.items()}}
-
-      ds = ds.map(drop_empty)
-      ds = ds.unbatch().map(self._decode_row, num_parallel_calls=tf.data.AUTOTUNE,
-                            deterministic=True)
-      ds = ds.batch(self.local_batch, drop_remainder=True)
-      ds = ds.map(restore_empty)
+      # A batch's images decode together (`images.safe_decode_batch`: one nested dataset, the
+      # images side by side in its parallel map); batches overlap in this parallel map.
+      ds = ds.map(self._decode_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds
 
-  def _decode_row(self, row):
-    """TF: image slots -> pixels (+ related_pixels); a failed main image masks the row."""
-    cfg, size = self.cfg, self.builder.d["S"]
-    pix, ok = [], []
-    for k in range(self.num_images):
-      p, o = images.safe_decode_image(
-          row["_image"][k], row["_image_ratio"][k], row["_image_present"][k], image_size=size,
-          mean=cfg.get("pixel_mean", (0.5, 0.5, 0.5)), std=cfg.get("pixel_std", (0.5, 0.5, 0.5)),
-          jpeg_decode=cfg.get("jpeg_decode", "accurate"))
-      pix.append(p)
-      ok.append(o)
-    out = {k: v for k, v in row.items() if k not in _IMAGE_SLOTS}
-    present = row["_image_present"]
-    ok = tf.stack(ok)
-    out["pixels"] = pix[0]
+  def _decode_batch(self, batch):
+    """TF: a batch's image slots [b, 1 + Ki] -> pixels [b, S, S, 3] (+ related_pixels
+    [b, Ki, S, S, 3]) and ``_decode_failed`` [b, 1 + Ki]; a failed main image masks the row."""
+    cfg, size, b = self.cfg, self.builder.d["S"], self.local_batch
+    k = self.num_images
+
+    def flat(x):  # the rows' own images first, then every related image, row by row
+      return tf.concat([x[:, 0], tf.reshape(x[:, 1:], [-1])], 0)
+
+    present = batch["_image_present"]
+    pix, ok = images.safe_decode_batch(
+        flat(batch["_image"]), flat(batch["_image_ratio"]), flat(present), image_size=size,
+        mean=cfg.get("pixel_mean", (0.5, 0.5, 0.5)), std=cfg.get("pixel_std", (0.5, 0.5, 0.5)),
+        jpeg_decode=cfg.get("jpeg_decode", "accurate"))
+    ok = tf.concat([ok[:b, None], tf.reshape(ok[b:], [b, k - 1])], 1)
+    out = {n: v for n, v in batch.items() if n not in _IMAGE_SLOTS}
+    out["pixels"] = pix[:b]
     failed = present & ~ok
     out["_decode_failed"] = tf.cast(failed, tf.int32)
-    valid = out["row_valid"] & ~failed[0]
-    if self.stream == "pair" and len(pix) > 1:  # Ki = 0: both are zero-size, added back later
-      out["related_pixels"] = tf.stack(pix[1:])
-      out["related_valid"] = out["related_valid"] & ok[1:]
-    return mask_invalid(out, valid)
+    if self.stream == "pair":
+      out["related_pixels"] = tf.reshape(pix[b:], [b, k - 1, size, size, 3])
+      out["related_valid"] = out["related_valid"] & ok[:, 1:]
+    return mask_invalid(out, out["row_valid"] & ~failed[:, 0])
 
 
 def mask_invalid(row, valid):
-  """Sets row_valid and zeroes every weight / validity flag of an invalid row (TF)."""
+  """Sets row_valid and zeroes every weight / validity flag of invalid rows (TF): `row` one
+  row and `valid` a scalar, or a batch and `valid` [b]."""
   out = dict(row)
   out["row_valid"] = valid
   for k, v in row.items():
+    shaped = valid[(...,) + (None,) * (v.shape.rank - valid.shape.rank)]
     if k.endswith("_weights"):
-      out[k] = v * tf.cast(valid, v.dtype)
+      out[k] = v * tf.cast(shaped, v.dtype)
     elif (k.endswith("_valid") or k == "visual_mask") and k != "row_valid":
-      out[k] = v & valid
+      out[k] = v & shaped
   return out
