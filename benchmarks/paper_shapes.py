@@ -18,7 +18,7 @@ with ``regions="store"`` its region sources read the converted stores instead of
 
 `RowProfile(stream)` wraps the row builder's parts (read, tokenise, mask, rewrite, regions) with
 timers, so `profile_rows` can say where a row's time goes; `decode_seconds_per_image` times the
-TF decode + resize of the stream's JPEGs on one thread.
+stream's safe TF decode (decode, resize, normalise, error tolerance) of its images on one thread.
 """
 import base64
 import collections
@@ -291,27 +291,49 @@ def profile_rows(stream, batches: int):
 
 
 def decode_seconds_per_image(stream, images: int = 64, jpeg_decode: str = "") -> float:
-  """CPU seconds per image of TF decode + resize + normalise: a one-thread tf.data map in a
-  process whose TF thread pools have one thread each (`_profile_main`), so the process CPU time
-  is the decode's and not idle pool threads spinning. `jpeg_decode` "" is the tree's default."""
+  """CPU seconds per decoded image of what the stream's TF stage runs on its images: the safe
+  decode (decode + resize + normalise and the error tolerance around it) of `images` rows'
+  image slots, absent related images included (not decoded, not counted). In a tree with
+  `images.safe_decode_batch` the rows go in the stream's batches (`Stream._decode_batch`'s
+  layout); in an older one image by image through `safe_decode_image`, as its stream did. A
+  one-thread tf.data map in a process whose TF thread pools have one thread each
+  (`_profile_main`), so the process CPU time is the decode's and not idle pool threads
+  spinning. `jpeg_decode` "" is the tree's default."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from data_pipelines import images as images_lib  # pylint: disable=import-outside-toplevel
   rows = [stream.row(g, *[int(v[0]) for v in stream.mixture.records([g])]) for g in range(images)]
-  data = [r["_image"][0] for r in rows if r["_image"][0]]
-  ratio = [int(r["_image_ratio"][0]) for r in rows if r["_image"][0]]
   size, cfg = stream.builder.d["S"], stream.cfg
-  kw = dict(jpeg_decode=jpeg_decode) if jpeg_decode else {}
-  ds = tf.data.Dataset.from_tensor_slices((data, np.asarray(ratio, np.int32))).map(
-      lambda b, r: images_lib.decode_image(b, r, image_size=size, mean=cfg["pixel_mean"],
-                                           std=cfg["pixel_std"], **kw))
+  kw = dict(image_size=size, mean=cfg["pixel_mean"], std=cfg["pixel_std"])
+  if jpeg_decode:
+    kw["jpeg_decode"] = jpeg_decode
+  b = max(1, min(int(stream.local_batch), len(rows)))
+  groups = [rows[a:a + b] for a in range(0, len(rows) - b + 1, b)]
+
+  def flat(key, group):  # the rows' own images, then their related images, row by row
+    return [r[key][0] for r in group] + [v for r in group for v in list(r[key])[1:]]
+
+  slots = [[flat(key, g) for g in groups] for key in ("_image", "_image_ratio", "_image_present")]
+  decoded = int(np.sum(slots[2]))
+  batched = hasattr(images_lib, "safe_decode_batch")
+  if batched:
+    ds = tf.data.Dataset.from_tensor_slices(
+        (slots[0], np.asarray(slots[1], np.int32), np.asarray(slots[2], bool))).map(
+            lambda d, r, p: images_lib.safe_decode_batch(d, r, p, **kw))
+  else:
+    ds = tf.data.Dataset.from_tensor_slices(
+        (sum(slots[0], []), np.asarray(sum(slots[1], []), np.int32),
+         np.asarray(sum(slots[2], []), bool))).map(
+             lambda d, r, p: images_lib.safe_decode_image(d, r, p, **kw))
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
-  ds = ds.with_options(options).repeat(4)
+  repeats = 4
+  ds = ds.with_options(options).repeat(repeats)
   for _ in ds.take(2):
     pass
   t = time.process_time()
-  n = sum(1 for _ in ds)
-  return (time.process_time() - t) / n
+  for _ in ds:
+    pass
+  return (time.process_time() - t) / max(1, repeats * decoded)
 
 
 # ---------------------------------------------------------------------------------------------

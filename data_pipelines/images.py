@@ -245,9 +245,7 @@ def safe_decode_batch(data, ratio_index, present, *, image_size: int, mean, std,
   the images that need neither DCT scaling nor a resize (JPEGs of ratio index 0 with an S x S
   header, raw S x S pixels) take `decode_image`'s ops without its `tf.case` / `tf.cond` (each
   cost ~100 us of CPU per image there); the other images follow them through `decode_image`
-  itself, and that part of the nested dataset (its function) is only made when a batch has
-  such images: `concatenate` makes the next iterator when the one before it ends, and `batch`
-  stops after the last present image.
+  itself, and that part of the nested dataset is only built when a batch has such images.
   """
   size = int(image_size)
   data = tf.reshape(data, [-1])
@@ -255,37 +253,36 @@ def safe_decode_batch(data, ratio_index, present, *, image_size: int, mean, std,
   present = tf.reshape(tf.cast(present, tf.bool), [-1])
   n = tf.shape(data, out_type=tf.int32)[0]
   fast = check_jpeg_decode(jpeg_decode) == "fast"
-  # Plain candidates, vectorised: present JPEGs at full scale (`tf.io.is_jpeg`'s test).
-  plain = present & tf.equal(ratio_index, 0) & tf.equal(tf.strings.substr(data, 0, 3),
-                                                        b"\xff\xd8\xff")
-  index = tf.cast(tf.reshape(tf.where(present), [-1]), tf.int32)
-  images = tf.data.Dataset.from_tensor_slices(
-      (index, tf.gather(data, index), tf.gather(ratio_index, index), tf.gather(plain, index)))
+  # Routes, vectorised: JPEGs at full scale (`tf.io.is_jpeg`'s test) and raw S x S pixels.
+  jpeg = present & tf.equal(ratio_index, 0) & tf.equal(tf.strings.substr(data, 0, 3),
+                                                       b"\xff\xd8\xff")
+  raw = present & tf.equal(tf.strings.substr(data, 0, 12), RAW_MAGIC + np.asarray(
+      [size, size], "<i4").tobytes()) & tf.equal(tf.strings.length(data), 12 + 3 * size * size)
+  other = present & ~jpeg & ~raw
 
-  def is_direct(i, b, r, p):
-    # The header of the candidates only (the others read a 1 x 1 JPEG header): no branch.
-    shape = tf.io.extract_jpeg_shape(tf.where(p, b, _TINY_JPEG))
-    return p & tf.reduce_all(tf.equal(shape[:2], [size, size]))
+  def slices(which, *extra):
+    index = tf.cast(tf.reshape(tf.where(which), [-1]), tf.int32)
+    return tf.data.Dataset.from_tensor_slices(
+        (index, tf.gather(data, index)) + tuple(tf.gather(x, index) for x in extra))
 
-  def direct(i, b, r, p):
-    if fast:
-      img = tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_FAST", fancy_upscaling=False)
-    else:
-      img = tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE")
+  def square(b):  # an S x S JPEG header
+    return tf.reduce_all(tf.equal(tf.io.extract_jpeg_shape(b)[:2], [size, size]))
+
+  def direct_jpeg(i, b):
+    # Not S x S: raises before the decode, and the image goes on to `decode_image` below.
+    with tf.control_dependencies([tf.debugging.Assert(square(b), [i])]):
+      if fast:
+        img = tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_FAST", fancy_upscaling=False)
+      else:
+        img = tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE")
     img = tf.cast(tf.ensure_shape(img, [size, size, 3]), tf.float32)
     return i, normalise(img, mean=mean, std=std)
 
-  raw_header = RAW_MAGIC + np.asarray([size, size], "<i4").tobytes()
-
-  def is_raw(i, b, r, p):  # already-decoded pixels at S x S (`encode_raw`)
-    return tf.equal(tf.strings.substr(b, 0, 12), raw_header) & tf.equal(
-        tf.strings.length(b), 12 + 3 * size * size)
-
-  def raw(i, b, r, p):
+  def direct_raw(i, b):
     img = tf.reshape(tf.io.decode_raw(tf.strings.substr(b, 12, -1), tf.uint8), [size, size, 3])
     return i, normalise(tf.cast(img, tf.float32), mean=mean, std=std)
 
-  def general(i, b, r, p):
+  def general(i, b, r):
     return i, decode_image(b, r, image_size=size, mean=mean, std=std, jpeg_decode=jpeg_decode)
 
   def decoded(ds, fn):
@@ -293,17 +290,26 @@ def safe_decode_batch(data, ratio_index, present, *, image_size: int, mean, std,
     # AUTOTUNE map of the stream did); `deterministic` keeps them in index order.
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
-  # ignore_errors also drops an image whose header `is_direct` cannot read (its decode would
-  # fail the same way).
-  jpegs = decoded(images.filter(is_direct), direct)
-  raws = decoded(images.filter(is_raw), raw)
-  rest = decoded(images.filter(lambda *x: ~(is_direct(*x) | is_raw(*x))), general)
+  def the_rest(_):
+    # Raw pixels, then the other formats and the full-scale JPEGs that are not S x S (a corrupt
+    # S x S one failed above, and would fail here the same way); an unreadable JPEG header
+    # fails `square` and is dropped by ignore_errors (its decode would fail too). The others
+    # read the header of a 1 x 1 JPEG instead of theirs.
+    rest = slices(other | jpeg, ratio_index, jpeg).filter(
+        lambda i, b, r, j: ~(j & square(tf.where(j, b, _TINY_JPEG))))  # no branch
+    return decoded(slices(raw), direct_raw).concatenate(
+        decoded(rest.map(lambda i, b, r, j: (i, b, r)), general))
+
+  # `concatenate` makes an iterator when the one before it ends and `batch` stops after the
+  # last present image, so a batch of S x S JPEGs never builds the rest (its datasets and
+  # functions: ~100 us per image of CPU when built and not used).
+  later = tf.data.Dataset.from_tensors(0).flat_map(the_rest)
   # All failed (or none is present): the batch is empty and `concatenate` supplies it.
   none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32),
                                        tf.zeros([0, size, size, 3], tf.float32)))
-  m = tf.maximum(tf.shape(index, out_type=tf.int64)[0], 1)
-  got, pixels = jpegs.concatenate(raws).concatenate(rest).batch(m).concatenate(none).take(
-      1).get_single_element()
+  m = tf.maximum(tf.reduce_sum(tf.cast(present, tf.int64)), 1)
+  got, pixels = decoded(slices(jpeg), direct_jpeg).concatenate(later).batch(m).concatenate(
+      none).take(1).get_single_element()
   ok = tf.reduce_any(tf.equal(tf.range(n)[:, None], got[None, :]), axis=1)
   # The usual batch (every image present, decoded, in order) needs no scatter.
   in_order = tf.equal(tf.shape(got)[0], n) & tf.reduce_all(
