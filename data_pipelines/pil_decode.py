@@ -9,7 +9,7 @@ so the pixels are byte-identical for any worker count; the training process then
 per-image work at all (the point: on a host whose cores are all busy, TF decoding in the
 training process competed with the workers, benchmarks/README.md).
 
-What differs from the TF decoders (documented, not a bug; a config is one or the other):
+How it compares with the TF decoders (tests/test_jpeg_decode.py checks each point):
 - JPEG: Pillow's libjpeg-turbo with its defaults (accurate integer IDCT, fancy upsampling), the
   same decode as "accurate" (TF with ``dct_method="INTEGER_ACCURATE"``): the same uint8
   values, bit for bit, for RGB (any chroma subsampling), grayscale and progressive JPEGs, the
@@ -17,20 +17,23 @@ What differs from the TF decoders (documented, not a bug; a config is one or the
   the same choice, `images.jpeg_ratio_index`, done through Pillow's ``draft``);
   tests/test_jpeg_decode.py checks it. CMYK / YCCK JPEGs are converted by Pillow's formula,
   not libjpeg's (at most 1 level apart).
-- Resize (only images not stored at S x S): Pillow's antialiased bilinear filter on uint8
-  (rounded to uint8 before normalising); TF resizes float values.
+- Resize (only images not stored at S x S): TF's antialiased bilinear resize on float32
+  values, bit for bit (`tf_resize`), then the same float32 normalisation, so a resized image
+  also has "accurate"'s values.
 - PNG / GIF / BMP / WebP: Pillow's readers, ``convert("RGB")`` (alpha dropped, palette and gray
   expanded); 16-bit gray keeps its high byte.
 - Bytes Pillow cannot decode (or that are truncated) give zeros and a failed flag, as TF's
   failures do: the row is masked and counted as ``undecodable_image``.
-Normalisation is the same float32 formula, ``(x / 255 - mean) / std``, through a 256-entry
-table per channel (the same float32 operations, once per level instead of once per pixel).
+Normalisation is the same float32 formula, ``(x / 255 - mean) / std`` (`Normaliser`): through
+a 256-entry table per channel for uint8 pixels (the same float32 operations, once per level
+instead of once per pixel), per value for resized float32 pixels.
 """
 import io
 import struct
 
 import numpy as np
 
+from data_pipelines import tf_resize
 from data_pipelines.images import JPEG_RATIOS, RAW_MAGIC
 
 
@@ -45,6 +48,27 @@ def normalise_table(mean, std) -> np.ndarray:
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
   rows = np.stack([(v / np.float32(255.0) - mean[c]) / std[c] for c in range(3)])
   return rows[:1] if np.all(rows == rows[0]) else rows
+
+
+class Normaliser:
+  """``(x / 255 - mean) / std`` in float32 exactly as `images.normalise`: `table` for uint8
+  pixels (`normalise_table`), `floats` for float32 ones (resized)."""
+
+  def __init__(self, mean, std):
+    self.table = normalise_table(mean, std)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if np.all(mean == mean[0]) and np.all(std == std[0]):  # scalars, as images.normalise
+      mean, std = mean[0], std[0]
+    self.mean, self.std = mean, std
+
+  def floats(self, img: np.ndarray, out: np.ndarray):
+    np.divide(np.subtract(np.divide(img, np.float32(255.0)), self.mean), self.std, out=out)
+
+  def levels(self, px: np.ndarray, out: np.ndarray):
+    if self.table.shape[0] == 1:  # the same normalisation for every channel: one lookup
+      np.take(self.table[0], px, out=out, mode="clip")
+    else:
+      np.take(self.table.reshape(-1), px + _CHANNEL_OFFSETS, out=out, mode="clip")
 
 
 def _pixels(data: bytes, ratio_index: int) -> np.ndarray:
@@ -66,27 +90,23 @@ def _pixels(data: bytes, ratio_index: int) -> np.ndarray:
   return np.asarray(im)
 
 
-def decode_into(data, ratio_index: int, out: np.ndarray, table: np.ndarray) -> bool:
-  """Decodes `data` into float32 `out` [S, S, 3] (normalised by `table`); False (and zeros)
-  when the bytes do not decode."""
+def decode_into(data, ratio_index: int, out: np.ndarray, norm: Normaliser) -> bool:
+  """Decodes `data` into float32 `out` [S, S, 3] (resized as TF resizes when not S x S,
+  normalised by `norm`); False (and zeros) when the bytes do not decode."""
   size = out.shape[0]
   try:
     px = _pixels(bytes(data), ratio_index)
-    if px.shape[:2] != (size, size):
-      from PIL import Image  # pylint: disable=import-outside-toplevel
-      px = np.asarray(Image.fromarray(np.ascontiguousarray(px)).resize(
-          (size, size), Image.Resampling.BILINEAR))
   except Exception:  # pylint: disable=broad-except  (any reader error: a bad image, counted)
     out[...] = 0
     return False
-  if table.shape[0] == 1:  # the same normalisation for every channel: one contiguous lookup
-    np.take(table[0], px, out=out, mode="clip")
+  if px.shape[:2] == (size, size):
+    norm.levels(px, out)
   else:
-    np.take(table.reshape(-1), px + _CHANNEL_OFFSETS, out=out, mode="clip")
+    norm.floats(tf_resize.resize(px, size, size), out)
   return True
 
 
-def decode_batch(rows, pixels: np.ndarray, related, failed: np.ndarray, table: np.ndarray):
+def decode_batch(rows, pixels: np.ndarray, related, failed: np.ndarray, norm: Normaliser):
   """Each row's image slots (``_image``, ``_image_ratio``, ``_image_present``, slot 0 the row's
   image, then its related images) -> `pixels` [b, S, S, 3] and `related` [b, Ki, S, S, 3] (or
   None), in place; `failed` [b, 1 + Ki] int32 gets 1 where a present image did not decode.
@@ -97,7 +117,7 @@ def decode_batch(rows, pixels: np.ndarray, related, failed: np.ndarray, table: n
                                                   r["_image_present"])):
       out = pixels[j] if k == 0 else related[j, k - 1]
       if present:
-        ok[j, k] = decode_into(data, ratio, out, table)
+        ok[j, k] = decode_into(data, ratio, out, norm)
       else:
         out[...] = 0
   failed[...] = (np.asarray([list(r["_image_present"]) for r in rows], bool).reshape(

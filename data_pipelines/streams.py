@@ -67,9 +67,9 @@ class Stream:
     self.num_images = (1 + (self.builder.d["Ki"] if stream == "pair" else 0)) if self.patches else 0
     # "pillow": the batch builder decodes the images itself (`pil_decode`), no TF stage.
     self.python_decode = self.patches and cfg.get("jpeg_decode", "accurate") == "pillow"
-    self._table = (pil_decode.normalise_table(cfg.get("pixel_mean", (0.5, 0.5, 0.5)),
-                                              cfg.get("pixel_std", (0.5, 0.5, 0.5)))
-                   if self.python_decode else None)
+    self._norm = (pil_decode.Normaliser(cfg.get("pixel_mean", (0.5, 0.5, 0.5)),
+                                        cfg.get("pixel_std", (0.5, 0.5, 0.5)))
+                  if self.python_decode else None)
     self.sources, self.names, self.neighbours, weights = [], [], [], []
     self.tfidf, self.lexicon = [], []  # per source: {example id: negatives}, rewrite flag
     names = set()
@@ -273,7 +273,7 @@ class Stream:
         out[name] = a
     if self.python_decode:
       ok = pil_decode.decode_batch(rows, out["pixels"], out.get("related_pixels"),
-                                   out["_decode_failed"], self._table)
+                                   out["_decode_failed"], self._norm)
       if "related_valid" in out:
         out["related_valid"] &= ok[:, 1:]
       pil_decode.mask_invalid(out, out["row_valid"] & (out["_decode_failed"][:, 0] == 0))

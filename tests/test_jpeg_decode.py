@@ -1,8 +1,9 @@
 """data.jpeg_decode: "accurate" (the default) is libjpeg's accurate integer IDCT with fancy chroma
 upsampling, the same decode as Pillow's: "pillow" and "accurate" give the same pixels, bit for
 bit, for every JPEG that needs no resize (any chroma subsampling, grayscale, progressive, the DCT
-downscales 1/2, 1/4, 1/8). They differ where the two do other work: CMYK conversion (at most 1
-level) and the resize. TF's own default (`dct_method=""`) is the FAST integer IDCT, not this.
+downscales 1/2, 1/4, 1/8) and for resized images (JPEG, PNG, raw pixels: `tf_resize` is TF's
+antialiased bilinear resize bit for bit). They differ only on CMYK conversion (at most 1
+level). TF's own default (`dct_method=""`) is the FAST integer IDCT, not this.
 "fast" (fast IDCT, no fancy upsampling) differs from "accurate" by a few levels only."""
 import io
 
@@ -11,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_pipelines import images, pil_decode, pipeline, schema
+from data_pipelines import images, pil_decode, pipeline, schema, tf_resize
 from data_pipelines.streams import Stream
 import data_fixtures as fx
 
@@ -39,7 +40,7 @@ def _tf_levels(data, size, mode, ratio=0):
 
 def _pillow_levels(data, size, ratio=0):
   out = np.empty((size, size, 3), np.float32)
-  assert pil_decode.decode_into(data, ratio, out, pil_decode.normalise_table(MEAN, STD))
+  assert pil_decode.decode_into(data, ratio, out, pil_decode.Normaliser(MEAN, STD))
   return out
 
 
@@ -95,15 +96,50 @@ def test_pillow_equals_accurate_bit_for_bit_without_resize(case):
   np.testing.assert_array_equal(pil, acc)
 
 
-def test_pillow_and_accurate_differ_only_slightly_on_cmyk_and_resize():
+def test_pillow_and_accurate_differ_only_slightly_on_cmyk():
   buf = io.BytesIO()
   Image.fromarray(_photo(48, channels=4), "CMYK").save(buf, "JPEG", quality=90)
   cmyk = buf.getvalue()
   diff = np.abs(_tf_levels(cmyk, 48, "accurate") - _pillow_levels(cmyk, 48)) * 127.5
   assert diff.max() <= 1.0 + 1e-3  # Pillow's CMYK -> RGB formula rounds differently
-  resized = _jpeg(_photo(60, width=80))  # not S x S: each resizes with its own filter
-  diff = np.abs(_tf_levels(resized, 48, "accurate") - _pillow_levels(resized, 48)) * 127.5
-  assert 0 < diff.mean() < 2.0
+
+
+def _png(px):
+  buf = io.BytesIO()
+  Image.fromarray(px).save(buf, "PNG")
+  return buf.getvalue()
+
+
+# (name, bytes, S, ratio index): images that need a resize after their decode.
+def _resize_cases():
+  yield "jpeg 60x80 -> 48", _jpeg(_photo(60, width=80)), 48, 0
+  yield "raw 64 -> 48 (the demo's)", images.encode_raw(_photo(64)), 48, 0
+  yield "png 100x150 -> 224 (up)", _png(_photo(100, width=150)), 224, 0
+  big = _jpeg(_photo(480, width=640, seed=2))
+  k = images.jpeg_ratio_index(640, 480, 224)
+  assert images.JPEG_RATIOS[k] == 2  # decoded at 320 x 240, then resized
+  yield "jpeg 640x480 -> 1/2 -> 224", big, 224, k
+  yield "gray png 57x91 -> 48", _png(_photo(57, width=91)[:, :, 0]), 48, 0
+
+
+@pytest.mark.parametrize("case", list(_resize_cases()), ids=lambda c: c[0])
+def test_pillow_equals_accurate_bit_for_bit_with_resize(case):
+  _, data, size, ratio = case
+  np.testing.assert_array_equal(_pillow_levels(data, size, ratio),
+                                _tf_levels(data, size, "accurate", ratio))
+
+
+@pytest.mark.parametrize("shape,out", [((64, 64), (48, 48)), ((300, 200), (224, 224)),
+                                       ((100, 150), (224, 224)), ((225, 224), (224, 224)),
+                                       ((57, 91), (48, 30)), ((5, 3), (17, 2)), ((1, 9), (4, 4))])
+def test_tf_resize_equals_tf_image_resize(shape, out):
+  rng = np.random.default_rng(sum(shape) + sum(out))
+  for img in (rng.integers(0, 256, shape + (3,)).astype(np.uint8),
+              rng.normal(0, 50, shape + (2,)).astype(np.float32)):
+    ref = tf.image.resize(tf.cast(img, tf.float32), out, method="bilinear", antialias=True)
+    got = tf_resize.resize(img, *out)
+    assert got.dtype == np.float32 and got.shape == out + img.shape[2:]
+    np.testing.assert_array_equal(got, ref.numpy())
 
 
 def test_fast_differs_by_a_few_levels():

@@ -65,14 +65,14 @@ def _in_segment(a):
 
 
 def _reference_pixels(path):
-  """Independent decode: Pillow's RGB levels (libjpeg's DCT downscale to >= S, then Pillow's
-  bilinear filter when not S x S), normalised per pixel in float32: (x / 255 - 0.5) / 0.5."""
+  """Independent decode: Pillow's RGB levels (libjpeg's DCT downscale to >= S), TF's antialiased
+  bilinear resize when not S x S, normalised per pixel in float32: (x / 255 - 0.5) / 0.5."""
   im = Image.open(path)
   im.draft("RGB", (S, S))
-  im = im.convert("RGB")
-  if im.size != (S, S):
-    im = im.resize((S, S), Image.Resampling.BILINEAR)
-  px = np.asarray(im).astype(np.float32)
+  px = np.asarray(im.convert("RGB")).astype(np.float32)
+  if px.shape[:2] != (S, S):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    px = tf.image.resize(px, [S, S], method="bilinear", antialias=True).numpy()
   return (px / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
 
 
@@ -252,7 +252,7 @@ def test_decode_ratio_table_and_mask_against_references():
   the numpy mask as the TF one."""
   rng = np.random.default_rng(0)
   big = fx.image_bytes(fx.random_pixels(rng, 8 * S, 8 * S), "JPEG")
-  table = pil_decode.normalise_table((0.4, 0.5, 0.6), (0.2, 0.3, 0.5))
+  table = pil_decode.Normaliser((0.4, 0.5, 0.6), (0.2, 0.3, 0.5))
   out = np.empty((S, S, 3), np.float32)
   assert pil_decode.decode_into(big, 3, out, table)  # ratio 1/8: already S x S
   im = Image.open(__import__("io").BytesIO(big))
