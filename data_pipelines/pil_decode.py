@@ -15,8 +15,9 @@ How it compares with the TF decoders (tests/test_jpeg_decode.py checks each poin
   values, bit for bit, for RGB (any chroma subsampling), grayscale and progressive JPEGs, the
   paper-shape 224 px ones included, and for the DCT downscales of large JPEGs (1/2, 1/4, 1/8:
   the same choice, `images.jpeg_ratio_index`, done through Pillow's ``draft``);
-  tests/test_jpeg_decode.py checks it. CMYK / YCCK JPEGs are converted by Pillow's formula,
-  not libjpeg's (at most 1 level apart).
+  tests/test_jpeg_decode.py checks it. CMYK / YCCK JPEGs are converted to RGB as TF converts
+  them, ``(255 - c) (255 - k) // 255`` of Pillow's (un-inverted) CMYK, not by Pillow's formula
+  (which rounds: 1 level apart on half the values).
 - Resize (only images not stored at S x S): TF's antialiased bilinear resize on float32
   values, bit for bit (`tf_resize`), then the same float32 normalisation, so a resized image
   also has "accurate"'s values.
@@ -85,6 +86,9 @@ def _pixels(data: bytes, ratio_index: int) -> np.ndarray:
   if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
     gray = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
     return np.repeat(gray[:, :, None], 3, axis=2)
+  if im.mode == "CMYK":  # (Adobe) CMYK / YCCK JPEGs: TF's conversion, not Pillow's
+    cmyk = 255 - np.asarray(im).astype(np.uint16)
+    return (cmyk[:, :, :3] * cmyk[:, :, 3:] // 255).astype(np.uint8)
   if im.mode != "RGB":
     im = im.convert("RGB")
   return np.asarray(im)

@@ -44,8 +44,8 @@ Config (``data`` section; `default_config()` has every field with its default):
                        time; benchmarks/README.md): both TF ops in this process's tf.data stage
                        | "pillow" (Pillow + numpy in the batch builder, so in the workers when
                        data.workers > 0: no per-image work in this process; the same pixels as
-                       "accurate", bit for bit, resized images included (`tf_resize`), except
-                       CMYK JPEGs (at most 1 level): `pil_decode`).
+                       "accurate", bit for bit, resized and CMYK images included
+                       (`tf_resize`, `pil_decode`); formats TF does not read (WebP) only here).
                        The demo's synthetic_scenes images are raw pixels: no JPEG decode.
   num_regions, region_feature_dim, num_region_classes   R, F, C of the regions input
   region_mask_rate, region_overlap_threshold            MRP masking (0.15, IoU 0.3)
