@@ -20,9 +20,10 @@ npz / TSV files. The text stream is timed from the raw corpus (``text``) and, on
 from a token store tokenised once (``text_store``, `unimo-jax prepare tokens`). The second
 table also gives the cores busy (CPU seconds of all processes over wall seconds: a stream that
 already keeps every core busy cannot gain from another worker) and the CPU per row of the
-training process and of each worker, and times the JPEG streams twice: decoded by TF ops in
-the training process (``data.jpeg_decode`` "accurate", the default: ``pair_jpeg``,
-``image_jpeg``) and by Pillow in the batch builder, i.e. in the workers (``"pillow"``:
+training process and of each worker, and times the JPEG streams three times: with the default
+``data.jpeg_decode`` "auto" (``pair_jpeg``, ``image_jpeg``: decoded in the workers when there are
+any, by TF ops in the training process with 0), always by TF ops in the training process
+(``"accurate"``: ``*_jpeg_tf``) and always by Pillow in the batch builder (``"pillow"``:
 ``*_jpeg_pil``).
 E.g. (under 3 minutes on 2 cores; ``--cases text,text_store`` and ``--tables
 per_core|workers`` shorten it):
@@ -94,15 +95,73 @@ def time_pipeline(it, batches: int, runs: int):
           [_process_cpu(p) - s for p, s in zip(pids, start)])
 
 
-def worker_rounds(cfg, tok, counts, batches: int, rounds: int, rows_per_batch: int) -> dict:
+def _bare_builder():
+  """Child process of `bare_rate` (``--_bare_builder``): builds its share of batches with
+  `Stream.batch` as a worker does, but alone, after a "go" line on stdin."""
+  import pickle  # pylint: disable=import-outside-toplevel
+  from data_pipelines import streams  # pylint: disable=import-outside-toplevel
+  cfg, tok, stream, first, batches = pickle.loads(sys.stdin.buffer.read(
+      int(sys.stdin.buffer.readline())))
+  st = streams.Stream(stream, cfg, tok, process_index=0, process_count=1, probe=False,
+                      half_regions=False)
+  st.batch(0, first)  # warm-up
+  print("ready", flush=True)
+  sys.stdin.buffer.readline()
+  t, cpu = time.perf_counter(), time.process_time()
+  for k in range(batches):
+    st.batch(0, first + 1 + k)
+  print(json.dumps(dict(wall=time.perf_counter() - t, cpu=time.process_time() - cpu)), flush=True)
+  return 0
+
+
+def bare_rate(cfg, tok, stream: str, builders: int, batches: int, rows_per_batch: int) -> dict:
+  """The machine's own scaling, without the pool: `builders` processes build `batches` batches
+  of `stream` between them (disjoint steps, started together), each alone as a worker builds
+  them. {rate: rows per wall second, busy: cores busy, worker_us: CPU us per row of each}."""
+  import pickle  # pylint: disable=import-outside-toplevel
+  resolved = pipeline.resolve_config(cfg)
+  each = max(1, batches // builders)
+  procs = []
+  try:
+    for k in range(builders):
+      pr = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_bare_builder"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+      payload = pickle.dumps((resolved, tok, stream, 1 + k * (each + 1), each))
+      pr.stdin.write(b"%d\n" % len(payload) + payload)
+      pr.stdin.flush()
+      procs.append(pr)
+    for pr in procs:
+      if pr.stdout.readline().strip() != b"ready":
+        raise RuntimeError("a bare builder did not start (its stderr says why)")
+    for pr in procs:
+      pr.stdin.write(b"go\n")
+      pr.stdin.flush()
+    got = [json.loads(pr.stdout.readline()) for pr in procs]
+  finally:
+    for pr in procs:
+      pr.stdin.close()
+      pr.wait()
+  wall = max(g["wall"] for g in got)
+  rows = each * builders * rows_per_batch
+  return dict(rate=rows / wall, busy=sum(g["cpu"] for g in got) / wall, main_us=0.0,
+              worker_us=[1e6 * g["cpu"] / rows for g in got])
+
+
+def worker_rounds(cfg, tok, counts, batches: int, rounds: int, rows_per_batch: int,
+                  bare_stream: str = "") -> dict:
   """{workers: [one dict per round]}: each round times `batches` batches through a fresh
   pipeline for every value in `counts`, in alternating order (a drift in the machine's speed
   then hits every value alike). Per run: rows per wall second, cores busy (the CPU seconds of
   this process and its workers over the wall seconds), CPU microseconds per row of this process
-  and of each worker (a worker's CPU over all the run's rows)."""
-  out = {w: [] for w in counts}
+  and of each worker (a worker's CPU over all the run's rows). With `bare_stream`, each round
+  also times one and two bare builder processes (`bare_rate`; keys "bare1", "bare2")."""
+  runs = list(counts) + (["bare1", "bare2"] if bare_stream else [])
+  out = {w: [] for w in runs}
   for r in range(rounds):
-    for w in (counts if r % 2 == 0 else counts[::-1]):
+    for w in (runs if r % 2 == 0 else runs[::-1]):
+      if isinstance(w, str):
+        out[w].append(bare_rate(cfg, tok, bare_stream, int(w[-1]), batches, rows_per_batch))
+        continue
       c = cfg.copy_and_resolve_references()
       c.workers = w
       it = pipeline.make_pipeline(c, tokenizer=tok)
@@ -182,11 +241,15 @@ def train_steps_per_second(data_cfg, tokenizer, steps: int) -> float:
 # --paper: the paper's shapes, old code vs new, and worker scaling
 # ---------------------------------------------------------------------------------------------
 
-PAPER_WORKER_CASES = ("text", "text_store", "pair_jpeg", "pair_jpeg_pil", "image_jpeg",
-                      "image_jpeg_pil", "image_npz", "pair_tsv")
-# Cases of the second table only: JPEG streams decoded by Pillow in the batch builder (in the
-# workers when data.workers > 0) instead of by TF ops in this process.
-PILLOW_CASES = (("pair_jpeg_pil", "patches", "pair"), ("image_jpeg_pil", "patches", "image"))
+PAPER_WORKER_CASES = ("text", "text_store", "pair_jpeg", "pair_jpeg_tf", "pair_jpeg_pil",
+                      "image_jpeg", "image_jpeg_tf", "image_jpeg_pil", "image_npz", "pair_tsv")
+# Cases of the second table only: the JPEG streams with a data.jpeg_decode other than the
+# default "auto" (pair_jpeg, image_jpeg: decoded by the workers when data.workers > 0, by TF ops
+# in this process with 0): "accurate" (always TF ops in this process) and "pillow" (always
+# Pillow in the batch builder, i.e. in the workers when data.workers > 0).
+DECODE_CASES = (("pair_jpeg_tf", "patches", "pair"), ("image_jpeg_tf", "patches", "image"),
+                ("pair_jpeg_pil", "patches", "pair"), ("image_jpeg_pil", "patches", "image"))
+CASE_DECODE = {"_tf": "accurate", "_pil": "pillow"}
 
 
 def _paper_tokenizer(root: str):
@@ -240,7 +303,7 @@ def paper_benchmark(args) -> int:
   records, sec, tokens = paper_shapes.convert_tokens(root, tok_spec)
   print(f"one-off conversion text -> store_tokens: {records} records in {sec:.1f} s "
         f"({records / max(sec, 1e-9):,.0f} records/s, {tokens / max(sec, 1e-9):,.0f} tokens/s)")
-  known = [c for c, _, _ in paper_shapes.CASES + PILLOW_CASES]
+  known = [c for c, _, _ in paper_shapes.CASES + DECODE_CASES]
   cases = args.cases.split(",") if args.cases else known
   if any(c not in known for c in cases):
     raise SystemExit(f"--cases {args.cases}: cases are {','.join(known)}")
@@ -292,20 +355,27 @@ def paper_benchmark(args) -> int:
         f"wall second: {args.runs} rounds, each timing every workers value once ({batches} "
         f"batches, a fresh pipeline), in alternating order; medians over the rounds; load "
         f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
+  if scaling:
+    print("  machine 2/1: each round also times the same batches built by one and by two bare "
+          "builder processes (Stream.batch alone, no pool, no tf.data, started together): what "
+          "this machine gives two processes at that moment; pool/machine = (2/1) / (machine 2/1)")
   print(f"  {'case':<11} " + " ".join(f"{f'workers={w}':>11}" for w in counts) +
-        f" {'x (max/0)':>10}" + (f" {'x (2/1)':>8}" if scaling else "") +
+        f" {'x (max/0)':>10}" + (f" {'x (2/1)':>8} {'machine':>8} {'pool/mach':>9}"
+                                 if scaling else "") +
         "   cores busy (CPU s / wall s of all processes), and CPU us per row: this process / "
         "each worker, per workers value" + ("; 2/1 of each round" if scaling else ""))
   tok = tokenizers.load_tokenizer(tok_spec)
-  for case, visual, stream in paper_shapes.CASES + PILLOW_CASES:
+  for case, visual, stream in paper_shapes.CASES + DECODE_CASES:
     if case not in PAPER_WORKER_CASES or case not in cases:
       continue
     cfg = only(paper_shapes.paper_config(root, visual, args.batch, regions="store",
                                          text="store" if case == "text_store" else "raw"),
                stream)
-    if case.endswith("_pil"):
-      cfg.jpeg_decode = "pillow"
-    per_w = worker_rounds(cfg, tok, counts, batches, args.runs, args.batch)
+    for suffix, value in CASE_DECODE.items():
+      if case.endswith(suffix):
+        cfg.jpeg_decode = value
+    per_w = worker_rounds(cfg, tok, counts, batches, args.runs, args.batch,
+                          bare_stream=stream if scaling else "")
     rates = [statistics.median(r["rate"] for r in per_w[w]) for w in counts]
     cells = []
     for w in counts:
@@ -316,8 +386,11 @@ def paper_benchmark(args) -> int:
     ratio, rounds = "", ""
     if scaling:
       per_round = [b["rate"] / a["rate"] for a, b in zip(per_w[1], per_w[2])]
-      ratio = f" {statistics.median(per_round):>8.2f}"
-      rounds = "; " + " ".join(f"{x:.2f}" for x in per_round)
+      machine = [b["rate"] / a["rate"] for a, b in zip(per_w["bare1"], per_w["bare2"])]
+      pool, mach = statistics.median(per_round), statistics.median(machine)
+      ratio = f" {pool:>8.2f} {mach:>8.2f} {pool / mach:>9.2f}"
+      rounds = ("; " + " ".join(f"{x:.2f}" for x in per_round) + "; machine " +
+                " ".join(f"{x:.2f}" for x in machine))
     print(f"  {case:<11} " + " ".join(f"{r:>11,.0f}" for r in rates) +
           f" {max(rates[1:] or rates) / rates[0]:>10.2f}{ratio}   " + "  ".join(cells) + rounds)
   return 0
@@ -381,5 +454,7 @@ def main(argv=None) -> int:
   return 0
 
 
+if __name__ == "__main__" and sys.argv[1:] == ["--_bare_builder"]:
+  sys.exit(_bare_builder())
 if __name__ == "__main__":
   sys.exit(main())

@@ -160,13 +160,16 @@ def jpeg_ratio_index(width, height, image_size: int) -> int:
 
 # "accurate" / "fast": TF ops in the training process's tf.data stage (`decode_image`);
 # "pillow": Pillow + numpy inside the batch builder, i.e. in the row-building workers
-# (`data_pipelines.pil_decode`, which says how its pixels differ).
-JPEG_DECODES = ("accurate", "fast", "pillow")
+# (`data_pipelines.pil_decode`, which says how its pixels differ); "auto" (the default):
+# "accurate"'s pixels for every input, decoded in the builder when data.workers > 0 (Pillow where
+# it is TF's decode bit for bit, TF ops for the rest) and by the TF stage when the training
+# process builds the batches itself.
+JPEG_DECODES = ("auto", "accurate", "fast", "pillow")
 
 
 def check_jpeg_decode(value) -> str:
-  """``data.jpeg_decode``: "accurate" (default), "fast" or "pillow"; ValueError (one line)
-  otherwise."""
+  """``data.jpeg_decode``: "auto" (default), "accurate", "fast" or "pillow"; ValueError (one
+  line) otherwise."""
   if value not in JPEG_DECODES:
     raise ValueError(f"data.jpeg_decode must be one of {JPEG_DECODES}, got {value!r}")
   return value

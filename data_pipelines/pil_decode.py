@@ -1,4 +1,5 @@
-"""``data.jpeg_decode = "pillow"``: images decoded in Python (Pillow + numpy) by the row builder.
+"""``data.jpeg_decode = "pillow"`` (and "auto" with workers): images decoded in Python (Pillow +
+numpy) by the row builder.
 
 With "accurate" / "fast" the builder hands encoded bytes on and TensorFlow decodes them in the
 training process's tf.data stage (`images.decode_image`). With "pillow" the builder itself
@@ -22,9 +23,16 @@ How it compares with the TF decoders (tests/test_jpeg_decode.py checks each poin
   values, bit for bit (`tf_resize`), then the same float32 normalisation, so a resized image
   also has "accurate"'s values.
 - PNG / GIF / BMP / WebP: Pillow's readers, ``convert("RGB")`` (alpha dropped, palette and gray
-  expanded); 16-bit gray keeps its high byte.
+  expanded); 16-bit gray keeps its high byte. TF (2.21) reads GIF, 24/32-bit BMP, 16-bit PNG and
+  RGB WebP to the same pixels; it refuses WebP with alpha and 1-bit BMPs (which Pillow reads)
+  and reads palette BMPs to other pixels (tests/test_jpeg_decode.py): "pillow" differs there.
 - Bytes Pillow cannot decode (or that are truncated) give zeros and a failed flag, as TF's
   failures do: the row is masked and counted as ``undecodable_image``.
+- "auto" (the default, when workers build the batches) takes Pillow only where its decode is
+  TF's bit for bit (`reads_as_tf`: JPEG, 8-bit PNG, raw) and TF's own ops, run in the worker,
+  for everything else (GIF, BMP, 16-bit PNG, ...) and for anything Pillow refuses, so its pixels
+  and its failures are the TF stage's: batches are the same with 0 workers (TF stage) and with
+  any other count (a WebP with alpha is then undecodable, as it is with 0).
 Normalisation is the same float32 formula, ``(x / 255 - mean) / std`` (`Normaliser`): through
 a 256-entry table per channel for uint8 pixels (the same float32 operations, once per level
 instead of once per pixel), per value for resized float32 pixels.
@@ -57,6 +65,7 @@ class Normaliser:
 
   def __init__(self, mean, std):
     self.table = normalise_table(mean, std)
+    self.pixel_mean, self.pixel_std = tuple(mean), tuple(std)  # as configured (for TF ops)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if np.all(mean == mean[0]) and np.all(std == std[0]):  # scalars, as images.normalise
       mean, std = mean[0], std[0]
@@ -94,13 +103,51 @@ def _pixels(data: bytes, ratio_index: int) -> np.ndarray:
   return np.asarray(im)
 
 
-def decode_into(data, ratio_index: int, out: np.ndarray, norm: Normaliser) -> bool:
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def reads_as_tf(data) -> bool:
+  """Whether Pillow decodes `data` exactly as TF's decoder does (tests/test_jpeg_decode.py and
+  tests/test_worker_transport.py check each kind): JPEG (any subsampling, gray, progressive,
+  CMYK, the DCT downscales), PNG of 8 bits per sample (any colour type), and raw pixels."""
+  head = bytes(data[:26])
+  if head[:4] == RAW_MAGIC or head[:3] == b"\xff\xd8\xff":
+    return True
+  return head[:8] == _PNG_MAGIC and len(head) == 26 and head[24] == 8  # IHDR bit depth
+
+
+def tf_decode_into(data, ratio_index: int, out: np.ndarray, norm: Normaliser) -> bool:
+  """`images.decode_image`'s TF ops, eagerly, in this process (loads TensorFlow on first use):
+  what the training process's TF stage would give, into `out`; False (and zeros) when TF
+  cannot decode the bytes either."""
+  from data_pipelines import images  # pylint: disable=import-outside-toplevel
+  from data_pipelines.lazy import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    px = images.decode_image(tf.constant(bytes(data)), tf.constant(int(ratio_index), tf.int32),
+                             image_size=out.shape[0], mean=norm.pixel_mean, std=norm.pixel_std,
+                             jpeg_decode="accurate")
+    out[...] = px.numpy()
+  except Exception:  # pylint: disable=broad-except  (any decoder error: a bad image, counted)
+    out[...] = 0
+    return False
+  return True
+
+
+def decode_into(data, ratio_index: int, out: np.ndarray, norm: Normaliser,
+                tf_exact: bool = False) -> bool:
   """Decodes `data` into float32 `out` [S, S, 3] (resized as TF resizes when not S x S,
-  normalised by `norm`); False (and zeros) when the bytes do not decode."""
+  normalised by `norm`); False (and zeros) when the bytes do not decode. With `tf_exact`
+  (``jpeg_decode = "auto"``), bytes Pillow does not decode as TF does (`reads_as_tf`), or that
+  Pillow refuses, go through TF's own ops (`tf_decode_into`): the TF stage's pixels and
+  failures for every input."""
   size = out.shape[0]
+  if tf_exact and not reads_as_tf(data):
+    return tf_decode_into(data, ratio_index, out, norm)
   try:
     px = _pixels(bytes(data), ratio_index)
   except Exception:  # pylint: disable=broad-except  (any reader error: a bad image, counted)
+    if tf_exact:  # TF decides: it may read what Pillow refuses
+      return tf_decode_into(data, ratio_index, out, norm)
     out[...] = 0
     return False
   if px.shape[:2] == (size, size):
@@ -110,18 +157,20 @@ def decode_into(data, ratio_index: int, out: np.ndarray, norm: Normaliser) -> bo
   return True
 
 
-def decode_batch(rows, pixels: np.ndarray, related, failed: np.ndarray, norm: Normaliser):
+def decode_batch(rows, pixels: np.ndarray, related, failed: np.ndarray, norm: Normaliser,
+                 tf_exact: bool = False):
   """Each row's image slots (``_image``, ``_image_ratio``, ``_image_present``, slot 0 the row's
   image, then its related images) -> `pixels` [b, S, S, 3] and `related` [b, Ki, S, S, 3] (or
   None), in place; `failed` [b, 1 + Ki] int32 gets 1 where a present image did not decode.
-  Returns ok [b, 1 + Ki] bool (decoded; False for absent slots, whose pixels are zeros)."""
+  Returns ok [b, 1 + Ki] bool (decoded; False for absent slots, whose pixels are zeros).
+  `tf_exact`: see `decode_into`."""
   ok = np.zeros(failed.shape, bool)
   for j, r in enumerate(rows):
     for k, (data, ratio, present) in enumerate(zip(r["_image"], r["_image_ratio"],
                                                   r["_image_present"])):
       out = pixels[j] if k == 0 else related[j, k - 1]
       if present:
-        ok[j, k] = decode_into(data, ratio, out, norm)
+        ok[j, k] = decode_into(data, ratio, out, norm, tf_exact)
       else:
         out[...] = 0
   failed[...] = (np.asarray([list(r["_image_present"]) for r in rows], bool).reshape(

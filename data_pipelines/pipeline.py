@@ -39,13 +39,19 @@ Config (``data`` section; `default_config()` has every field with its default):
   image_size, patch_size   S and the patch side (N = (S / patch)^2 visual tokens with patches)
   pixel_mean, pixel_std    per-channel normalisation of pixels in [0, 1] (default 0.5: [-1, 1])
   max_image_pixels     images whose header says more pixels are dropped (image_too_large)
-  jpeg_decode          "accurate" (libjpeg's accurate integer IDCT, fancy chroma upsampling) |
+  jpeg_decode          "auto" (default): "accurate"'s pixels for every input, decoded where the
+                       batch is built: by the workers when data.workers > 0 (Pillow for JPEG and
+                       8-bit PNG, which it decodes as TF does bit for bit; TF ops in the worker
+                       for anything else or anything Pillow refuses), else by TF ops in this
+                       process's tf.data stage; batches identical either way
+                       | "accurate" (libjpeg's accurate integer IDCT, fancy chroma upsampling) |
                        "fast" (fast integer IDCT, no fancy upsampling: other pixels, less decode
                        time; benchmarks/README.md): both TF ops in this process's tf.data stage
                        | "pillow" (Pillow + numpy in the batch builder, so in the workers when
                        data.workers > 0: no per-image work in this process; the same pixels as
                        "accurate", bit for bit, resized and CMYK images included
-                       (`tf_resize`, `pil_decode`); formats TF does not read (WebP) only here).
+                       (`tf_resize`, `pil_decode`); not on WebP with alpha, 1-bit and palette
+                       BMPs, which TF refuses or reads otherwise).
                        The demo's synthetic_scenes images are raw pixels: no JPEG decode.
   num_regions, region_feature_dim, num_region_classes   R, F, C of the regions input
   region_mask_rate, region_overlap_threshold            MRP masking (0.15, IoU 0.3)
@@ -103,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pixel_mean = (0.5, 0.5, 0.5)
   c.pixel_std = (0.5, 0.5, 0.5)
   c.max_image_pixels = 1 << 26
-  c.jpeg_decode = "accurate"
+  c.jpeg_decode = "auto"
   c.num_regions = 36
   c.region_feature_dim = 2048
   c.num_region_classes = 1601
@@ -199,7 +205,9 @@ def _fingerprint(cfg) -> str:
   """Hash of what decides the batches (not parallelism or prefetch)."""
   keep = {k: v for k, v in cfg.items()
           if k not in ("parallel_batches", "prefetch", "workers", "worker_ahead")}
-  if keep.get("jpeg_decode") == "accurate":  # the default of a later field: old states resume
+  if keep.get("jpeg_decode") in ("accurate", "auto"):
+    # The same batches ("auto" is "accurate"'s pixels wherever it decodes), and the default of
+    # a later field: old states resume.
     del keep["jpeg_decode"]
   return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -295,17 +303,14 @@ class DataIterator:
       # The streams may now stand at different steps: the same error until `set_state`.
       self._failed = e
       raise
-    batch = {}
-    for k, v in raw.items():
-      stream, field = k.split("/", 1)
-      if not field.startswith("_"):
-        batch[k] = v
+    batch = {k: v for k, v in raw.items() if "/_" not in k}  # "<stream>/_<field>": internal
     for s, st in self.streams.items():
-      self._count(st, raw[f"{s}/_source"], raw[f"{s}/_drops"], raw.get(f"{s}/_decode_failed"))
-      cut = np.bincount(raw[f"{s}/_source"], weights=raw[f"{s}/_truncated"],
-                        minlength=len(st.names))
-      for name, n in zip(st.names, cut):
-        self._truncated[f"{s}/{name}"] += int(n)
+      sources, truncated = raw[f"{s}/_source"], raw[f"{s}/_truncated"]
+      self._count(st, sources, raw[f"{s}/_drops"], raw.get(f"{s}/_decode_failed"))
+      if truncated.any():  # (most batches have no cut text: no bincount)
+        cut = np.bincount(sources, weights=truncated, minlength=len(st.names))
+        for name, n in zip(st.names, cut):
+          self._truncated[f"{s}/{name}"] += int(n)
       self._slots[s] += st.global_batch
     self._step += 1
     self._run_step += 1
@@ -314,7 +319,11 @@ class DataIterator:
   next = __next__
 
   def _count(self, st, sources, drops, decode_failed):
-    # Summed per source in a few numpy calls (a loop over rows cost ~3 us a row).
+    # Summed per source in a few numpy calls (a loop over rows cost ~3 us a row); a batch with
+    # nothing dropped (most of them) costs one `any` per array.
+    failed = decode_failed is not None and decode_failed.any()
+    if not (failed or drops.any()):
+      return
     sources = np.asarray(sources)
     for s in np.unique(sources):
       mine = sources == s
@@ -323,7 +332,7 @@ class DataIterator:
       for r in np.flatnonzero(per_reason):
         reason = schema.DROP_REASONS[r]
         counts[reason] = counts.get(reason, 0) + int(per_reason[r])
-      if decode_failed is not None:
+      if failed:
         n = int(decode_failed[mine].sum())
         if n:
           counts["undecodable_image"] = counts.get("undecodable_image", 0) + n
@@ -431,6 +440,8 @@ def make_pipeline(data_config, *, process_index: int = 0, process_count: int = 1
   `schema.SchemaError` naming the source and the field when a source cannot feed its stream.
   """
   cfg = resolve_config(data_config)
+  # Resolved once here: the streams (jpeg_decode "auto") and the workers see the same count.
+  cfg["workers"] = workers_lib.resolve_workers(cfg.get("workers", 0))
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
   enabled = schema.enabled_streams(cfg)

@@ -31,6 +31,7 @@ from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, TokenStoreSource, load_neighbours, open_source
 from data_pipelines.sources import token_store
 from data_pipelines.worker_errors import PoolStopped
+from data_pipelines.workers import resolve_workers
 
 _PROBE_RECORDS = 16
 _IMAGE_SLOTS = ("_image", "_image_ratio", "_image_present")
@@ -61,12 +62,17 @@ class Stream:
     self.builder = RowBuilder(stream, cfg, tokenizer)
     self.patches = cfg["visual_input"] == "patches" and stream != "text"
     try:
-      images.check_jpeg_decode(cfg.get("jpeg_decode", "accurate"))
+      jpeg_decode = images.check_jpeg_decode(cfg.get("jpeg_decode", "auto"))
+      workers = resolve_workers(cfg.get("workers", 0))
     except ValueError as e:
       raise schema.SchemaError(str(e)) from None
     self.num_images = (1 + (self.builder.d["Ki"] if stream == "pair" else 0)) if self.patches else 0
-    # "pillow": the batch builder decodes the images itself (`pil_decode`), no TF stage.
-    self.python_decode = self.patches and cfg.get("jpeg_decode", "accurate") == "pillow"
+    # "pillow", and "auto" when workers build the batches: the batch builder decodes the images
+    # itself (`pil_decode`), no TF stage. "auto" decodes exactly as the TF stage would (TF ops
+    # for what Pillow does not decode as TF does), so batches are the same for any worker count.
+    self.python_decode = self.patches and (
+        jpeg_decode == "pillow" or (jpeg_decode == "auto" and workers > 0))
+    self._tf_exact = jpeg_decode == "auto"
     self._norm = (pil_decode.Normaliser(cfg.get("pixel_mean", (0.5, 0.5, 0.5)),
                                         cfg.get("pixel_std", (0.5, 0.5, 0.5)))
                   if self.python_decode else None)
@@ -273,7 +279,7 @@ class Stream:
         out[name] = a
     if self.python_decode:
       ok = pil_decode.decode_batch(rows, out["pixels"], out.get("related_pixels"),
-                                   out["_decode_failed"], self._norm)
+                                   out["_decode_failed"], self._norm, tf_exact=self._tf_exact)
       if "related_valid" in out:
         out["related_valid"] &= ok[:, 1:]
       pil_decode.mask_invalid(out, out["row_valid"] & (out["_decode_failed"][:, 0] == 0))
@@ -365,7 +371,7 @@ class Stream:
     pix, ok = images.safe_decode_batch(
         flat(batch["_image"]), flat(batch["_image_ratio"]), flat(present), image_size=size,
         mean=cfg.get("pixel_mean", (0.5, 0.5, 0.5)), std=cfg.get("pixel_std", (0.5, 0.5, 0.5)),
-        jpeg_decode=cfg.get("jpeg_decode", "accurate"))
+        jpeg_decode=cfg.get("jpeg_decode", "auto"))
     ok = tf.concat([ok[:b, None], tf.reshape(ok[b:], [b, k - 1])], 1)
     out = {n: v for n, v in batch.items() if n not in _IMAGE_SLOTS}
     out["pixels"] = pix[:b]

@@ -6,7 +6,9 @@ process. ``pool.fetch(stream, base, step)`` returns exactly what ``Stream.batch(
 returns in-process: a batch is a pure function of (seed, stream, slot), so which worker builds
 it changes nothing, and batches are byte-identical for 0 (in-process), 1 or N workers. The pool
 keeps ``ahead`` batches per stream in flight (assigned to the least busy worker) and buffers the
-finished ones until tf.data asks for them, in any order.
+finished ones until tf.data asks for them, in any order. There is no reader thread: a thread
+waiting in `fetch` reads every finished result (one such thread at a time), so handing a batch
+over costs no thread switch in this process.
 
 Guarantees kept:
 - exact O(1) resume: `reset()` (on `DataIterator.set_state`) starts a new generation; workers
@@ -15,7 +17,8 @@ Guarantees kept:
   counted once whichever worker reads it.
 - errors: an exception while building a batch becomes a `WorkerError` naming the stream, step,
   slot, source and record; a worker that dies (killed, segfault, out of memory) does the same
-  from the progress record it writes before each row (never a hang: readers see EOF).
+  from the progress record it writes before each row (never a hang: the thread waiting for a
+  batch reads the results itself and sees the dead worker's EOF).
 - shutdown: the workers read their tasks from a pipe whose only writer is this process, so when
   it exits for any reason (close, exit, SIGTERM, SIGKILL) they see EOF and exit; `close()` also
   terminates, then kills, any that do not stop within a few seconds.
@@ -43,6 +46,7 @@ import itertools
 import logging
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -104,8 +108,10 @@ def _send(fd, obj):
   buffers = []
   data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
   raws = [b.raw() for b in buffers]
-  _write(fd, struct.pack(f"<{2 + len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws)))
-  _write(fd, data)
+  # Frame head and pickle in one write: the reader, woken by the first byte, then finds the
+  # whole header there instead of waiting in `read` for a second write.
+  _write(fd, struct.pack(f"<{2 + len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws))
+         + data)
   for r in raws:
     _write(fd, r)
 
@@ -142,7 +148,7 @@ class _Worker:
     self.index, self.proc, self.task_fd, self.result_file = index, proc, task_fd, result_file
     self.in_flight = 0
     self.lock = threading.Lock()
-    self.thread = None
+    self.eof = False  # its result pipe is closed: it exited
 
 
 class WorkerPool:
@@ -166,6 +172,7 @@ class WorkerPool:
     self._done = {}  # (gen, stream, base, step) -> (ok, header or message, segment path)
     self._error = None
     self._closing = False
+    self._reading = False  # a fetching thread is reading the result pipes (one at a time)
     # Shared batch segments (shm_ring): by path; free ones per stream; bytes a batch needs.
     self.shm_prefix = f"unimo_{os.getpid()}_{next(_POOL_IDS)}_"
     self._segments = {}
@@ -193,11 +200,9 @@ class WorkerPool:
             stdin=subprocess.DEVNULL)
         os.close(task_r)
         os.close(result_w)
-        w = _Worker(k, proc, task_w, os.fdopen(result_r, "rb"))
+        # Unbuffered: `select` on the descriptor then says whether a result is waiting.
+        w = _Worker(k, proc, task_w, os.fdopen(result_r, "rb", buffering=0))
         _send(task_w, payload)
-        w.thread = threading.Thread(target=self._read, args=(w,), daemon=True,
-                                    name=f"input-worker-{k}")
-        w.thread.start()
         self._workers.append(w)
     except BaseException:
       self.close()
@@ -209,35 +214,74 @@ class WorkerPool:
     return [w.proc.pid for w in self._workers]
 
   # -- results ---------------------------------------------------------------------------------
-  def _read(self, w: _Worker):
-    while True:
+  # Results are read by the fetching threads themselves, not by a reader thread per worker: a
+  # thread that waits for its batch reads whatever the workers have finished (one thread at a
+  # time, outside the lock), so a batch costs this process no thread hand-off. A worker whose
+  # results are not read meanwhile still has its pipe (1 MiB) to write into; a batch in shared
+  # memory sends a header of a few hundred bytes.
+  def _poll(self, timeout: float) -> list:
+    """(worker, message or None at EOF) for every result that is ready within `timeout`
+    seconds (called without the lock by the one reading thread)."""
+    live = [w for w in self._workers if not w.eof]
+    if not live:
+      return []
+    try:
+      ready, _, _ = select.select([w.result_file for w in live], [], [], timeout)
+    except (OSError, ValueError):  # closed under us (close())
+      return []
+    by_file = {id(w.result_file): w for w in live}
+    out = []
+    for f in ready:
+      w = by_file[id(f)]
       try:
-        msg = _recv(w.result_file)
+        msg = _recv(f)
       except (OSError, ValueError, pickle.UnpicklingError, EOFError):
         msg = None
-      with self._cond:
-        if msg is None:
-          if not self._closing and self._error is None:
-            self._error = WorkerError(self._died(w))
-          self._cond.notify_all()
-          return
-        kind = msg[0]
-        if kind == "fatal":
-          self._error = WorkerError(f"input worker {w.index} could not start: {msg[1]}")
-        elif kind == "batch":
-          _, gen, stream, base, step, ok, value, path, needed = msg
-          w.in_flight = max(0, w.in_flight - 1)
-          if needed:
-            self._need[stream] = max(self._need.get(stream, 0), int(needed))
-          if gen == self._gen and not self._closing:
-            self._done[(gen, stream, base, step)] = (ok, value, path)
-          else:
-            self._give_back(stream, path)
-        elif kind == "skip":
-          _, stream, path = msg
-          w.in_flight = max(0, w.in_flight - 1)
-          self._give_back(stream, path)
-        self._cond.notify_all()
+      out.append((w, msg))
+      if msg is None:
+        w.eof = True
+    return out
+
+  def _handle(self, w: _Worker, msg):
+    """One message from worker `w` (under the lock)."""
+    if msg is None:
+      if not self._closing and self._error is None:
+        self._error = WorkerError(self._died(w))
+      return
+    kind = msg[0]
+    if kind == "fatal":
+      self._error = WorkerError(f"input worker {w.index} could not start: {msg[1]}")
+    elif kind == "batch":
+      _, gen, stream, base, step, ok, value, path, needed = msg
+      w.in_flight = max(0, w.in_flight - 1)
+      if needed:
+        self._need[stream] = max(self._need.get(stream, 0), int(needed))
+      if gen == self._gen and not self._closing:
+        self._done[(gen, stream, base, step)] = (ok, value, path)
+      else:
+        self._give_back(stream, path)
+    elif kind == "skip":
+      _, stream, path = msg
+      w.in_flight = max(0, w.in_flight - 1)
+      self._give_back(stream, path)
+
+  def _collect(self, timeout: float):
+    """Reads and handles the ready results (called with the lock held; the lock is released
+    while reading). Returns at once when another thread is reading: it notifies when done."""
+    if self._reading:
+      if timeout:
+        self._cond.wait(timeout)
+      return
+    self._reading = True
+    self._cond.release()
+    try:
+      got = self._poll(timeout)
+    finally:
+      self._cond.acquire()
+      self._reading = False
+    for w, msg in got:
+      self._handle(w, msg)
+    self._cond.notify_all()
 
   # -- shared segments -------------------------------------------------------------------------
   def _take(self, stream):
@@ -310,15 +354,27 @@ class WorkerPool:
       with w.lock:
         _send(w.task_fd, ("batch", self._gen, stream, int(base), int(step),
                           seg.path if seg is not None else ""))
-    except OSError:  # the worker is gone: its reader thread says why (EOF on its results)
-      self._cond.wait_for(lambda: self._error is not None or self._closing, timeout=10.0)
-      if self._error is None and self._closing:
+    except OSError:  # the worker is gone: what it last said (EOF on its results) says why
+      if self._closing:
         raise PoolStopped("input workers closed") from None
+      self._drain(w)
       raise self._error or WorkerError(self._died(w)) from None
+
+  def _drain(self, w: _Worker):
+    """Handles what a dead worker wrote before its EOF (a "fatal" message, say)."""
+    while not w.eof:
+      try:
+        msg = _recv(w.result_file)
+      except (OSError, ValueError, pickle.UnpicklingError, EOFError):
+        msg = None
+      if msg is None:
+        w.eof = True
+      self._handle(w, msg)
 
   def fetch(self, stream: str, base: int, step: int) -> tuple:
     """`Stream.batch(base, step)` of `stream`, built by a worker; raises WorkerError."""
     with self._cond:
+      self._collect(0)  # what is finished: each worker's load is then known when issuing
       if self._error is not None:
         raise self._error
       gen = self._gen
@@ -338,7 +394,7 @@ class WorkerPool:
           raise PoolStopped("input workers closed")
         if gen != self._gen:
           raise PoolStopped("input workers restarted (data state restored)")
-        self._cond.wait(1.0)
+        self._collect(1.0)
       ok, value, path = self._done.pop(key)
     if not ok:
       self._give_back(stream, path)
@@ -378,9 +434,9 @@ class WorkerPool:
         except subprocess.TimeoutExpired:
           w.proc.kill()
           w.proc.wait()
+    with self._cond:  # a thread reading the results has stopped (EOF) before the files close
+      self._cond.wait_for(lambda: not self._reading, timeout=2.0)
     for w in self._workers:
-      if w.thread is not None:
-        w.thread.join(timeout=2.0)
       w.result_file.close()
     self._done.clear()
     for seg in list(self._segments.values()):

@@ -122,9 +122,9 @@ def test_input_pipeline_paper_mode(tmp_path, capsys):
                     flags=re.M)[:6] == cases
   assert "workers=1" in out and "x (2/1)" not in out
   assert out.count("one-off conversion") == 3
-  # the workers table also times the JPEG streams decoded by Pillow in the builder
-  assert re.findall(r"^  (pair_jpeg_pil|image_jpeg_pil) +[\d,]+", out, flags=re.M) == [
-      "pair_jpeg_pil", "image_jpeg_pil"]
+  # the workers table also times the JPEG streams with "accurate" (TF) and "pillow" decoding
+  assert re.findall(r"^  (\w+_jpeg_(?:pil|tf)) +[\d,]+", out, flags=re.M) == [
+      "pair_jpeg_tf", "image_jpeg_tf", "pair_jpeg_pil", "image_jpeg_pil"]
 
 
 def test_input_pipeline_paper_mode_text_cases(tmp_path, capsys):
@@ -139,3 +139,21 @@ def test_input_pipeline_paper_mode_text_cases(tmp_path, capsys):
                     flags=re.M)
   assert rows == ["text", "text_store"] * 2
   assert "x (2/1)" in out and "CPU us per row" in out and "cores busy" in out
+  # the machine's own 1 -> 2 scaling (bare builder processes) beside the pool's, per round
+  assert "pool/mach" in out
+  for case in ("text", "text_store"):
+    m = re.search(rf"^  {case} +.*; ([\d.]+); machine ([\d.]+)$", out, flags=re.M)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+
+
+def test_bare_rate_counts_every_row(tmp_path):
+  """`bare_rate`: k builder processes share the batches; rows/s and CPU per row are positive
+  and every builder reports."""
+  bench = _load("input_pipeline")
+  paper_shapes = _load("paper_shapes")
+  root = str(tmp_path / "paper")
+  paper_shapes.write_paper_data(root, docs=4, images=2)
+  tok = bench.tokenizers.load_tokenizer(bench._paper_tokenizer(root))
+  cfg = bench.only(paper_shapes.paper_config(root, "patches", 2), "text")
+  got = bench.bare_rate(cfg, tok, "text", 2, 4, 2)
+  assert got["rate"] > 0 and got["busy"] > 0 and len(got["worker_us"]) == 2

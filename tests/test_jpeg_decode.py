@@ -1,10 +1,12 @@
-"""data.jpeg_decode: "accurate" (the default) is libjpeg's accurate integer IDCT with fancy chroma
+"""data.jpeg_decode: "accurate" is libjpeg's accurate integer IDCT with fancy chroma
 upsampling, the same decode as Pillow's: "pillow" and "accurate" give the same pixels, bit for
 bit, for every JPEG that needs no resize (any chroma subsampling, grayscale, progressive, the DCT
 downscales 1/2, 1/4, 1/8) and for resized images (JPEG, PNG, raw pixels: `tf_resize` is TF's
 antialiased bilinear resize bit for bit) and CMYK JPEGs (converted as TF converts them).
 TF's own default (`dct_method=""`) is the FAST integer IDCT, not this.
-"fast" (fast IDCT, no fancy upsampling) differs from "accurate" by a few levels only."""
+"fast" (fast IDCT, no fancy upsampling) differs from "accurate" by a few levels only.
+"auto" (the default) is "accurate"'s pixels wherever the batch is built: Pillow for JPEG and
+8-bit PNG (every colour type checked here against TF), TF's own ops for the rest."""
 import io
 
 import numpy as np
@@ -52,7 +54,7 @@ def test_accurate_is_the_accurate_integer_idct():
   data = _jpeg(_photo())
   ref = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE").numpy()
   np.testing.assert_array_equal(_tf_levels(data, 224, "accurate"), _normalise(ref))
-  assert pipeline.default_config().jpeg_decode == "accurate"
+  assert pipeline.default_config().jpeg_decode == "auto"  # "accurate"'s pixels, anywhere
   # TF's default dct_method is libjpeg-turbo's fast IDCT: other pixels, ~1 level apart.
   tf_default = tf.io.decode_jpeg(data, channels=3).numpy()
   np.testing.assert_array_equal(
@@ -173,7 +175,7 @@ def test_run_config_validation_names_the_field():
   c = demo.get_config()
   config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
                       check_files=False)
-  for ok in ("fast", "pillow"):
+  for ok in ("auto", "accurate", "fast", "pillow"):
     c.data.jpeg_decode = ok
     config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
                         check_files=False)
@@ -181,3 +183,92 @@ def test_run_config_validation_names_the_field():
   with pytest.raises(config_lib.ConfigError, match="data.jpeg_decode must be"):
     config_lib.validate(c, num_devices=8, data_defaults=pipeline.default_config(),
                         check_files=False)
+
+
+# -- "auto": Pillow where it decodes as TF does, TF's ops in the builder for everything else ----
+
+def _png_variants(size=24):
+  """8-bit PNGs of every colour type (what `reads_as_tf` sends to Pillow), name -> bytes."""
+  px = _photo(size, seed=3)
+  rgba = np.concatenate([px, _photo(size, seed=4)[:, :, :1]], -1)
+  pal = Image.fromarray(px).quantize(32)
+  pal_trns = pal.copy()
+  buf = io.BytesIO()
+  pal_trns.save(buf, "PNG", transparency=5)
+  out = {"rgb": fx.image_bytes(px), "rgba": fx.image_bytes(rgba, "PNG"),
+         "gray": fx.image_bytes(px, mode="L"), "gray_alpha": fx.image_bytes(rgba, mode="LA"),
+         "palette_trns": buf.getvalue()}
+  buf = io.BytesIO()
+  pal.save(buf, "PNG")
+  out["palette"] = buf.getvalue()
+  return out
+
+
+def _other_formats(size=24):
+  """Inputs `reads_as_tf` keeps away from Pillow, name -> bytes. TF (2.21) reads GIF, BMP,
+  16-bit PNG and RGB WebP as Pillow does; it refuses WebP with alpha and 1-bit BMPs, which
+  Pillow reads, and reads palette BMPs to other pixels than Pillow's."""
+  px = _photo(size, seed=5)
+  rgba = np.concatenate([px, _photo(size, seed=4)[:, :, :1]], -1)
+  g16 = Image.fromarray(_photo(size, seed=6)[:, :, 0].astype(np.uint16) * 257 + 3)
+  buf = io.BytesIO()
+  g16.save(buf, "PNG")
+  return {"gif": fx.image_bytes(px, "GIF"), "bmp": fx.image_bytes(px, "BMP"),
+          "png16": buf.getvalue(), "webp": fx.image_bytes(px, "WEBP"),
+          "webp_alpha": fx.image_bytes(rgba, "WEBP"),
+          "bmp_palette": fx.image_bytes(px, "BMP", mode="P"),
+          "bmp_1bit": fx.image_bytes(px, "BMP", mode="1")}
+
+
+def test_reads_as_tf_picks_jpeg_8bit_png_and_raw():
+  assert pil_decode.reads_as_tf(_jpeg(_photo(16)))
+  for name, data in _png_variants().items():
+    assert pil_decode.reads_as_tf(data), name
+  assert pil_decode.reads_as_tf(images.RAW_MAGIC + np.array([2, 2], "<i4").tobytes() +
+                                bytes(12))
+  for name, data in _other_formats().items():
+    assert not pil_decode.reads_as_tf(data), name
+  assert not pil_decode.reads_as_tf(b"")
+
+
+@pytest.mark.parametrize("name", sorted(_png_variants()))
+@pytest.mark.parametrize("size", [24, 16])
+def test_pillow_equals_accurate_on_8bit_png(name, size):
+  """Every 8-bit PNG colour type (alpha dropped, palette and gray expanded): Pillow's pixels are
+  TF's decode_png's, bit for bit, at the stored size and resized."""
+  data = _png_variants()[name]
+  ref = tf.io.decode_png(data, channels=3).numpy()
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), ref)
+  np.testing.assert_array_equal(_pillow_levels(data, size), _tf_levels(data, size, "accurate"))
+
+
+@pytest.mark.parametrize("name", sorted(_other_formats()))
+def test_auto_takes_tf_ops_for_the_other_formats(name):
+  """decode_into(tf_exact) on what Pillow does not decode as TF does: TF's own result, pixels or
+  failure, where Pillow alone ("pillow") would differ on three of them."""
+  data = _other_formats()[name]
+  norm = pil_decode.Normaliser(MEAN, STD)
+  out = np.full((16, 16, 3), 7.0, np.float32)
+  ok = pil_decode.decode_into(data, 0, out, norm, tf_exact=True)
+  try:
+    ref = _tf_levels(data, 16, "accurate")
+  except tf.errors.OpError:
+    ref = None
+  assert ok == (ref is not None)
+  if ref is None:
+    assert not out.any()
+  else:
+    np.testing.assert_array_equal(out, ref)
+  pil = np.empty_like(out)
+  pil_ok = pil_decode.decode_into(data, 0, pil, norm)
+  differs = not pil_ok or ref is None or not np.array_equal(pil, ref)
+  assert differs == (name in ("webp_alpha", "bmp_palette", "bmp_1bit")), name
+
+
+def test_auto_defers_to_tf_when_pillow_refuses():
+  """Bytes that look like a PNG but do not decode: Pillow refuses, TF is asked and refuses too
+  (zeros, False); a JPEG Pillow refuses would get TF's answer the same way."""
+  norm = pil_decode.Normaliser(MEAN, STD)
+  out = np.ones((16, 16, 3), np.float32)
+  assert not pil_decode.decode_into(fx.undecodable_png(16, 16), 0, out, norm, tf_exact=True)
+  assert not out.any()

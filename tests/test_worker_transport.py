@@ -303,3 +303,65 @@ def test_no_room_in_shared_memory_falls_back_to_the_pipe(data, monkeypatch):
     _same(a, b)
     assert not _in_segment(b["image/pixels"])
   assert drops == ref_drops
+
+
+@pytest.fixture(scope="module")
+def mixed_formats(tmp_path_factory):
+  """An image folder of every kind "auto" sorts: JPEGs (one resized, one CMYK), 8-bit PNGs
+  (RGBA, palette), GIF, BMP, a 16-bit PNG, WebP, and three that Pillow alone decodes unlike
+  TF (WebP with alpha and a 1-bit BMP, which TF refuses; a palette BMP, which TF reads to other
+  pixels), and an undecodable PNG."""
+  root = tmp_path_factory.mktemp("mixed_formats")
+  rng = np.random.default_rng(9)
+  fx.write_corpus(root / "corpus.txt", 12, rng)
+  fx.write_pairs_jsonl(root / "pairs.jsonl", root / "pimg", 6, rng)
+  folder = root / "imgs"
+  os.makedirs(folder)
+  px = lambda *hw: fx.random_pixels(rng, *hw)  # noqa: E731
+  files = {"a.jpg": fx.image_bytes(px(S, S), "JPEG"),
+           "b.jpg": fx.image_bytes(px(2 * S, 3 * S), "JPEG"),
+           "c.jpg": fx.image_bytes(px(S, S), "JPEG", mode="CMYK"),
+           "d.png": fx.image_bytes(np.concatenate([px(S, S), px(S, S)[:, :, :1]], -1)),
+           "e.png": fx.image_bytes(px(S, S), mode="P"),
+           "f.gif": fx.image_bytes(px(S, S), "GIF"),
+           "g.bmp": fx.image_bytes(px(S + 3, S), "BMP"),
+           "i.webp": fx.image_bytes(px(S, S), "WEBP"),
+           "k.webp": fx.image_bytes(np.concatenate([px(S, S), px(S, S)[:, :, :1]], -1), "WEBP"),
+           "l.bmp": fx.image_bytes(px(S, S), "BMP", mode="P"),
+           "m.bmp": fx.image_bytes(px(S, S), "BMP", mode="1"),
+           "j.png": fx.undecodable_png(S, S)}
+  buf = __import__("io").BytesIO()
+  Image.fromarray(px(S, S)[:, :, 0].astype(np.uint16) * 257).save(buf, "PNG")
+  files["h.png"] = buf.getvalue()
+  for name, data in files.items():
+    (folder / name).write_bytes(data)
+  return root
+
+
+def test_auto_decode_same_batches_for_0_1_2_workers(mixed_formats):
+  """jpeg_decode "auto" (the default): the TF stage decodes with 0 workers, the workers decode
+  with 1 and 2 (Pillow for JPEG / 8-bit PNG, TF's ops for GIF, BMP, 16-bit PNG, WebP and what
+  Pillow refuses); the batches, drop counts and states are byte-identical all the same (with
+  Pillow alone the three odd files would differ: tests/test_jpeg_decode.py)."""
+  def config(w):
+    c = workers_tests._config(mixed_formats, seed=2, workers=w)
+    c.streams.image.batch_size = 5
+    return c
+  assert config(0).jpeg_decode == "auto"
+  it = pipeline.make_pipeline(config(0), tokenizer=TOK)
+  assert not it.streams["image"].python_decode  # TF ops in this process
+  it.close()
+  ref, ref_drops, ref_state = _batches(config(0), 8)
+  for n in (1, 2):
+    it = pipeline.make_pipeline(config(n), tokenizer=TOK)
+    assert it.streams["image"].python_decode  # decoded by the workers
+    it.close()
+    got, drops, state = _batches(config(n), 8)
+    for a, b in zip(ref, got):
+      _same(a, b)
+    assert drops == ref_drops and state == ref_state
+  # Every kind was met; the undecodable PNG and the WebP are the rows TF drops.
+  rows = sum(int(b["image/row_valid"].size) for b in ref)
+  bad = sum(int((~b["image/row_valid"].astype(bool)).sum()) for b in ref)
+  assert rows == 40 and 0 < bad < rows, ref_drops
+  assert ref_drops["imgs"].get("undecodable_image") == bad, ref_drops

@@ -253,8 +253,8 @@ def _check_ranges(cfg: Mapping, data: Mapping) -> None:
     value = _lookup(merged, name)
     if value is not None:
       check_number(name, value, spec)
-  if data.get("jpeg_decode", "accurate") not in ("accurate", "fast", "pillow"):
-    _fail("data.jpeg_decode must be 'accurate', 'fast' or 'pillow', got "
+  if data.get("jpeg_decode", "auto") not in ("auto", "accurate", "fast", "pillow"):
+    _fail("data.jpeg_decode must be 'auto', 'accurate', 'fast' or 'pillow', got "
           f"{data.get('jpeg_decode')!r}")
   for stream, fields in data.get("streams", {}).items():
     for key, spec in STREAM_RANGES.items():
