@@ -278,7 +278,7 @@ def test_decode_ratio_table_and_mask_against_references():
     assert np.array_equal(mine[k], tf_out[k]), k
 
 
-def test_half_to_float_is_numpys_cast_for_every_half():
+def test_half_to_float_is_exact_for_every_half():
   from data_pipelines import half_float  # pylint: disable=import-outside-toplevel
   every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
   every = np.concatenate([every] * 3)  # more than one chunk, and a partial last one
@@ -286,6 +286,24 @@ def test_half_to_float_is_numpys_cast_for_every_half():
   out = np.full(every.shape, 7.0, np.float32)
   half_float.half_to_float(every, out)
   assert out.view(np.uint32).tobytes() == every.astype(np.float32).view(np.uint32).tobytes()
+  # And against IEEE 754 written out (not numpy's cast): the float32 bit pattern of each half,
+  # sign / exponent / mantissa rebiased, subnormals normalised, inf and NaN payloads kept.
+  h = np.arange(1 << 16, dtype=np.uint32)
+  sign, exp, man = h >> 15, (h >> 10) & 0x1F, h & 0x3FF
+  ref = np.empty(1 << 16, np.uint32)
+  for i in range(1 << 16):
+    e, m = int(exp[i]), int(man[i])
+    if e == 31:
+      bits = (0xFF << 23) | (m << 13)
+    elif e:
+      bits = ((e - 15 + 127) << 23) | (m << 13)
+    elif m:
+      p = m.bit_length() - 1  # value m * 2**-24 = 2**(p - 24) * (m / 2**p)
+      bits = ((p - 24 + 127) << 23) | (((m << (23 - p)) & 0x7FFFFF))
+    else:
+      bits = 0
+    ref[i] = (int(sign[i]) << 31) | bits
+  assert out[: 1 << 16].view(np.uint32).tobytes() == ref.tobytes()
   small = np.zeros((3, 4), np.float32)
   half_float.copy_into(small[:2], every[:8].reshape(2, 4))
   assert np.array_equal(small[:2], every[:8].reshape(2, 4).astype(np.float32))
