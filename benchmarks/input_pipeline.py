@@ -346,6 +346,12 @@ def paper_benchmark(args) -> int:
         nt = n["total"] + n["images"] * n["decode_fast"]
         print(f"  {case} with data.jpeg_decode='fast': TF decode {1e6 * n['decode_fast']:.0f} us "
               f"per image, {1 / nt:,.0f} rows per CPU second with decode, {ot / nt:.2f}x old")
+      if "decode_pillow" in n:
+        ot = o["total"] + o["images"] * o["decode"]
+        nt = n["total"] + n["images"] * n["decode_pillow"]
+        print(f"  {case} decoded in the workers (the default 'auto' with data.workers > 0: "
+              f"Pillow): {1e6 * n['decode_pillow']:.0f} us per image, {1 / nt:,.0f} rows per "
+              f"CPU second with decode, {ot / nt:.2f}x old")
   if args.tables == "per_core":
     return 0
   counts = [int(w) for w in args.workers.split(",")]

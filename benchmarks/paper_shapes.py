@@ -336,6 +336,26 @@ def decode_seconds_per_image(stream, images: int = 64, jpeg_decode: str = "") ->
   return (time.process_time() - t) / max(1, repeats * decoded)
 
 
+def pillow_seconds_per_image(stream, images: int = 64) -> float:
+  """CPU seconds per decoded image of the builder's own decode with ``data.jpeg_decode`` "auto"
+  in the workers (`pil_decode.decode_into` with `tf_exact`: Pillow for JPEG, TF's ops for what
+  Pillow does not decode as TF does) on the same image slots as `decode_seconds_per_image`."""
+  from data_pipelines import pil_decode  # pylint: disable=import-outside-toplevel
+  rows = [stream.row(g, *[int(v[0]) for v in stream.mixture.records([g])]) for g in range(images)]
+  size, cfg = stream.builder.d["S"], stream.cfg
+  norm = pil_decode.Normaliser(cfg["pixel_mean"], cfg["pixel_std"])
+  out = np.empty((size, size, 3), np.float32)
+  slots = [(d, r) for row in rows for d, r, p in zip(row["_image"], row["_image_ratio"],
+                                                    row["_image_present"]) if p]
+  repeats = 4
+  pil_decode.decode_into(slots[0][0], slots[0][1], out, norm, True)
+  t = time.process_time()
+  for _ in range(repeats):
+    for d, r in slots:
+      pil_decode.decode_into(d, r, out, norm, True)
+  return (time.process_time() - t) / max(1, repeats * len(slots))
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: the per-row profile of one code tree, as JSON (the benchmark runs it twice, on
 # the current tree and on an older commit's, in subprocesses of one run)
@@ -361,7 +381,8 @@ def _profile_main(argv=None):
                  help="region features from npz / TSV, or from the converted stores (and the "
                  "text_store case from the token store)")
   p.add_argument("--fast_decode", action="store_true",
-                 help="also time JPEG decoding with data.jpeg_decode='fast' (decode_fast)")
+                 help="also time JPEG decoding with data.jpeg_decode='fast' (decode_fast) and "
+                 "the workers' own decode of 'auto' (decode_pillow)")
   a = p.parse_args(argv)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if a.tree:
@@ -387,6 +408,7 @@ def _profile_main(argv=None):
       out[case]["decode"] = decode_seconds_per_image(st, 16)
       if a.fast_decode:
         out[case]["decode_fast"] = decode_seconds_per_image(st, 16, "fast")
+        out[case]["decode_pillow"] = pillow_seconds_per_image(st, 16)
   print("PROFILE " + json.dumps(out), flush=True)
 
 

@@ -122,6 +122,9 @@ def test_input_pipeline_paper_mode(tmp_path, capsys):
                     flags=re.M)[:6] == cases
   assert "workers=1" in out and "x (2/1)" not in out
   assert out.count("one-off conversion") == 3
+  # the per-core table also prices the JPEG rows with the workers' own decode ("auto")
+  assert re.findall(r"^  (\w+) decoded in the workers .* ([\d.]+)x old$", out, flags=re.M) and \
+      len(re.findall(r"decoded in the workers", out)) == 2
   # the workers table also times the JPEG streams with "accurate" (TF) and "pillow" decoding
   assert re.findall(r"^  (\w+_jpeg_(?:pil|tf)) +[\d,]+", out, flags=re.M) == [
       "pair_jpeg_tf", "image_jpeg_tf", "pair_jpeg_pil", "image_jpeg_pil"]
@@ -157,3 +160,16 @@ def test_bare_rate_counts_every_row(tmp_path):
   cfg = bench.only(paper_shapes.paper_config(root, "patches", 2), "text")
   got = bench.bare_rate(cfg, tok, "text", 2, 4, 2)
   assert got["rate"] > 0 and got["busy"] > 0 and len(got["worker_us"]) == 2
+
+
+def test_pillow_seconds_per_image_times_the_workers_decode(tmp_path):
+  """paper_shapes.pillow_seconds_per_image: a positive CPU time per decoded image, on the image
+  slots of a pair stream at the paper's 224 px."""
+  bench = _load("input_pipeline")
+  paper_shapes = _load("paper_shapes")
+  root = str(tmp_path / "paper")
+  paper_shapes.write_paper_data(root, docs=4, images=2)
+  tok = bench.tokenizers.load_tokenizer(bench._paper_tokenizer(root))
+  cfg = bench.pipeline.resolve_config(paper_shapes.paper_config(root, "patches", 2))
+  st = bench.pipeline.Stream("pair", cfg, tok, process_index=0, process_count=1)
+  assert 0 < paper_shapes.pillow_seconds_per_image(st, 2) < 1.0
