@@ -31,7 +31,6 @@ from data_pipelines.mixture import Mixture
 from data_pipelines.sources import BadRecord, TokenStoreSource, load_neighbours, open_source
 from data_pipelines.sources import token_store
 from data_pipelines.worker_errors import PoolStopped
-from data_pipelines.workers import resolve_workers
 
 _PROBE_RECORDS = 16
 _IMAGE_SLOTS = ("_image", "_image_ratio", "_image_present")
@@ -63,7 +62,9 @@ class Stream:
     self.patches = cfg["visual_input"] == "patches" and stream != "text"
     try:
       jpeg_decode = images.check_jpeg_decode(cfg.get("jpeg_decode", "auto"))
-      workers = resolve_workers(cfg.get("workers", 0))
+      # `make_pipeline` resolves data.workers (-1: from the host's cores) before building the
+      # streams, and the workers get that config: all see the same count.
+      workers = int(cfg.get("workers", 0))
     except ValueError as e:
       raise schema.SchemaError(str(e)) from None
     self.num_images = (1 + (self.builder.d["Ki"] if stream == "pair" else 0)) if self.patches else 0
