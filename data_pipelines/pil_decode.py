@@ -42,7 +42,7 @@ import struct
 
 import numpy as np
 
-from data_pipelines import tf_resize
+from data_pipelines import images, tf_resize
 from data_pipelines.images import JPEG_RATIOS, RAW_MAGIC
 
 
@@ -120,8 +120,7 @@ def tf_decode_into(data, ratio_index: int, out: np.ndarray, norm: Normaliser) ->
   """`images.decode_image`'s TF ops, eagerly, in this process (loads TensorFlow on first use):
   what the training process's TF stage would give, into `out`; False (and zeros) when TF
   cannot decode the bytes either."""
-  from data_pipelines import images  # pylint: disable=import-outside-toplevel
-  from data_pipelines.lazy import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = images.tf  # loaded on first use: workers that never get here never load TensorFlow
   try:
     px = images.decode_image(tf.constant(bytes(data)), tf.constant(int(ratio_index), tf.int32),
                              image_size=out.shape[0], mean=norm.pixel_mean, std=norm.pixel_std,

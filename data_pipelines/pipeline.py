@@ -27,9 +27,9 @@ building whole batches; since a batch is a pure function of (seed, stream, step)
 drop counts and states are the same for any worker count (0 builds them in this process).
 With workers, a stream without images to decode in TF (text, region features, images with
 ``jpeg_decode`` "auto" (the default) or "pillow", which the workers decode) takes its numpy
-batches straight from the pool, without tf.data (whose per-batch overhead in this process was the limit of worker
-scaling, benchmarks/README.md): views of the shared segments the workers built them in, no copy
-and no per-row work here; streams with images for TF to decode keep the tf.data stage.
+batches straight from the pool, without tf.data (whose per-batch overhead in this process was
+the limit of worker scaling, benchmarks/README.md): views of the shared segments the workers
+built them in, no copy and no per-row work here; streams with images for TF to decode keep the tf.data stage.
 
 Config (``data`` section; `default_config()` has every field with its default):
   seed                 int, data seed (mixture, record order, masking)

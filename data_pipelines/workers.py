@@ -230,17 +230,18 @@ class WorkerPool:
     except (OSError, ValueError):  # closed under us (close())
       return []
     by_file = {id(w.result_file): w for w in live}
-    out = []
-    for f in ready:
-      w = by_file[id(f)]
-      try:
-        msg = _recv(f)
-      except (OSError, ValueError, pickle.UnpicklingError, EOFError):
-        msg = None
-      out.append((w, msg))
-      if msg is None:
-        w.eof = True
-    return out
+    return [(by_file[id(f)], self._next_message(by_file[id(f)])) for f in ready]
+
+  @staticmethod
+  def _next_message(w: _Worker):
+    """The next message of worker `w`, or None (and `w.eof` set) at EOF or a broken frame."""
+    try:
+      msg = _recv(w.result_file)
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError):
+      msg = None
+    if msg is None:
+      w.eof = True
+    return msg
 
   def _handle(self, w: _Worker, msg):
     """One message from worker `w` (under the lock)."""
@@ -363,13 +364,7 @@ class WorkerPool:
   def _drain(self, w: _Worker):
     """Handles what a dead worker wrote before its EOF (a "fatal" message, say)."""
     while not w.eof:
-      try:
-        msg = _recv(w.result_file)
-      except (OSError, ValueError, pickle.UnpicklingError, EOFError):
-        msg = None
-      if msg is None:
-        w.eof = True
-      self._handle(w, msg)
+      self._handle(w, self._next_message(w))
 
   def fetch(self, stream: str, base: int, step: int) -> tuple:
     """`Stream.batch(base, step)` of `stream`, built by a worker; raises WorkerError."""
