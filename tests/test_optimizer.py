@@ -172,3 +172,54 @@ def test_tree_map_params_maps_moments_only():
   leaves = jax.tree_util.tree_leaves(mapped)
   assert leaves.count("W") == 2 and leaves.count("B") == 2  # mu and nu
   assert "other" in leaves  # the step count
+
+
+@pytest.mark.parametrize("clip, schedule", [(1.0, "linear"), (0.0, "step"), (50.0, "cosine"),
+                                            (1.0, "constant")])
+def test_fused_apply_matches_numpy_reference_and_optax(clip, schedule):
+  """``FusedAdamW.fused_apply`` (the train step's update) against the independent numpy AdamW
+  and against optax's own chain (``update`` + ``apply_updates``) over five steps: parameters,
+  both moments, the counts and the state's tree structure. Gradients alternate between clipped
+  (norm ~ 3 sqrt(15)) and unclipped sizes; the mask decays the matrix only."""
+  rng = np.random.default_rng(1)
+  params = {"w": rng.normal(size=(4, 3)).astype(np.float32),
+            "norm": {"scale": rng.normal(size=(3,)).astype(np.float32)},
+            "bias": rng.normal(size=(3,)).astype(np.float32)}
+  grads = [jax.tree.map(lambda x, s=s: (s * rng.normal(size=x.shape)).astype(np.float32), params)
+           for s in (3.0, 0.05, 3.0, 0.05, 3.0)]
+  cfg = _cfg(learning_rate=0.1, warmup_steps=2, weight_decay=0.1, clip_norm=clip,
+             schedule=schedule, step_boundaries=(3,))
+  tx, sched = opt_lib.make_optimizer(cfg, total_steps=5)
+  assert isinstance(tx, opt_lib.FusedAdamW)
+  p_fused = p_optax = jax.tree.map(jnp.asarray, params)
+  s_fused = s_optax = tx.init(p_fused)
+  apply = jax.jit(tx.fused_apply)
+  for i, g in enumerate(grads):
+    g = jax.tree.map(jnp.asarray, g)
+    norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+    p_fused, s_fused = apply(g, s_fused, p_fused, norm if i % 2 else None)
+    updates, s_optax = tx.update(g, s_optax, p_optax)
+    p_optax = jax.tree.map(lambda a, b: a + b, p_optax, updates)
+  assert jax.tree.structure(s_fused) == jax.tree.structure(s_optax)
+  for a, b in zip(jax.tree.leaves(s_fused), jax.tree.leaves(s_optax)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  flat = lambda t: {"w": t["w"], "scale": t["norm"]["scale"], "bias": t["bias"]}
+  lrs = [float(sched(i)) for i in range(5)]
+  ref = _numpy_adamw(flat(params), [flat(g) for g in grads], lrs, 0.9, 0.98, 1e-6, 0.1,
+                     clip or np.inf, {"w": True, "scale": False, "bias": False})
+  for k, want in ref.items():
+    np.testing.assert_allclose(np.asarray(flat(p_fused)[k]), want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(flat(p_optax)[k]), want, rtol=2e-5, atol=1e-6)
+
+
+def test_fused_apply_keeps_bfloat16_parameters_and_moments():
+  """Parameters and moments keep their dtypes (the arithmetic is float32)."""
+  tx, _ = opt_lib.make_optimizer(_cfg(warmup_steps=0), 10)
+  p = {"w": jnp.ones((4, 2), jnp.bfloat16)}
+  s = tx.init(p)
+  new_p, new_s = tx.fused_apply({"w": jnp.full((4, 2), 0.5, jnp.bfloat16)}, s, p)
+  assert new_p["w"].dtype == jnp.bfloat16
+  assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(new_s), jax.tree.leaves(s)))
+  # first step: lr * (sign(g) + wd * p) = 1e-3 * 1.01 below 1
+  np.testing.assert_allclose(np.asarray(new_p["w"], np.float32), 1 - 1e-3 * 1.01, rtol=1e-2)

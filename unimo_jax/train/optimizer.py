@@ -153,19 +153,99 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     total_steps: number of updates of the run (the end of the decay).
 
   Returns:
-    ``(tx, schedule)``: the optax transformation (clip -> AdamW with masked decay) and the
-    learning-rate schedule, for logging.
+    ``(tx, schedule)``: the optax transformation (clip -> AdamW with masked decay, as a
+    ``FusedAdamW``: optax's chain plus its one-pass ``fused_apply``, which the train steps
+    use) and the learning-rate schedule, for logging.
   """
   schedule = learning_rate_schedule(cfg.learning_rate, total_steps, cfg.warmup_steps,
                                     cfg.schedule, cfg.end_lr_factor,
                                     tuple(getattr(cfg, "step_boundaries", ()) or ()),
                                     float(getattr(cfg, "step_factor", 0.1)))
-  parts = []
-  if cfg.clip_norm and cfg.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  clip = float(cfg.clip_norm) if cfg.clip_norm and cfg.clip_norm > 0 else 0.0
+  parts = [optax.clip_by_global_norm(clip)] if clip else []
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  chain = optax.chain(*parts)
+  return FusedAdamW(chain.init, chain.update, schedule=schedule, b1=float(cfg.b1),
+                    b2=float(cfg.b2), eps=float(cfg.eps), weight_decay=float(cfg.weight_decay),
+                    clip_norm=clip), schedule
+
+
+class FusedAdamW(optax.GradientTransformation):
+  """The optax chain ``clip_by_global_norm -> adamw(mask=decay_mask)`` (its ``init``, ``update``
+  and state, unchanged: checkpoints, shardings and ``tree_map_params`` see optax's own tree)
+  plus ``fused_apply``: the same update written as one element-wise expression per parameter.
+
+  Through optax the step makes a pass over every parameter-sized tree per transformation (the
+  clipped gradients, the two moments, the Adam direction, the decayed direction, the scaled
+  update, then ``apply_updates``), and the clip recomputes the global norm the step already
+  has. ``fused_apply`` computes the new parameters and moments from (gradient, moments,
+  parameter) directly, so XLA emits a few loop fusions per parameter that each read the inputs
+  once (S1 of benchmarks/step_vs_peers.py: see benchmarks/README.md)."""
+
+  def __new__(cls, init, update, **hyper):
+    self = super().__new__(cls, init, update)
+    self.hyper = hyper
+    return self
+
+  def fused_apply(self, grads, opt_state, params, grad_norm=None):
+    """``(new_params, new_opt_state)``: what ``update`` followed by ``optax.apply_updates``
+    returns, up to float rounding. ``grad_norm`` is the gradients' global norm if known."""
+    h = self.hyper
+    if h["clip_norm"]:
+      if grad_norm is None:
+        grad_norm = optax.tree.norm(grads)
+      factor = jnp.where(grad_norm < h["clip_norm"], 1.0, h["clip_norm"] / grad_norm)
+    else:
+      factor = jnp.ones((), jnp.float32)
+    adam = _find_state(opt_state, optax.ScaleByAdamState)
+    sched = _find_state(opt_state, optax.ScaleByScheduleState)
+    count = optax.safe_increment(adam.count)
+    lr = jnp.asarray(h["schedule"](sched.count if sched is not None else adam.count))
+    b1, b2, eps, wd = h["b1"], h["b2"], h["eps"], h["weight_decay"]
+    bc1 = 1 - b1 ** count
+    bc2 = 1 - b2 ** count
+    decay = decay_mask(params)
+
+    def leaf(g, mu, nu, p, decayed):
+      f = jnp.promote_types(p.dtype, jnp.float32)
+      g = g.astype(f) * factor.astype(f)
+      mu = (1 - b1) * g + b1 * mu.astype(f)
+      nu = (1 - b2) * (g * g) + b2 * nu.astype(f)
+      u = (mu / bc1.astype(f)) / (jnp.sqrt(nu / bc2.astype(f)) + eps)
+      if decayed and wd:
+        u = u + wd * p.astype(f)
+      return (p.astype(f) - lr.astype(f) * u).astype(p.dtype), mu, nu
+
+    out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, decay)
+    pick = lambda i, like: jax.tree.map(lambda o, x: o[i].astype(x.dtype), out, like,
+                                        is_leaf=lambda o: isinstance(o, tuple))
+    new_params = pick(0, params)
+    new_adam = adam._replace(count=count, mu=pick(1, adam.mu), nu=pick(2, adam.nu))
+
+    def rebuild(state):
+      if isinstance(state, optax.ScaleByAdamState):
+        return new_adam
+      if isinstance(state, optax.ScaleByScheduleState):
+        return state._replace(count=optax.safe_increment(state.count))
+      if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(rebuild(s) for s in state))
+      if isinstance(state, tuple):
+        return tuple(rebuild(s) for s in state)
+      return state
+    return new_params, rebuild(opt_state)
+
+
+def _find_state(state, kind):
+  """The first ``kind`` (an optax state NamedTuple) inside a chain's nested state, or None."""
+  if isinstance(state, kind):
+    return state
+  if isinstance(state, tuple):
+    for s in state:
+      found = _find_state(s, kind)
+      if found is not None:
+        return found
+  return None
 
 
 def tree_map_params(tx: optax.GradientTransformation, fn: Callable[..., Any], opt_state: Any,

@@ -72,6 +72,8 @@ def guarded_update(tx: optax.GradientTransformation, state, grads, loss) -> tupl
 
   def apply(params_and_opt):
     params, opt_state = params_and_opt
+    if hasattr(tx, "fused_apply"):  # optimizer.FusedAdamW: one pass over each parameter
+      return tx.fused_apply(grads, opt_state, params, grad_norm)
     updates, new_opt = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_opt
 
