@@ -32,7 +32,10 @@ Each process: build, compile/warm up (2 steps), then the median of ``--steps`` s
 analytic training FLOPs (3x the forward matmul FLOPs of the encoder and of the LM head at the
 predicted positions: the same useful work for every implementation, so the stock HF row's extra
 head work is not credited). The JAX f32 matmul ceiling (2048^2, median of 10) is measured at the
-start and the end; the fraction of the ceiling uses their mean. Last, per shape, the step's
+start and the end; "of ceiling" uses their mean. Every JAX implementation's process also times
+three of those matmuls after each of its steps ("own ceiling", ``time_interleaved``): "of own
+ceiling" is each process's GFLOP/s over the rate the machine gave a matmul while that process
+ran (range over rounds), the fraction that does not move with the machine's drift. Last, per shape, the step's
 matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted on its own, summed
 per step): how close to the ceiling the products themselves get, and how much of the fastest
 ``ours`` step is everything else (element-wise work, the optimizer, the products' slowdown
@@ -104,6 +107,40 @@ def _time(step, steps: int, warmup: int = 2) -> float:
     step()
     times.append(time.perf_counter() - t)
   return statistics.median(times)
+
+
+def ceiling_probe(shape):
+  """``() -> seconds`` of one JAX f32 n x n matmul (n = 2048; 256 for the smoke shape), the
+  same product as the ceiling worker's, built and warmed up."""
+  import jax
+  import jax.numpy as jnp
+  n = 256 if shape is SHAPES["T1"] else 2048
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(f(a, a))
+
+  def probe():
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    return time.perf_counter() - t
+  probe.flops = 2.0 * n ** 3
+  return probe
+
+
+def time_interleaved(step, probe, steps: int, warmup: int = 2, probes: int = 3) -> tuple:
+  """``(median step seconds, median ceiling GFLOP/s)`` with ``probes`` ceiling matmuls after
+  every timed step: the machine's matmul rate at the moment the step ran. On a shared VM whose
+  speed drifts by 1.5x within a minute (benchmarks/README.md) a ceiling measured minutes apart
+  says little about one process; this one is measured beside it."""
+  for _ in range(warmup):
+    step()
+  times, rates = [], []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+    rates += [probe.flops / probe() / 1e9 for _ in range(probes)]
+  return statistics.median(times), statistics.median(rates)
 
 
 def _worker_ceiling(shape, steps, dtype):
@@ -327,7 +364,12 @@ def worker(name: str, shape_name: str, steps: int, dtype: str) -> None:
   if name in ("ceiling", "matmuls"):
     out = globals()[f"_worker_{name}"](shape, steps, dtype)
   else:
-    out = dict(seconds=_time(globals()[f"_worker_{name}"](shape, steps, dtype), steps))
+    step = globals()[f"_worker_{name}"](shape, steps, dtype)
+    if name.startswith("hf"):  # no JAX thread pool beside torch's: the torch rows get none
+      out = dict(seconds=_time(step, steps))
+    else:
+      seconds, own = time_interleaved(step, ceiling_probe(shape), steps)
+      out = dict(seconds=seconds, own_ceiling_gflops=own)
   if "jax" in sys.modules:  # the JAX rows: how many devices the step ran on
     out["devices"] = len(sys.modules["jax"].devices())
   out.update(impl=name, shape=shape_name, dtype=dtype, wall=time.perf_counter() - t0,
@@ -412,9 +454,10 @@ def print_table(results, ceilings, ceiling, shapes, impls, bf16):
   print(f"\nJAX f32 matmul ceiling: {cs} GFLOP/s (start, end)")
   print("step time: median of each process, range over rounds; ratio = ours / peer per round "
         "(range); GFLOP/s and fraction of the ceiling from the analytic FLOPs")
-  head = "| shape | dtype | impl | s/step | ours / impl | GFLOP/s | of ceiling | peak RSS MiB |"
+  head = ("| shape | dtype | impl | s/step | ours / impl | GFLOP/s | of ceiling | "
+          "own ceiling GFLOP/s | of own ceiling | peak RSS MiB |")
   print(head)
-  print("|" + "---|" * 8)
+  print("|" + "---|" * 10)
   for shape in shapes:
     flops = train_flops(SHAPES[shape])
     for dtype in (("float32", "bfloat16") if bf16 else ("float32",)):
@@ -429,11 +472,36 @@ def print_table(results, ceilings, ceiling, shapes, impls, bf16):
         secs = [x["seconds"] for x in rows]
         med = statistics.median(secs)
         gflops = flops / med / 1e9
+        own = [x["own_ceiling_gflops"] for x in rows if x.get("own_ceiling_gflops")]
+        own_cell = f"{statistics.median(own):.0f}" if own else "-"
+        # per process: its step's GFLOP/s over the ceiling measured between its steps
+        fracs = [flops / x["seconds"] / 1e9 / x["own_ceiling_gflops"] for x in rows
+                 if x.get("own_ceiling_gflops")]
         print(f"| {shape} | {dtype} | {name} | {_fmt_range(secs)} | "
               f"{_fmt_range(ratios) if ratios else '-'} | {gflops:.0f} | "
-              f"{gflops / ceiling:.2f} | {max(x['peak_rss_mib'] for x in rows):.0f} |")
-  for line in best_ratios(results):
+              f"{gflops / ceiling:.2f} | {own_cell} | "
+              f"{_fmt_range(fracs) if fracs else '-'} | "
+              f"{max(x['peak_rss_mib'] for x in rows):.0f} |")
+  for line in best_ratios(results) + own_ceiling_lines(results):
     print(line)
+
+
+def own_ceiling_lines(results):
+  """Per (shape, dtype): each round's fastest ours as a fraction of its process's own ceiling."""
+  lines = []
+  for shape, dtype in sorted({(x["shape"], x["dtype"]) for x in results}):
+    per_round = []
+    for r in sorted({x["round"] for x in results}):
+      ours = [x for x in results if (x["shape"], x["dtype"], x["round"]) == (shape, dtype, r)
+              and x["impl"] in OURS and x.get("own_ceiling_gflops")]
+      if ours:
+        o = min(ours, key=lambda x: x["seconds"])
+        frac = train_flops(SHAPES[shape]) / o["seconds"] / 1e9 / o["own_ceiling_gflops"]
+        per_round.append(f"{frac:.2f} ({o['impl']}, {o['own_ceiling_gflops']:.0f} GFLOP/s)")
+    if per_round:
+      lines.append(f"{shape} {dtype}: fastest ours / its own ceiling per round: "
+                   + ", ".join(per_round))
+  return lines
 
 
 def matmul_lines(results, matmuls, ceiling):

@@ -35,9 +35,10 @@ def test_flops_batch_and_table(capsys):
   assert np.all(np.take_along_axis(ids, pos, 1) == 9)  # the mask id: vocab - 1
   assert np.all(np.diff(pos, axis=1) > 0) and targets.max() < 9
 
-  results = [dict(impl=i, shape="T1", dtype="float32", round=r, seconds=s, peak_rss_mib=100)
-             for r, (a, b) in enumerate(((1.0, 2.0), (1.5, 2.0))) for i, s in (("ours", a),
-                                                                               ("flax", b))]
+  results = [dict(impl=i, shape="T1", dtype="float32", round=r, seconds=s, peak_rss_mib=100,
+                  own_ceiling_gflops=c)
+             for r, (a, b) in enumerate(((1.0, 2.0), (1.5, 2.0))) for i, s, c in (
+                 ("ours", a, 40.0), ("flax", b, 20.0 * r + 10.0))]
   ceilings = [dict(gflops=10.0), dict(gflops=30.0)]
   bench.print_table(results, ceilings, 20.0, ["T1"], ["ours", "flax"], False)
   out = capsys.readouterr().out
@@ -46,6 +47,28 @@ def test_flops_batch_and_table(capsys):
   assert "| 0.500-0.750 |" in flax_row  # ours / flax in rounds 0 and 1
   gflops = bench.train_flops(bench.SHAPES["T1"]) / 2.0 / 1e9
   assert f"| {gflops:.0f} | {gflops / 20:.2f} |" in flax_row
+  # own ceiling: the median of flax's processes (10, 30), and per process GFLOP/s over its own
+  own = sorted((gflops / 10, gflops / 30))
+  assert f"| 20 | {own[0]:.3f}-{own[1]:.3f} | 100 |" in flax_row
+  ours = bench.train_flops(bench.SHAPES["T1"]) / 1e9 / 40.0
+  assert (f"T1 float32: fastest ours / its own ceiling per round: {ours / 1.0:.2f} (ours, 40 "
+          f"GFLOP/s), {ours / 1.5:.2f} (ours, 40 GFLOP/s)") in out
+
+
+def test_interleaved_timing_probes_the_ceiling_after_every_step():
+  bench = _bench()
+  calls = []
+  step = lambda: calls.append("step")
+
+  def probe():
+    calls.append("probe")
+    return 0.5
+  probe.flops = 10e9
+  seconds, gflops = bench.time_interleaved(step, probe, steps=3, warmup=1, probes=2)
+  assert calls == ["step"] + ["step", "probe", "probe"] * 3
+  assert gflops == pytest.approx(20.0) and seconds >= 0
+  real = bench.ceiling_probe(bench.SHAPES["T1"])
+  assert real() > 0 and real.flops == 2.0 * 256 ** 3
 
 
 def test_matmul_products_are_the_analytic_flops(capsys):
