@@ -39,7 +39,8 @@ ran (range over rounds), the fraction that does not move with the machine's drif
 matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted on its own, summed
 per step): how close to the ceiling the products themselves get, and how much of the fastest
 ``ours`` step is everything else (element-wise work, the optimizer, the products' slowdown
-inside one program).
+inside one program). With a torch row, the same products alone in torch (`matmuls_torch`):
+the JAX products' sum over the fastest torch step is a floor for ``ours / that peer``.
 
 bf16 row (``--bf16``): ours with ``model.dtype = bfloat16`` (float32 parameters, bf16 matmuls
 accumulating in float32) beside HF masked-head under ``torch.autocast("cpu", bfloat16)``. To add
@@ -205,6 +206,23 @@ def _worker_matmuls(shape, steps, dtype):
   return dict(seconds=sec, gflops=train_flops(shape) / sec / 1e9)
 
 
+def _worker_matmuls_torch(shape, steps, dtype):
+  """The same products (`matmul_products`) in torch, each timed alone and summed per step: the
+  peer's matrix-multiply library (MKL / oneDNN on x86) on the shapes of the step. Beside the
+  JAX sum it bounds what any formulation of the step on XLA:CPU's matmuls can reach against
+  the torch rows: ``ours / peer >= (JAX products alone) / (peer step)``."""
+  import torch
+  fns = dict(nn=lambda x, w: x @ w, nt=lambda x, w: x @ w.T, tn=lambda x, w: x.T @ w,
+             scores=lambda q, k: torch.einsum("bld,bmd->blm", q, k),
+             mix=lambda a, u: torch.einsum("blm,bmd->bld", a, u))
+  sec = 0.0
+  with torch.no_grad():
+    for kind, shapes, count in matmul_products(shape):
+      args = [torch.ones(s, dtype=getattr(torch, dtype)) for s in shapes]
+      sec += count * _time(lambda: fns[kind](*args), max(3, steps))
+  return dict(seconds=sec, gflops=train_flops(shape) / sec / 1e9)
+
+
 def step_fn(name: str, shape_name: str, dtype: str = "float32"):
   """The one-step callable of implementation ``name`` (built and compiled, not yet run)."""
   return globals()[f"_worker_{name}"](SHAPES[shape_name], 0, dtype)
@@ -361,7 +379,7 @@ def _worker_hf_masked(shape, steps, dtype):
 def worker(name: str, shape_name: str, steps: int, dtype: str) -> None:
   shape = SHAPES[shape_name]
   t0 = time.perf_counter()
-  if name in ("ceiling", "matmuls"):
+  if name in ("ceiling", "matmuls", "matmuls_torch"):
     out = globals()[f"_worker_{name}"](shape, steps, dtype)
   else:
     step = globals()[f"_worker_{name}"](shape, steps, dtype)
@@ -439,6 +457,9 @@ def main(argv=None):
   ceilings.append(spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout))
   ceiling = statistics.mean(c["gflops"] for c in ceilings)
   matmuls = {s: spawn("matmuls", s, a.steps, "float32", a.timeout) for s in shapes}
+  if any(i.startswith("hf") for i in impls):
+    for s in shapes:
+      matmuls[s]["torch"] = spawn("matmuls_torch", s, a.steps, "float32", a.timeout)
   print_table(results, ceilings, ceiling, shapes, impls, a.bf16)
   for line in matmul_lines(results, matmuls, ceiling):
     print(line)
@@ -520,6 +541,15 @@ def matmul_lines(results, matmuls, ceiling):
                f"({(best - mm['seconds']) / best:.0%}) beyond them; 0.75 of the ceiling is a "
                f"{train_flops(SHAPES[shape]) / (0.75 * ceiling * 1e9):.3f} s step")
     lines.append(line)
+    peers = [x["seconds"] for x in results if x["shape"] == shape
+             and x["impl"].startswith("hf") and x["dtype"] == "float32"]
+    if "torch" in mm and peers:
+      tm = mm["torch"]
+      lines.append(
+          f"{shape}: the same matmuls alone in torch {tm['seconds']:.3f} s ({tm['gflops']:.0f} "
+          f"GFLOP/s, {mm['seconds'] / tm['seconds']:.2f}x faster than JAX's); the fastest torch "
+          f"step {min(peers):.3f} s, so with JAX's products alone ours / that peer >= "
+          f"{mm['seconds'] / min(peers):.3f} even if everything else in the step were free")
   return lines
 
 

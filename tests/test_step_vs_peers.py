@@ -87,6 +87,13 @@ def test_matmul_products_are_the_analytic_flops(capsys):
   (line,) = bench.matmul_lines(results, {"T1": dict(seconds=2.0, gflops=10.0)}, 20.0)
   assert "alone 2.000 s (10 GFLOP/s, 0.50 of the ceiling)" in line
   assert "ours step 3.000 s spends 1.000 s (33%) beyond them" in line
+  # with the torch products: the floor of ours / fastest torch row
+  torch_out = bench._worker_matmuls_torch(bench.SHAPES["T1"], 1, "float32")
+  assert torch_out["seconds"] > 0
+  mm = {"T1": dict(seconds=2.0, gflops=10.0, torch=dict(seconds=1.0, gflops=20.0))}
+  _, floor = bench.matmul_lines(results, mm, 20.0)
+  assert "in torch 1.000 s (20 GFLOP/s, 2.00x faster than JAX's)" in floor
+  assert "fastest torch step 1.000 s" in floor and "ours / that peer >= 2.000" in floor
 
 
 def test_cpu_devices_divide_the_batch(monkeypatch):
