@@ -17,6 +17,11 @@ linear warmup followed by a linear decay. All of these are config fields (``conf
   clip_norm          global-norm clipping threshold; 0 turns clipping off
   grad_accum_steps   micro-batches per update (see below)
 
+The transformation is optax's ``clip_by_global_norm -> adamw`` chain wrapped as a
+``FusedAdamW``: the same ``init`` / ``update`` / state tree (checkpoints and shardings are
+optax's), plus ``fused_apply``, which the train and fine-tuning steps call to compute the new
+parameters and moments in one element-wise pass per parameter instead of one per transformation.
+
 Gradient accumulation is an explicit loop over micro-batches inside the jitted train step
 (``train_step.accumulate_gradients``), not ``optax.MultiSteps``:
 
