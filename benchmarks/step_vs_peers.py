@@ -35,8 +35,8 @@ head work is not credited). The JAX f32 matmul ceiling (2048^2, median of 10) is
 start and the end; "of ceiling" uses their mean. Every JAX implementation's process also times
 three of those matmuls after each of its steps ("own ceiling", ``time_interleaved``): "of own
 ceiling" is each process's GFLOP/s over the rate the machine gave a matmul while that process
-ran (range over rounds), the fraction that does not move with the machine's drift. Last, per shape, the step's
-matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted on its own, summed
+ran (range over rounds), the fraction that does not move with the machine's drift. Last, per
+shape, the step's matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted on its own, summed
 per step): how close to the ceiling the products themselves get, and how much of the fastest
 ``ours`` step is everything else (element-wise work, the optimizer, the products' slowdown
 inside one program). With a torch row, the same products alone in torch (`matmuls_torch`):
@@ -145,14 +145,9 @@ def time_interleaved(step, probe, steps: int, warmup: int = 2, probes: int = 3) 
 
 
 def _worker_ceiling(shape, steps, dtype):
-  import jax
-  import jax.numpy as jnp
-  n = 256 if shape is SHAPES["T1"] else 2048
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(f(a, a))
-  sec = _time(lambda: jax.block_until_ready(f(a, a)), 10)
-  return dict(seconds=sec, gflops=2 * n ** 3 / sec / 1e9)
+  probe = ceiling_probe(shape)
+  sec = _time(probe, 10)
+  return dict(seconds=sec, gflops=probe.flops / sec / 1e9)
 
 
 def matmul_products(shape) -> list:
@@ -190,20 +185,32 @@ def product_flops(kind, shapes) -> float:
   return 2.0 * batch * r * k * c  # mix: (b, l, l') (b, l', d)
 
 
+def _products_seconds(shape, steps, einsum, ones, run) -> dict:
+  """Every product of `matmul_products` timed alone and summed per step: ``einsum`` is the
+  library's, ``ones(shape)`` makes an operand, ``run(kind, fn, args)`` computes one product to
+  completion."""
+  fns = dict(nn=lambda x, w: x @ w, nt=lambda x, w: x @ w.T, tn=lambda x, w: x.T @ w,
+             scores=lambda q, k: einsum("bld,bmd->blm", q, k),
+             mix=lambda a, u: einsum("blm,bmd->bld", a, u))
+  sec = 0.0
+  for kind, shapes, count in matmul_products(shape):
+    args = [ones(s) for s in shapes]
+    sec += count * _time(lambda: run(kind, fns[kind], args), max(3, steps))
+  return dict(seconds=sec, gflops=train_flops(shape) / sec / 1e9)
+
+
 def _worker_matmuls(shape, steps, dtype):
   """The step's matmuls alone (`matmul_products`, each jitted on its own), summed per step: the
   time a step would take if everything else were free and each product ran as fast as alone."""
   import jax
   import jax.numpy as jnp
-  fns = dict(nn=lambda x, w: x @ w, nt=lambda x, w: x @ w.T, tn=lambda x, w: x.T @ w,
-             scores=lambda q, k: jnp.einsum("bld,bmd->blm", q, k),
-             mix=lambda a, u: jnp.einsum("blm,bmd->bld", a, u))
-  fns = {k: jax.jit(f) for k, f in fns.items()}
-  sec = 0.0
-  for kind, shapes, count in matmul_products(shape):
-    args = [jnp.ones(s, jnp.dtype(dtype)) for s in shapes]
-    sec += count * _time(lambda: jax.block_until_ready(fns[kind](*args)), max(3, steps))
-  return dict(seconds=sec, gflops=train_flops(shape) / sec / 1e9)
+  jitted = {}
+
+  def run(kind, fn, args):
+    f = jitted.setdefault(kind, jax.jit(fn))
+    return jax.block_until_ready(f(*args))
+  return _products_seconds(shape, steps, jnp.einsum,
+                           lambda s: jnp.ones(s, jnp.dtype(dtype)), run)
 
 
 def _worker_matmuls_torch(shape, steps, dtype):
@@ -212,15 +219,10 @@ def _worker_matmuls_torch(shape, steps, dtype):
   JAX sum it bounds what any formulation of the step on XLA:CPU's matmuls can reach against
   the torch rows: ``ours / peer >= (JAX products alone) / (peer step)``."""
   import torch
-  fns = dict(nn=lambda x, w: x @ w, nt=lambda x, w: x @ w.T, tn=lambda x, w: x.T @ w,
-             scores=lambda q, k: torch.einsum("bld,bmd->blm", q, k),
-             mix=lambda a, u: torch.einsum("blm,bmd->bld", a, u))
-  sec = 0.0
   with torch.no_grad():
-    for kind, shapes, count in matmul_products(shape):
-      args = [torch.ones(s, dtype=getattr(torch, dtype)) for s in shapes]
-      sec += count * _time(lambda: fns[kind](*args), max(3, steps))
-  return dict(seconds=sec, gflops=train_flops(shape) / sec / 1e9)
+    return _products_seconds(shape, steps, torch.einsum,
+                             lambda s: torch.ones(s, dtype=getattr(torch, dtype)),
+                             lambda kind, fn, args: fn(*args))
 
 
 def step_fn(name: str, shape_name: str, dtype: str = "float32"):
