@@ -85,3 +85,34 @@ def test_gradients_match_finite_differences_float64():
     shift = lambda s: jax.tree.map(lambda x, d: x + s * eps * d, (params, features), direction)
     numeric = (loss(*shift(1.0)) - loss(*shift(-1.0))) / (2 * eps)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-7)
+
+
+def test_dense_product_gradients_match_autodiff_of_the_plain_dot():
+  """``layers.dense_product`` (the projections' product on CPU float32, whose weight gradient
+  transposes the smaller operand itself) against autodiff of ``lax.dot_general`` and against
+  the hand-written products in numpy: widening (K < N, the transposed-x path) and narrowing
+  (K > N) projections, one and two contracted dims, several output dims; jitted."""
+  from unimo_jax.model import layers
+  rng = np.random.default_rng(3)
+  cases = [((3, 5, 4), (4, 7), 1), ((3, 5, 8), (8, 2), 1), ((3, 5, 2, 3), (2, 3, 9), 2),
+           ((4, 6), (6, 3, 2, 5), 1), ((2, 3, 4, 2), (4, 2, 3), 2)]
+  for xs, ws, k in cases:
+    x = rng.normal(size=xs).astype(np.float32)
+    w = rng.normal(size=ws).astype(np.float32)
+    c = rng.normal(size=xs[:len(xs) - k] + ws[k:]).astype(np.float32)
+    ours = jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(layers.dense_product(x, w, k, jnp.float32) * c), (0, 1)))
+    plain = jax.value_and_grad(
+        lambda x, w: jnp.sum(layers._dense_dot(x, w, k, jnp.float32) * c), (0, 1))
+    (v1, (dx1, dw1)), (v2, (dx2, dw2)) = ours(x, w), plain(x, w)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw1, dw2, rtol=1e-5, atol=1e-5)
+    # numpy: rows R = prod(lead), dx = c W^T, dW = X^T c
+    r, kk = int(np.prod(xs[:len(xs) - k])), int(np.prod(xs[len(xs) - k:]))
+    x2, w2, c2 = x.reshape(r, kk), w.reshape(kk, -1), c.reshape(r, -1)
+    np.testing.assert_allclose(dx1, (c2 @ w2.T).reshape(xs), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw1, (x2.T @ c2).reshape(ws), rtol=1e-4, atol=1e-5)
+  # the model's projections use it on CPU float32 only
+  assert layers._use_dense_product(jnp.float32) == (jax.default_backend() == "cpu")
+  assert not layers._use_dense_product(jnp.bfloat16)

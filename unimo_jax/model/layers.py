@@ -17,6 +17,7 @@ Logical axis names (every parameter is boxed with ``nn.with_logical_partitioning
   ``kv``, ``mlp``, ``vocab``.
 The training job's rules map them to mesh axes; names absent from the rules are replicated.
 """
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -59,6 +60,67 @@ def gelu(x):
   return x * (0.5 * (1.0 + lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype))))
 
 
+def _dense_dot(x, w, k: int, acc):
+  """``x [..., K...] @ w [K..., N...]`` over x's last ``k`` dims and w's first ``k``."""
+  contract = (tuple(range(x.ndim - k, x.ndim)), tuple(range(k)))
+  return lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_product(x, w, k: int, acc):
+  """``_dense_dot`` whose weight gradient transposes the smaller of its two operands.
+
+  The weight gradient ``x^T dy`` contracts the rows of both operands; XLA:CPU's dot library
+  takes it only with one operand copied to the transposed layout, and for the projections that
+  widen (query/key/value, the FFN's first layer: K < N) it copies ``dy``, the wider one
+  ([2048, 3072] against [2048, 768] for S1's FFN). Here ``x`` is transposed instead, behind an
+  ``optimization_barrier`` so that XLA cannot fold the transpose back into the dot. Same values
+  and gradients up to float summation order (tests/test_model_grad.py); S1 / S2 of
+  benchmarks/step_vs_peers.py 4.6% / 2.0% faster (benchmarks/README.md). Used for float32
+  compute on CPU only (``_use_dense_product``)."""
+  return _dense_dot(x, w, k, acc)
+
+
+def _dense_product_fwd(x, w, k, acc):
+  return _dense_dot(x, w, k, acc), (x, w)
+
+
+def _dense_product_bwd(k, acc, res, g):
+  x, w = res
+  lead = x.ndim - k  # dims of x that are not contracted (rows)
+  g = g.astype(x.dtype)
+  # dx = g w^T over the output dims
+  dx = lax.dot_general(g, w, ((tuple(range(lead, g.ndim)), tuple(range(k, w.ndim))), ((), ())),
+                       preferred_element_type=acc)
+  if np.prod(x.shape[lead:]) < np.prod(w.shape[k:]):
+    xt = lax.optimization_barrier(jnp.transpose(x, tuple(range(lead, x.ndim)) + tuple(range(lead))))
+    dw = lax.dot_general(xt, g, ((tuple(range(k, x.ndim)), tuple(range(lead))), ((), ())),
+                         preferred_element_type=acc)
+  else:
+    dw = lax.dot_general(x, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
+                         preferred_element_type=acc)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
+
+
+def _use_dense_product(dtype) -> bool:
+  """Whether projections go through ``dense_product``: float32 compute on the CPU backend (the
+  layout it works around is XLA:CPU's; GPU/TPU keep the plain dot)."""
+  return jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+
+
+def project(x, w, k: int, config: ModelConfig):
+  """``x @ w`` over x's last ``k`` dims in the compute dtype, accumulated in
+  ``accumulation_dtype`` (``dense_product`` on CPU float32, else ``lax.dot_general``)."""
+  dtype, acc = config.compute_dtype, accumulation_dtype(config)
+  x, w = x.astype(dtype), w.astype(dtype)
+  if _use_dense_product(dtype) and jnp.dtype(acc) == jnp.float32:
+    return dense_product(x, w, k, acc)
+  return _dense_dot(x, w, k, acc)
+
+
 class Dense(nn.Module):
   """``y = x @ kernel + bias`` contracting the last ``len(in_axes)`` dims of ``x``.
 
@@ -82,9 +144,7 @@ class Dense(nn.Module):
     kernel = self.param("kernel", kernel_init(cfg, self.in_axes + self.out_axes),
                         tuple(x.shape[-k:]) + features, cfg.weight_dtype)
     dtype = cfg.compute_dtype
-    contract = (tuple(range(x.ndim - k, x.ndim)), tuple(range(k)))
-    y = lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
-                        preferred_element_type=accumulation_dtype(cfg))
+    y = project(x, kernel, k, cfg)
     if self.use_bias:
       bias = self.param("bias", zeros_init(self.out_axes), features, cfg.weight_dtype)
       y = y + bias.astype(y.dtype)
@@ -193,8 +253,7 @@ class SelfAttention(nn.Module):
     proj = [DenseParams(cfg, (cfg.hidden_size,), (heads, d), ("embed",), ("heads", "kv"),
                         name=n)() for n in ("query", "key", "value")]
     kernel = jnp.stack([w.astype(dtype) for w, _ in proj], axis=1)  # [H, 3, h, d]
-    qkv = lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                          preferred_element_type=acc)
+    qkv = project(x, kernel, 1, cfg)
     qkv = (qkv + jnp.stack([b for _, b in proj]).astype(acc)).astype(dtype)  # [B, L, 3, h, d]
     qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, L, h, d]
