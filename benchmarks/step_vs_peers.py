@@ -36,10 +36,10 @@ start and the end; "of ceiling" uses their mean. Every JAX implementation's proc
 three of those matmuls after each of its steps ("own ceiling", ``time_interleaved``): "of own
 ceiling" is each process's GFLOP/s over the rate the machine gave a matmul while that process
 ran (range over rounds), the fraction that does not move with the machine's drift. Last, per
-shape, the step's matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted on its own, summed
-per step): how close to the ceiling the products themselves get, and how much of the fastest
-``ours`` step is everything else (element-wise work, the optimizer, the products' slowdown
-inside one program). With a torch row, the same products alone in torch (`matmuls_torch`):
+shape, the step's matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted
+on its own, summed per step): how close to the ceiling the products themselves get, and how
+much of the fastest ``ours`` step is everything else (element-wise work, the optimizer, the
+products' slowdown inside one program). With a torch row, the same products alone in torch (`matmuls_torch`):
 the JAX products' sum over the fastest torch step is a floor for ``ours / that peer``.
 
 bf16 row (``--bf16``): ours with ``model.dtype = bfloat16`` (float32 parameters, bf16 matmuls
