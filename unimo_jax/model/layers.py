@@ -93,7 +93,8 @@ def _dense_product_bwd(k, acc, res, g):
   dx = lax.dot_general(g, w, ((tuple(range(lead, g.ndim)), tuple(range(k, w.ndim))), ((), ())),
                        preferred_element_type=acc)
   if np.prod(x.shape[lead:]) < np.prod(w.shape[k:]):
-    xt = lax.optimization_barrier(jnp.transpose(x, tuple(range(lead, x.ndim)) + tuple(range(lead))))
+    rows_last = tuple(range(lead, x.ndim)) + tuple(range(lead))
+    xt = lax.optimization_barrier(jnp.transpose(x, rows_last))
     dw = lax.dot_general(xt, g, ((tuple(range(k, x.ndim)), tuple(range(lead))), ((), ())),
                          preferred_element_type=acc)
   else:
@@ -116,7 +117,7 @@ def project(x, w, k: int, config: ModelConfig):
   ``accumulation_dtype`` (``dense_product`` on CPU float32, else ``lax.dot_general``)."""
   dtype, acc = config.compute_dtype, accumulation_dtype(config)
   x, w = x.astype(dtype), w.astype(dtype)
-  if _use_dense_product(dtype) and jnp.dtype(acc) == jnp.float32:
+  if _use_dense_product(dtype):  # float32 compute accumulates in float32 either way
     return dense_product(x, w, k, acc)
   return _dense_dot(x, w, k, acc)
 
