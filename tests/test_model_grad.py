@@ -91,11 +91,13 @@ def test_dense_product_gradients_match_autodiff_of_the_plain_dot():
   """``layers.dense_product`` (the projections' product on CPU float32, whose weight gradient
   transposes the smaller operand itself) against autodiff of ``lax.dot_general`` and against
   the hand-written products in numpy: widening (K < N, the transposed-x path) and narrowing
-  (K > N) projections, one and two contracted dims, several output dims; jitted."""
+  (K >= N, the transposed-dy path) projections, one and two contracted dims, one and several
+  output dims; jitted."""
   from unimo_jax.model import layers
   rng = np.random.default_rng(3)
   cases = [((3, 5, 4), (4, 7), 1), ((3, 5, 8), (8, 2), 1), ((3, 5, 2, 3), (2, 3, 9), 2),
-           ((4, 6), (6, 3, 2, 5), 1), ((2, 3, 4, 2), (4, 2, 3), 2)]
+           ((4, 6), (6, 3, 2, 5), 1), ((2, 3, 4, 2), (4, 2, 3), 2), ((3, 4, 12), (12, 2, 3), 1),
+           ((5, 2, 3), (2, 3, 2, 2), 2), ((4, 5), (5, 5), 1)]
   for xs, ws, k in cases:
     x = rng.normal(size=xs).astype(np.float32)
     w = rng.normal(size=ws).astype(np.float32)

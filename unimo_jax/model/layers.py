@@ -71,13 +71,17 @@ def dense_product(x, w, k: int, acc):
   """``_dense_dot`` whose weight gradient transposes the smaller of its two operands.
 
   The weight gradient ``x^T dy`` contracts the rows of both operands; XLA:CPU's dot library
-  takes it only with one operand copied to the transposed layout, and for the projections that
-  widen (query/key/value, the FFN's first layer: K < N) it copies ``dy``, the wider one
-  ([2048, 3072] against [2048, 768] for S1's FFN). Here ``x`` is transposed instead, behind an
-  ``optimization_barrier`` so that XLA cannot fold the transpose back into the dot. Same values
-  and gradients up to float summation order (tests/test_model_grad.py); S1 / S2 of
-  benchmarks/step_vs_peers.py 4.6% / 2.0% faster (benchmarks/README.md). Used for float32
-  compute on CPU only (``_use_dense_product``)."""
+  takes it only with one operand copied to the transposed layout, and it picks that operand by
+  the dot's operand order, not by size. For the projections that widen (query/key/value, the
+  FFN's first layer: K < N) it copies ``dy``, the wider one ([2048, 3072] against [2048, 768]
+  for S1's FFN); for those that narrow (the attention output, the FFN's second layer: K >= N) it
+  copies ``x``, and for the FFN's second layer it recomputes GELU into that copy, a strided loop
+  over the [rows, M] activation (64-77 ms per layer at S2 on an AMD EPYC). Here the narrower
+  operand is transposed by the model itself, behind an ``optimization_barrier`` so that XLA
+  cannot fold the transpose back into the dot: ``x^T`` then ``x^T dy`` when K < N, else
+  ``dy^T`` then ``(dy^T x)^T`` (the last transpose is of the weight-sized result). Same values
+  and gradients up to float summation order (tests/test_model_grad.py); measured in
+  benchmarks/README.md. Used for float32 compute on CPU only (``_use_dense_product``)."""
   return _dense_dot(x, w, k, acc)
 
 
@@ -88,18 +92,21 @@ def _dense_product_fwd(x, w, k, acc):
 def _dense_product_bwd(k, acc, res, g):
   x, w = res
   lead = x.ndim - k  # dims of x that are not contracted (rows)
+  out = w.ndim - k  # output feature dims
   g = g.astype(x.dtype)
   # dx = g w^T over the output dims
   dx = lax.dot_general(g, w, ((tuple(range(lead, g.ndim)), tuple(range(k, w.ndim))), ((), ())),
                        preferred_element_type=acc)
+  rows = tuple(range(lead))
   if np.prod(x.shape[lead:]) < np.prod(w.shape[k:]):
-    rows_last = tuple(range(lead, x.ndim)) + tuple(range(lead))
-    xt = lax.optimization_barrier(jnp.transpose(x, rows_last))
-    dw = lax.dot_general(xt, g, ((tuple(range(k, x.ndim)), tuple(range(lead))), ((), ())),
+    xt = lax.optimization_barrier(jnp.transpose(x, tuple(range(lead, x.ndim)) + rows))
+    dw = lax.dot_general(xt, g, ((tuple(range(k, x.ndim)), rows), ((), ())),
                          preferred_element_type=acc)
   else:
-    dw = lax.dot_general(x, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
-                         preferred_element_type=acc)
+    gt = lax.optimization_barrier(jnp.transpose(g, tuple(range(lead, g.ndim)) + rows))
+    dwt = lax.dot_general(gt, x, ((tuple(range(out, gt.ndim)), rows), ((), ())),
+                          preferred_element_type=acc)  # [N..., K...]
+    dw = jnp.transpose(dwt, tuple(range(out, dwt.ndim)) + tuple(range(out)))
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
