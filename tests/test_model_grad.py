@@ -116,5 +116,28 @@ def test_dense_product_gradients_match_autodiff_of_the_plain_dot():
     np.testing.assert_allclose(dx1, (c2 @ w2.T).reshape(xs), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dw1, (x2.T @ c2).reshape(ws), rtol=1e-4, atol=1e-5)
   # the model's projections use it on CPU float32 only
-  assert layers._use_dense_product(jnp.float32) == (jax.default_backend() == "cpu")
-  assert not layers._use_dense_product(jnp.bfloat16)
+  assert layers.use_dense_product(jnp.float32) == (jax.default_backend() == "cpu")
+  assert not layers.use_dense_product(jnp.bfloat16)
+
+
+def test_tied_logits_gradients_match_autodiff_and_numpy():
+  """``layers.tied_logits`` (the LM head's ``x @ table^T`` on CPU float32, whose table gradient
+  is computed as ``(x^T g)^T``) against autodiff of the plain dot and against numpy, with one
+  and two row dims; jitted."""
+  from unimo_jax.model import layers
+  rng = np.random.default_rng(4)
+  for xs, v in [((7, 5), 11), ((3, 4, 6), 9), ((2, 3, 8), 3)]:
+    h = xs[-1]
+    x = rng.normal(size=xs).astype(np.float32)
+    table = rng.normal(size=(v, h)).astype(np.float32)
+    c = rng.normal(size=xs[:-1] + (v,)).astype(np.float32)
+    ours = jax.jit(jax.value_and_grad(
+        lambda x, t: jnp.sum(layers.tied_logits(x, t, jnp.float32) * c), (0, 1)))
+    plain = jax.value_and_grad(lambda x, t: jnp.sum(jnp.einsum("...h,vh->...v", x, t) * c), (0, 1))
+    (v1, (dx1, dt1)), (v2, (dx2, dt2)) = ours(x, table), plain(x, table)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dt1, dt2, rtol=1e-5, atol=1e-5)
+    x2, c2 = x.reshape(-1, h), c.reshape(-1, v)
+    np.testing.assert_allclose(dx1, (c2 @ table).reshape(xs), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dt1, c2.T @ x2, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ from jax import lax
 
 from unimo_jax.model.config import ModelConfig
 from unimo_jax.model.layers import (HIDDEN_AXES, Dense, accumulation_dtype, add_bias, gelu,
-                                    layer_norm, zeros_init)
+                                    layer_norm, tied_logits, use_dense_product, zeros_init)
 
 
 def gather_positions(hidden, positions):
@@ -40,8 +40,11 @@ class LMHead(nn.Module):
     cfg = self.config
     x = Transform(cfg, name="transform")(x)
     acc = jnp.promote_types(accumulation_dtype(cfg), jnp.float32)
-    logits = lax.dot_general(x, embedding.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=acc)
+    if use_dense_product(x.dtype):
+      logits = tied_logits(x, embedding.astype(x.dtype), acc)
+    else:
+      logits = lax.dot_general(x, embedding.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=acc)
     bias = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
     logits = add_bias(logits.astype(acc), bias.astype(acc))
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -81,7 +81,7 @@ def dense_product(x, w, k: int, acc):
   cannot fold the transpose back into the dot: ``x^T`` then ``x^T dy`` when K < N, else
   ``dy^T`` then ``(dy^T x)^T`` (the last transpose is of the weight-sized result). Same values
   and gradients up to float summation order (tests/test_model_grad.py); measured in
-  benchmarks/README.md. Used for float32 compute on CPU only (``_use_dense_product``)."""
+  benchmarks/README.md. Used for float32 compute on CPU only (``use_dense_product``)."""
   return _dense_dot(x, w, k, acc)
 
 
@@ -113,7 +113,7 @@ def _dense_product_bwd(k, acc, res, g):
 dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
 
 
-def _use_dense_product(dtype) -> bool:
+def use_dense_product(dtype) -> bool:
   """Whether projections go through ``dense_product``: float32 compute on the CPU backend (the
   layout it works around is XLA:CPU's; GPU/TPU keep the plain dot)."""
   return jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
@@ -124,7 +124,7 @@ def project(x, w, k: int, config: ModelConfig):
   ``accumulation_dtype`` (``dense_product`` on CPU float32, else ``lax.dot_general``)."""
   dtype, acc = config.compute_dtype, accumulation_dtype(config)
   x, w = x.astype(dtype), w.astype(dtype)
-  if _use_dense_product(dtype):  # float32 compute accumulates in float32 either way
+  if use_dense_product(dtype):  # float32 compute accumulates in float32 either way
     return dense_product(x, w, k, acc)
   return _dense_dot(x, w, k, acc)
 
@@ -157,6 +157,38 @@ class Dense(nn.Module):
       bias = self.param("bias", zeros_init(self.out_axes), features, cfg.weight_dtype)
       y = y + bias.astype(y.dtype)
     return y.astype(self.out_dtype or dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tied_logits(x, table, acc):
+  """``x [..., H] @ table [V, H]^T -> [..., V]`` (the tied LM head) whose table gradient is
+  ``(x^T dlogits)^T``.
+
+  Autodiff's table gradient ``dlogits^T x`` contracts the rows of both operands, and XLA:CPU
+  copies ``dlogits`` to the transposed layout for it, inside the loop fusion that computes
+  the cross-entropy gradient: a strided write of the whole [P, V] array (69 ms a step at S1 of
+  benchmarks/step_vs_peers.py, P 304, V 32000). Here ``x`` (H wide) is transposed instead, and
+  the [H, V] product once. Same values and gradients up to float summation order
+  (tests/test_model_grad.py); used where ``dense_product`` is (CPU float32)."""
+  return lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
+
+
+def _tied_logits_fwd(x, table, acc):
+  return tied_logits(x, table, acc), (x, table)
+
+
+def _tied_logits_bwd(acc, res, g):
+  x, table = res
+  g = g.astype(x.dtype)
+  rows = tuple(range(x.ndim - 1))
+  dx = lax.dot_general(g, table, (((g.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
+  xt = jnp.transpose(x, (x.ndim - 1,) + rows)  # [H, rows...]
+  dt = lax.dot_general(xt, g, ((tuple(range(1, xt.ndim)), rows), ((), ())),
+                       preferred_element_type=acc)  # [H, V]
+  return dx.astype(x.dtype), dt.T.astype(table.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 @jax.custom_vjp
