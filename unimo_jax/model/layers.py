@@ -76,7 +76,7 @@ def dense_product(x, w, k: int, acc):
   FFN's first layer: K < N) it copies ``dy``, the wider one ([2048, 3072] against [2048, 768]
   for S1's FFN); for those that narrow (the attention output, the FFN's second layer: K >= N) it
   copies ``x``, and for the FFN's second layer it recomputes GELU into that copy, a strided loop
-  over the [rows, M] activation (64-77 ms per layer at S2 on an AMD EPYC). Here the narrower
+  over the [rows, M] activation (50-77 ms per layer at S2 on an AMD EPYC). Here the narrower
   operand is transposed by the model itself, behind an ``optimization_barrier`` so that XLA
   cannot fold the transpose back into the dot: ``x^T`` then ``x^T dy`` when K < N, else
   ``dy^T`` then ``(dy^T x)^T`` (the last transpose is of the weight-sized result). Same values
