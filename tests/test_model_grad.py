@@ -120,10 +120,10 @@ def test_dense_product_gradients_match_autodiff_of_the_plain_dot():
   assert not layers.use_dense_product(jnp.bfloat16)
 
 
-def test_tied_logits_gradients_match_autodiff_and_numpy():
-  """``layers.tied_logits`` (the LM head's ``x @ table^T`` on CPU float32, whose table gradient
-  is computed as ``(x^T g)^T``) against autodiff of the plain dot and against numpy, with one
-  and two row dims; jitted."""
+def test_tied_lm_head_product_gradients_match_autodiff_and_numpy():
+  """The LM head's ``x @ table^T`` on CPU float32, ``dense_product`` onto the table transposed
+  (its table gradient the transpose of ``x^T g``, through the ``.T``), against autodiff of the
+  plain einsum and against numpy, with one and two row dims; jitted."""
   from unimo_jax.model import layers
   rng = np.random.default_rng(4)
   for xs, v in [((7, 5), 11), ((3, 4, 6), 9), ((2, 3, 8), 3)]:
@@ -132,7 +132,7 @@ def test_tied_logits_gradients_match_autodiff_and_numpy():
     table = rng.normal(size=(v, h)).astype(np.float32)
     c = rng.normal(size=xs[:-1] + (v,)).astype(np.float32)
     ours = jax.jit(jax.value_and_grad(
-        lambda x, t: jnp.sum(layers.tied_logits(x, t, jnp.float32) * c), (0, 1)))
+        lambda x, t: jnp.sum(layers.dense_product(x, t.T, 1, jnp.float32) * c), (0, 1)))
     plain = jax.value_and_grad(lambda x, t: jnp.sum(jnp.einsum("...h,vh->...v", x, t) * c), (0, 1))
     (v1, (dx1, dt1)), (v2, (dx2, dt2)) = ours(x, table), plain(x, table)
     np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@ from jax import lax
 
 from unimo_jax.model.config import ModelConfig
 from unimo_jax.model.layers import (HIDDEN_AXES, Dense, accumulation_dtype, add_bias, gelu,
-                                    layer_norm, tied_logits, use_dense_product, zeros_init)
+                                    dense_product, layer_norm, use_dense_product,
+                                    zeros_init)
 
 
 def gather_positions(hidden, positions):
@@ -41,7 +42,9 @@ class LMHead(nn.Module):
     x = Transform(cfg, name="transform")(x)
     acc = jnp.promote_types(accumulation_dtype(cfg), jnp.float32)
     if use_dense_product(x.dtype):
-      logits = tied_logits(x, embedding.astype(x.dtype), acc)
+      # x [.., H] @ table^T as a projection onto [H, V]: its table gradient is then computed as
+      # (x^T dlogits)^T, not written through the [P, V] cross-entropy gradient transposed
+      logits = dense_product(x, embedding.astype(x.dtype).T, 1, acc)
     else:
       logits = lax.dot_general(x, embedding.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=acc)

@@ -74,14 +74,18 @@ def dense_product(x, w, k: int, acc):
   takes it only with one operand copied to the transposed layout, and it picks that operand by
   the dot's operand order, not by size. For the projections that widen (query/key/value, the
   FFN's first layer: K < N) it copies ``dy``, the wider one ([2048, 3072] against [2048, 768]
-  for S1's FFN); for those that narrow (the attention output, the FFN's second layer: K >= N) it
-  copies ``x``, and for the FFN's second layer it recomputes GELU into that copy, a strided loop
-  over the [rows, M] activation (50-77 ms per layer at S2 on an AMD EPYC). Here the narrower
-  operand is transposed by the model itself, behind an ``optimization_barrier`` so that XLA
-  cannot fold the transpose back into the dot: ``x^T`` then ``x^T dy`` when K < N, else
-  ``dy^T`` then ``(dy^T x)^T`` (the last transpose is of the weight-sized result). Same values
-  and gradients up to float summation order (tests/test_model_grad.py); measured in
-  benchmarks/README.md. Used for float32 compute on CPU only (``use_dense_product``)."""
+  for S1's FFN); for those that narrow (the FFN's second layer: K > N) it copies ``x``, and
+  recomputes GELU into that copy, a strided loop over the [rows, M] activation (50-77 ms per
+  layer at S2 on an AMD EPYC). Here the narrower operand is transposed by the model itself,
+  behind an ``optimization_barrier`` so that XLA cannot fold the transpose back into the dot:
+  ``x^T`` then ``x^T dy`` when K <= N, else ``dy^T`` then ``(dy^T x)^T`` (the last transpose is
+  of the weight-sized result). A tie (the attention output, K = N) transposes ``x``: there it
+  is a product's output, a plain copy, while ``dy`` carries the dropout mask, which XLA:CPU
+  recomputes inside the transposing loop, ~10x slower per byte (benchmarks/README.md). The LM
+  head is this product onto the tied table transposed ([H, V]), so the table gradient is
+  ``(x^T dlogits)^T`` instead of the [P, V] cross-entropy gradient written transposed. Same
+  values and gradients up to float summation order (tests/test_model_grad.py). Used for
+  float32 compute on CPU only (``use_dense_product``)."""
   return _dense_dot(x, w, k, acc)
 
 
@@ -98,7 +102,7 @@ def _dense_product_bwd(k, acc, res, g):
   dx = lax.dot_general(g, w, ((tuple(range(lead, g.ndim)), tuple(range(k, w.ndim))), ((), ())),
                        preferred_element_type=acc)
   rows = tuple(range(lead))
-  if np.prod(x.shape[lead:]) < np.prod(w.shape[k:]):
+  if np.prod(x.shape[lead:]) <= np.prod(w.shape[k:]):
     xt = lax.optimization_barrier(jnp.transpose(x, tuple(range(lead, x.ndim)) + rows))
     dw = lax.dot_general(xt, g, ((tuple(range(k, x.ndim)), rows), ((), ())),
                          preferred_element_type=acc)
@@ -157,38 +161,6 @@ class Dense(nn.Module):
       bias = self.param("bias", zeros_init(self.out_axes), features, cfg.weight_dtype)
       y = y + bias.astype(y.dtype)
     return y.astype(self.out_dtype or dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def tied_logits(x, table, acc):
-  """``x [..., H] @ table [V, H]^T -> [..., V]`` (the tied LM head) whose table gradient is
-  ``(x^T dlogits)^T``.
-
-  Autodiff's table gradient ``dlogits^T x`` contracts the rows of both operands, and XLA:CPU
-  copies ``dlogits`` to the transposed layout for it, inside the loop fusion that computes
-  the cross-entropy gradient: a strided write of the whole [P, V] array (69 ms a step at S1 of
-  benchmarks/step_vs_peers.py, P 304, V 32000). Here ``x`` (H wide) is transposed instead, and
-  the [H, V] product once. Same values and gradients up to float summation order
-  (tests/test_model_grad.py); used where ``dense_product`` is (CPU float32)."""
-  return lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
-
-
-def _tied_logits_fwd(x, table, acc):
-  return tied_logits(x, table, acc), (x, table)
-
-
-def _tied_logits_bwd(acc, res, g):
-  x, table = res
-  g = g.astype(x.dtype)
-  rows = tuple(range(x.ndim - 1))
-  dx = lax.dot_general(g, table, (((g.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
-  xt = jnp.transpose(x, (x.ndim - 1,) + rows)  # [H, rows...]
-  dt = lax.dot_general(xt, g, ((tuple(range(1, xt.ndim)), rows), ((), ())),
-                       preferred_element_type=acc)  # [H, V]
-  return dx.astype(x.dtype), dt.T.astype(table.dtype)
-
-
-tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 @jax.custom_vjp
