@@ -11,8 +11,14 @@ change on the machine hits every implementation alike. Implementations:
 
   ours        the framework's train step through its public API, the one ``unimo-jax train``
               builds (``unimo_jax.train.setup.build_run``): a text stream with span MLM only,
-              the default ``model.scan_unroll = 1`` (one scanned layer body);
-  ours_unrolled  the same with ``model.scan_unroll = layers`` (the layer scan unrolled);
+              the default ``model.scan_unroll = 1`` (one scanned layer body), with
+              ``model.remat = True, model.remat_policy = "dots_with_no_batch_dims_saveable"``:
+              a scanned layer stacks every residual it keeps into a [layers, ...] buffer
+              (zeroed, written, read back), so keeping only the dense products' outputs and
+              recomputing the rest is faster than keeping everything (in-process A/B on the
+              Intel kind: 0.79 at S1, 0.88 at S2, benchmarks/README.md);
+  ours_unrolled  ``model.scan_unroll = layers`` (the layer scan unrolled), no remat (remat with
+              that policy measures the same there);
   ours_dp     ours_unrolled data-parallel over one XLA CPU device per core (the process gets
               ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>``, the mesh is
               ``data = -1``): how ``unimo-jax train`` runs on a CPU host given those flags;
@@ -39,8 +45,9 @@ ran (range over rounds), the fraction that does not move with the machine's drif
 shape, the step's matmuls alone (`matmul_products`: every product of the analytic FLOPs jitted
 on its own, summed per step): how close to the ceiling the products themselves get, and how
 much of the fastest ``ours`` step is everything else (element-wise work, the optimizer, the
-products' slowdown inside one program). With a torch row, the same products alone in torch (`matmuls_torch`):
-the JAX products' sum over the fastest torch step is a floor for ``ours / that peer``.
+products' slowdown inside one program). With a torch row, the same products alone in torch
+(`matmuls_torch`): the JAX products' sum over the fastest torch step is a floor for
+``ours / that peer``.
 
 bf16 row (``--bf16``): ours with ``model.dtype = bfloat16`` (float32 parameters, bf16 matmuls
 accumulating in float32) beside HF masked-head under ``torch.autocast("cpu", bfloat16)``. To add
@@ -230,7 +237,9 @@ def step_fn(name: str, shape_name: str, dtype: str = "float32"):
   return globals()[f"_worker_{name}"](SHAPES[shape_name], 0, dtype)
 
 
-def _worker_ours(shape, steps, dtype, unroll: int = 1):
+def _worker_ours(shape, steps, dtype, unroll: int = 1,
+                 remat_policy: str = "dots_with_no_batch_dims_saveable"):
+  """``remat_policy`` None: no remat."""
   import jax
   import ml_collections
   from data_pipelines import schema
@@ -244,7 +253,8 @@ def _worker_ours(shape, steps, dtype, unroll: int = 1):
       vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_layers=shape["layers"],
       num_heads=shape["heads"], mlp_dim=shape["mlp"], max_positions=shape["length"] + 2,
       roberta_positions=True, dropout_rate=DROPOUT, attention_dropout_rate=DROPOUT,
-      dtype=dtype, remat=False, scan_unroll=unroll))
+      dtype=dtype, remat=remat_policy is not None,
+      remat_policy=remat_policy or "nothing_saveable", scan_unroll=unroll))
   src = [dict(name="random", kind="text", path="unused")]
   c.data = ml_collections.ConfigDict(dict(
       seed=0, tokenizer="", visual_input="patches", image_size=c.model.image_size,
@@ -270,12 +280,12 @@ def _worker_ours(shape, steps, dtype, unroll: int = 1):
 
 
 def _worker_ours_unrolled(shape, steps, dtype):
-  return _worker_ours(shape, steps, dtype, unroll=shape["layers"])
+  return _worker_ours(shape, steps, dtype, unroll=shape["layers"], remat_policy=None)
 
 
 def _worker_ours_dp(shape, steps, dtype):
   # the devices come from XLA_FLAGS, set by ``spawn`` before JAX starts in this process
-  return _worker_ours(shape, steps, dtype, unroll=shape["layers"])
+  return _worker_ours(shape, steps, dtype, unroll=shape["layers"], remat_policy=None)
 
 
 def cpu_devices(shape) -> int:
