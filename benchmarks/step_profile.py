@@ -92,13 +92,8 @@ def classify(hlo_text: str) -> dict:
     called = re.search(r"calls=%([\w.\-]+)", rest)
     body = bodies.get(called.group(1), "") if called else ""
     lines = body.splitlines() if body else [m.group(0)]
-    types = dict(every)
-    for line in lines:
-      inner = _INSTRUCTION.match(line)
-      if inner:
-        types[inner.group(1)] = inner.group(2)
     dots = [line for line in lines if re.search(r" dot\(", line)]
-    flops = sum(_dot_flops(line, types) for line in dots)
+    flops = sum(_dot_flops(line, every) for line in dots)
     if op in ("conditional", "while", "call"):
       kind = "control flow"
     elif op in _COLLECTIVES or any(f" {c}(" in body for c in _COLLECTIVES):

@@ -4,23 +4,18 @@ They check that a benchmark still runs and prints or writes what its docstring s
 numbers (those depend on the machine). The input-pipeline runs build the tiny synthetic_scenes
 data and a SentencePiece model in a temporary directory (a few seconds, no download).
 """
-import importlib.util
 import json
 import os
 import re
 import sys
 
 import pytest
+from benchmark_util import load_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(name):
-  path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_load = load_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -298,12 +298,8 @@ def test_rejects_bad_shapes():
 
 
 def test_memory_benchmark_runs_on_a_tiny_batch(capsys):
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "cmcl_memory.py"
-  spec = importlib.util.spec_from_file_location("cmcl_memory", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from benchmark_util import load_benchmark  # pylint: disable=import-outside-toplevel
+  module = load_benchmark("cmcl_memory")
   assert module.main(["--batch", "64", "--dim", "8", "--negatives", "0,2", "--runs", "1"]) == 0
   out = capsys.readouterr().out
   assert out.count("ratio ring/all_gather") == 2

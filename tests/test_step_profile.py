@@ -1,7 +1,6 @@
 """benchmarks/step_profile.py's plumbing (never its speed): the instruction classes and dot FLOPs
 of a hand-written HLO module and of a compiled product, self times of nested trace events
 against hand-computed ones, and the ``--smoke`` run end to end."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,16 +9,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from benchmark_util import load_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(REPO, "benchmarks", "step_profile.py")
 
 
 def _profile_module():
-  spec = importlib.util.spec_from_file_location("step_profile", PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("step_profile")
 
 
 HLO = """HloModule m, is_scheduled=true

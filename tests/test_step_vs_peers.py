@@ -1,23 +1,20 @@
 """The peer benchmark's plumbing (never its speed): the analytic FLOPs on a hand-computed case,
 the MLM batch, the table's ratios, the matmul-ceiling worker; the whole ``--smoke`` run (one
 process per implementation) under ``-m slow``."""
-import importlib.util
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from benchmark_util import load_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(REPO, "benchmarks", "step_vs_peers.py")
 
 
 def _bench():
-  spec = importlib.util.spec_from_file_location("step_vs_peers", PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("step_vs_peers")
 
 
 def test_flops_batch_and_table(capsys):
