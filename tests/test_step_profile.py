@@ -132,5 +132,7 @@ def test_smoke_run(tmp_path):
   assert result["devices"] == 1 and result["seconds"] > 0
   assert result["by_kind"]["dot"] > 0 and result["by_kind"]["batched dot"] > 0
   assert len(result["rows"]) > 10
-  assert result["temp_mib"] > 0 and result["page_faults"] >= 0 and result["user_seconds"] > 0
+  assert result["temp_mib"] > 0  # the compiled step's temp buffer
+  # one tiny step can fall inside one clock tick: counted, not necessarily nonzero
+  assert min(result["page_faults"], result["user_seconds"], result["system_seconds"]) >= 0
   assert "minor page faults" in proc.stdout
