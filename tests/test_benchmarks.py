@@ -10,12 +10,7 @@ import re
 import sys
 
 import pytest
-from benchmark_util import load_benchmark
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-_load = load_benchmark
+from benchmark_util import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +24,7 @@ def _streams_printed(out):
 
 
 def test_input_pipeline_demo_tables(scenes_dir, capsys):
-  bench = _load("input_pipeline")
+  bench = load_benchmark("input_pipeline")
   assert bench.main(["--size", "tiny", "--data_dir", scenes_dir, "--batch", "4", "--batches",
                      "1", "--runs", "1", "--visual", "patches,regions"]) == 0
   out = capsys.readouterr().out
@@ -40,7 +35,7 @@ def test_input_pipeline_demo_tables(scenes_dir, capsys):
 def test_input_pipeline_demo_sizes_match_the_demo_model(scenes_dir):
   """The benchmark's pipeline hands out the demo model's input (48 px, not the stored 64 px)."""
   from experiments.configs import demo
-  bench = _load("input_pipeline")
+  bench = load_benchmark("input_pipeline")
   data = bench.demo_data("tiny", scenes_dir, 4)
   model = demo.get_config().model
   assert (data.image_size, data.patch_size) == (model.image_size, model.patch_size) == (48, 16)
@@ -49,7 +44,7 @@ def test_input_pipeline_demo_sizes_match_the_demo_model(scenes_dir):
 @pytest.mark.slow
 def test_input_pipeline_with_train_steps(scenes_dir, capsys):
   """--train_steps builds and trains the demo model on the pipeline's shapes (both inputs)."""
-  bench = _load("input_pipeline")
+  bench = load_benchmark("input_pipeline")
   assert bench.main(["--size", "tiny", "--data_dir", scenes_dir, "--batch", "8", "--batches",
                      "1", "--runs", "1", "--train_steps", "2"]) == 0
   out = capsys.readouterr().out
@@ -57,14 +52,14 @@ def test_input_pipeline_with_train_steps(scenes_dir, capsys):
 
 
 def test_cmcl_memory(capsys):
-  bench = _load("cmcl_memory")
+  bench = load_benchmark("cmcl_memory")
   assert bench.main(["--batch", "16", "--dim", "8", "--negatives", "0,2", "--runs", "1"]) == 0
   out = capsys.readouterr().out
   assert out.count("ratio ring/all_gather") == 2
 
 
 def test_train_step(tmp_path, monkeypatch):
-  bench = _load("train_step")
+  bench = load_benchmark("train_step")
   out = tmp_path / "step.json"
   monkeypatch.setattr(sys, "argv", [
       "train_step.py", "--config", os.path.join(ROOT, "experiments/configs/demo.py:smoke"),
@@ -107,7 +102,7 @@ def test_paper_shapes_data_and_profile(tmp_path):
 
 @pytest.mark.slow
 def test_input_pipeline_paper_mode(tmp_path, capsys):
-  bench = _load("input_pipeline")
+  bench = load_benchmark("input_pipeline")
   assert bench.main(["--paper", "--paper_dir", str(tmp_path / "paper"), "--paper_docs", "4",
                      "--paper_images", "4", "--batch", "2", "--batches", "1", "--runs", "1",
                      "--workers", "0,1", "--old_rev", "HEAD"]) == 0
@@ -127,7 +122,7 @@ def test_input_pipeline_paper_mode(tmp_path, capsys):
 
 def test_input_pipeline_paper_mode_text_cases(tmp_path, capsys):
   """--cases restricts both tables; with workers 1 and 2 the 2/1 ratio and CPU split print."""
-  bench = _load("input_pipeline")
+  bench = load_benchmark("input_pipeline")
   assert bench.main(["--paper", "--paper_dir", str(tmp_path / "paper"), "--paper_docs", "4",
                      "--paper_images", "2", "--batch", "2", "--batches", "1", "--runs", "1",
                      "--workers", "1,2", "--old_rev", "HEAD", "--cases", "text,text_store",
@@ -147,8 +142,8 @@ def test_input_pipeline_paper_mode_text_cases(tmp_path, capsys):
 def test_bare_rate_counts_every_row(tmp_path):
   """`bare_rate`: k builder processes share the batches; rows/s and CPU per row are positive
   and every builder reports."""
-  bench = _load("input_pipeline")
-  paper_shapes = _load("paper_shapes")
+  bench = load_benchmark("input_pipeline")
+  paper_shapes = load_benchmark("paper_shapes")
   root = str(tmp_path / "paper")
   paper_shapes.write_paper_data(root, docs=4, images=2)
   tok = bench.tokenizers.load_tokenizer(bench._paper_tokenizer(root))
@@ -160,8 +155,8 @@ def test_bare_rate_counts_every_row(tmp_path):
 def test_pillow_seconds_per_image_times_the_workers_decode(tmp_path):
   """paper_shapes.pillow_seconds_per_image: a positive CPU time per decoded image, on the image
   slots of a pair stream at the paper's 224 px."""
-  bench = _load("input_pipeline")
-  paper_shapes = _load("paper_shapes")
+  bench = load_benchmark("input_pipeline")
+  paper_shapes = load_benchmark("paper_shapes")
   root = str(tmp_path / "paper")
   paper_shapes.write_paper_data(root, docs=4, images=2)
   tok = bench.tokenizers.load_tokenizer(bench._paper_tokenizer(root))

@@ -9,14 +9,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from benchmark_util import load_benchmark
+from benchmark_util import ROOT, load_benchmark
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATH = os.path.join(REPO, "benchmarks", "step_profile.py")
-
-
-def _profile_module():
-  return load_benchmark("step_profile")
+PATH = os.path.join(ROOT, "benchmarks", "step_profile.py")
 
 
 HLO = """HloModule m, is_scheduled=true
@@ -78,7 +73,7 @@ ENTRY %main (x: f32[4,3], w: f32[3,5], q: f32[2,4,3], k: f32[2,5,3], p: pred[]) 
 
 
 def test_classify_a_hand_written_module():
-  classes = _profile_module().classify(HLO)
+  classes = load_benchmark("step_profile").classify(HLO)
   assert classes["ynn_fusion"] == ("dot", "f32[4,5]", 2.0 * 4 * 5 * 3)
   assert classes["ynn_fusion.1"] == ("batched dot", "f32[2,4,5]", 2.0 * 2 * 4 * 5 * 3)
   assert classes["dot.3"] == ("dot", "f32[4,4]", 2.0 * 4 * 4 * 3)  # operands from the entry
@@ -93,7 +88,7 @@ def test_classify_a_compiled_product():
   m, k, n = 64, 48, 80
   f = jax.jit(lambda x, w: jnp.tanh(x @ w))
   text = f.lower(jnp.ones((m, k)), jnp.ones((k, n))).compile().as_text()
-  dots = [v for v in _profile_module().classify(text).values() if v[0] == "dot"]
+  dots = [v for v in load_benchmark("step_profile").classify(text).values() if v[0] == "dot"]
   assert [v[2] for v in dots] == [2.0 * m * n * k]
 
 
@@ -101,7 +96,7 @@ def test_self_times_subtract_direct_children_only():
   ev = lambda name, ts, dur, tid=1: dict(ph="X", name=name, ts=ts, dur=dur, pid=1, tid=tid)
   events = [ev("parent", 0, 100), ev("a", 10, 20), ev("b", 40, 50), ev("c", 50, 10),
             ev("a", 200, 5), ev("other_thread", 0, 100, tid=2), dict(ph="i", name="instant")]
-  times = _profile_module().self_times(events)
+  times = load_benchmark("step_profile").self_times(events)
   assert times["parent"] == [100 - 20 - 50, 1]
   assert times["b"] == [50 - 10, 1] and times["c"] == [10, 1]
   assert times["a"] == [20 + 5, 2] and times["other_thread"] == [100, 1]
@@ -109,7 +104,7 @@ def test_self_times_subtract_direct_children_only():
 
 
 def test_summarize_credits_only_program_instructions():
-  prof = _profile_module()
+  prof = load_benchmark("step_profile")
   classes = {"ynn_fusion": ("dot", "f32[4,5]", 2e9), "tanh_fusion": ("elementwise", "f32", 0)}
   times = {"ynn_fusion": [20000.0, 2], "tanh_fusion": [4000.0, 2], "ThunkExecutor": [9e9, 1]}
   by_kind, rows = prof.summarize(classes, times, steps=2)
@@ -124,7 +119,7 @@ def test_smoke_run(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, PATH, "--smoke", "--top", "5", "--json", str(out)],
-                        capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| kind | ms/step | share |" in proc.stdout
   result = json.loads(out.read_text())
