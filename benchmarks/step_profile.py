@@ -24,7 +24,9 @@ row: ``ours_dp`` gets ``--xla_force_host_platform_device_count`` as in the bench
 costliest instructions with their output shape and, for products, GFLOP/s inside the step, and
 the untraced steps' minor page faults and user/system CPU time (``getrusage``): XLA:CPU
 allocates the program's temp buffer at every execution, and glibc serves an allocation that
-large from a worker thread's arena with a fresh ``mmap`` each time (benchmarks/README.md). Run
+large from a worker thread's arena with a fresh ``mmap`` each time (benchmarks/README.md), so
+the process starts the way ``unimo-jax train`` does, under ``unimo_jax.host_allocator``'s
+policy (``UNIMO_JAX_HOST_ALLOCATOR=system`` profiles the stock allocator). Run
 nothing else meanwhile: the numbers are one process's, on a machine whose speed drifts
 (``benchmarks/README.md``).
 """
@@ -43,6 +45,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, REPO)
+
+from unimo_jax import host_allocator  # pylint: disable=wrong-import-position  (no JAX import)
 
 KINDS = ("dot", "batched dot", "transpose", "reduction", "collective", "control flow",
          "elementwise")
@@ -196,6 +201,8 @@ def report(result: dict, top: int) -> None:
         f"({result['page_faults'] * 4096 / 2**20:.0f} MiB of 4 KiB pages; the program's temp "
         f"buffer is {result['temp_mib']:.0f} MiB), CPU {result['user_seconds']:.3f} s user + "
         f"{result['system_seconds']:.3f} s system")
+  if result.get("allocator"):
+    print(f"host allocator: {result['allocator']}")
   print("| kind | ms/step | share |\n|---|---|---|")
   for k in KINDS:
     v = result["by_kind"][k]
@@ -225,7 +232,10 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count="
                                f"{bench.cpu_devices(bench.SHAPES[a.shape])}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if argv is None:  # start as `unimo-jax train` starts (UNIMO_JAX_HOST_ALLOCATOR=system: stock)
+    host_allocator.apply()
   result = profile(a.impl, a.shape, a.steps)
+  result["allocator"] = host_allocator.describe()
   report(result, a.top)
   if a.json:
     with open(a.json, "w") as f:

@@ -4,6 +4,7 @@
   python benchmarks/step_vs_peers.py --bf16          # plus a bf16 row per shape
   python benchmarks/step_vs_peers.py --shapes S2 --steps 5 --rounds 1
   python benchmarks/step_vs_peers.py --smoke         # tiny shapes, 2 steps: checks the plumbing
+  python benchmarks/step_vs_peers.py --allocator same  # every row under glibc's main heap
 
 Every implementation runs in its OWN process (fresh allocator, no shared thread pools), one
 after another; the rounds alternate the order (round 2 runs the list backwards) so that a load
@@ -32,6 +33,13 @@ change on the machine hits every implementation alike. Implementations:
 Shapes (post-LN, dropout 0.1 on hidden and attention probabilities, 15% of tokens predicted):
   S1: 4 layers, H 768, 12 heads, FFN 3072, vocab 32000, 16 x 128 tokens
   S2: 4 layers, H 256, 4 heads, FFN 1024, vocab 8000, 32 x 128 tokens
+
+Allocator (``--allocator``): by default (``cli``) each ours row's process starts the way
+``unimo-jax train`` starts on this host: on a CPU-only Linux host that is glibc's main heap
+(``unimo_jax.host_allocator``: the step's temporary buffer is reused instead of faulted in and
+zeroed at every step), while the peers and the ceilings run as plain scripts do. ``same`` runs
+every process under the main heap (the peers tuned like ours), ``stock`` none. Each process
+gets only the settings its mode gives it (the caller's ``MALLOC_*`` variables are dropped).
 
 Each process: build, compile/warm up (2 steps), then the median of ``--steps`` step times
 (``block_until_ready`` / torch is synchronous on CPU), its peak RSS, and GFLOP/s from the
@@ -65,6 +73,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from unimo_jax import host_allocator  # pylint: disable=wrong-import-position  (no JAX import)
 
 SHAPES = {
     "S1": dict(layers=4, hidden=768, heads=12, mlp=3072, vocab=32000, batch=16, length=128),
@@ -409,18 +419,50 @@ def worker(name: str, shape_name: str, steps: int, dtype: str) -> None:
 
 
 # ------------------------------------------------------------------------------ driver
-def spawn(name, shape, steps, dtype, timeout):
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--shape", shape,
-         "--steps", str(steps), "--dtype", dtype]
+ALLOCATOR_MODES = ("cli", "same", "stock")
+
+
+def allocator_text(mode):
+  ours = worker_env("ours", "T1", mode).get(host_allocator.APPLIED)
+  peers = worker_env("flax", "T1", mode).get(host_allocator.APPLIED)
+  name = lambda applied: "glibc main heap" if applied else "stock"
+  return f"ours rows {name(ours)}, peers and ceilings {name(peers)}"
+
+
+def worker_env(name, shape, allocator="cli"):
+  """The environment of one row's process.
+
+  allocator: ``cli`` (default): ours rows start the way ``unimo-jax train`` starts on this host
+  (``unimo_jax.host_allocator``'s policy: glibc's main heap on a CPU-only Linux host), every
+  other process as a plain script does; ``same``: every process under the main-heap settings
+  (the peers tuned like ours); ``stock``: every process with the allocator it finds (ours with
+  ``UNIMO_JAX_HOST_ALLOCATOR=system``).
+  """
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one device, as a user's single-machine run
   if name == "ours_dp":
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={cpu_devices(SHAPES[shape])}"
+  for k in (*host_allocator.MAIN_HEAP, host_allocator.APPLIED):
+    env.pop(k, None)
+  if allocator == "same" or (allocator == "cli" and name in OURS and host_allocator.decide(
+      env, glibc=host_allocator.is_glibc(),
+      plugin=host_allocator.accelerator_plugin_installed)[0] == "main_heap"):
+    env.update(host_allocator.MAIN_HEAP)
+    env[host_allocator.APPLIED] = "1"
+  return env
+
+
+def spawn(name, shape, steps, dtype, timeout, allocator="cli"):
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--shape", shape,
+         "--steps", str(steps), "--dtype", dtype]
+  env = worker_env(name, shape, allocator)
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                         cwd=REPO)
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
-      return json.loads(line[7:])
+      res = json.loads(line[7:])
+      res["allocator"] = "main_heap" if env.get(host_allocator.APPLIED) else "stock"
+      return res
   raise RuntimeError(f"{name} {shape} {dtype} failed (exit {proc.returncode}):\n"
                      f"{proc.stderr[-3000:]}")
 
@@ -442,6 +484,9 @@ def main(argv=None):
   p.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps, 1 round")
   p.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
   p.add_argument("--json", default="", help="also write every result to this file")
+  p.add_argument("--allocator", default="cli", choices=ALLOCATOR_MODES,
+                 help="cli: ours rows under unimo-jax train's host allocator policy, the rest "
+                      "stock; same: every process under glibc's main heap; stock: none")
   a = p.parse_args(argv)
   if a.worker:
     worker(a.worker, a.shape, a.steps, a.dtype)
@@ -457,22 +502,24 @@ def main(argv=None):
   print(f"load average at start: {load:.2f} on {os.cpu_count()} cores", flush=True)
   results = []
   ceiling_shape = "T1" if a.smoke else "S1"
-  ceilings = [spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout)]
+  print(f"allocator: {a.allocator} ({allocator_text(a.allocator)})", flush=True)
+  ceilings = [spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout, a.allocator)]
   runs = [(i, s, "float32") for s in shapes for i in impls]
   if a.bf16:
     runs += [(i, s, "bfloat16") for s in shapes for i in BF16_IMPLS if i in impls]
   for r in range(a.rounds):
     for name, shape, dtype in (runs if r % 2 == 0 else runs[::-1]):
-      res = spawn(name, shape, a.steps, dtype, a.timeout)
+      res = spawn(name, shape, a.steps, dtype, a.timeout, a.allocator)
       res["round"] = r
       results.append(res)
       print(f"  round {r} {shape} {name:<10} {dtype:<8} {res['seconds']:.3f} s/step", flush=True)
-  ceilings.append(spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout))
+  ceilings.append(spawn("ceiling", ceiling_shape, a.steps, "float32", a.timeout, a.allocator))
   ceiling = statistics.mean(c["gflops"] for c in ceilings)
-  matmuls = {s: spawn("matmuls", s, a.steps, "float32", a.timeout) for s in shapes}
+  matmuls = {s: spawn("matmuls", s, a.steps, "float32", a.timeout, a.allocator) for s in shapes}
   if any(i.startswith("hf") for i in impls):
     for s in shapes:
-      matmuls[s]["torch"] = spawn("matmuls_torch", s, a.steps, "float32", a.timeout)
+      matmuls[s]["torch"] = spawn("matmuls_torch", s, a.steps, "float32", a.timeout,
+                                  a.allocator)
   print_table(results, ceilings, ceiling, shapes, impls, a.bf16)
   for line in matmul_lines(results, matmuls, ceiling):
     print(line)

@@ -101,6 +101,25 @@ def test_cpu_devices_divide_the_batch(monkeypatch):
   assert bench.cpu_devices(dict(batch=32)) == 1
 
 
+def test_allocator_modes_choose_each_process_environment(monkeypatch):
+  bench = _bench()
+  ha = bench.host_allocator
+  monkeypatch.setattr(ha, "is_glibc", lambda: True)
+  monkeypatch.setattr(ha, "accelerator_plugin_installed", lambda: True)
+  monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the caller's own setting does not leak in
+  tuned = lambda name, mode: bench.worker_env(name, "T1", mode).get("MALLOC_ARENA_MAX")
+  # cli: ours as `unimo-jax train` starts under JAX_PLATFORMS=cpu, the peers stock
+  assert [tuned(n, "cli") for n in ("ours", "ours_dp", "flax", "hf", "ceiling")] == \
+      ["1", "1", None, None, None]
+  assert [tuned(n, "same") for n in ("ours", "flax", "hf_masked", "matmuls")] == ["1"] * 4
+  assert [tuned(n, "stock") for n in ("ours", "ours_unrolled", "flax")] == [None] * 3
+  env = bench.worker_env("ours", "T1", "cli")
+  assert {k: env[k] for k in ha.MAIN_HEAP} == ha.MAIN_HEAP and env["JAX_PLATFORMS"] == "cpu"
+  monkeypatch.setattr(ha, "is_glibc", lambda: False)
+  assert tuned("ours", "cli") is None
+  assert "ours rows stock, peers and ceilings stock" in bench.allocator_text("cli")
+
+
 def test_ceiling_worker():
   bench = _bench()
   out = bench._worker_ceiling(bench.SHAPES["T1"], 1, "float32")

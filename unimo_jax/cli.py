@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 
-from unimo_jax import commands
+from unimo_jax import commands, host_allocator
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -22,6 +22,9 @@ COMMANDS = {
     "train": ("unimo_jax.train.main", "pre-train: train --config experiments/configs/demo.py --workdir DIR"),
     "sweep": ("unimo_jax.train.sweep", "a sweep's trials: run, --print, --array (SLURM), --summary: sweep --sweep F --workdir R"),
 }
+# Commands that run compiled steps: on the CPU backend they start under the main-heap allocator
+# (``unimo_jax.host_allocator``; ``UNIMO_JAX_HOST_ALLOCATOR=system`` turns it off).
+STEP_COMMANDS = ("train", "finetune", "evaluate", "model-info")
 
 
 def _usage() -> str:
@@ -46,6 +49,7 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv=None) -> int:
+  argv_is_process = argv is None  # the process's own command line (not a call from Python)
   argv = list(sys.argv if argv is None else argv)
   if len(argv) >= 3 and argv[1] == "help":  # unimo-jax help COMMAND == COMMAND --help
     argv = [argv[0], argv[2], "--help"]
@@ -56,6 +60,11 @@ def main(argv=None) -> int:
   if name not in COMMANDS:
     return commands.fail("unimo-jax", f"unknown command {name!r} (commands: "
                                       f"{', '.join(sorted(COMMANDS))}; see unimo-jax --help)")
+  if argv_is_process and name in STEP_COMMANDS:
+    try:
+      host_allocator.apply()  # re-executes this command line when the policy says so
+    except ValueError as e:
+      return commands.fail(f"unimo-jax {name}", e)
   _enable_compilation_cache()
   try:
     module = importlib.import_module(COMMANDS[name][0])

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
-from unimo_jax import parallel
+from unimo_jax import host_allocator, parallel
 from unimo_jax.model import ModelConfig
 from unimo_jax.train import checkpoint as ckpt_lib
 from unimo_jax.train import flops as flops_lib
@@ -142,6 +142,7 @@ def train(config, workdir: str, *, data: Iterator,
   mesh, model_cfg, schedule = run.mesh, run.model_cfg, run.schedule
   logging.info("mesh %s over %d devices (%d processes), %s", dict(mesh.shape), jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind)
+  logging.info("host allocator: %s", host_allocator.describe())
   rows = run.stream_rows()
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
