@@ -56,10 +56,9 @@ def is_glibc() -> bool:
 
 def accelerator_plugin_installed() -> bool:
   """Whether a PJRT plugin JAX would try before the CPU is installed (without importing JAX)."""
-  if any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_MODULES
-         if m != "jax_plugins"):
-    return True
-  if importlib.util.find_spec("jax_plugins") is not None:  # namespace package of plugins
+  # jax_plugins: the namespace package plugins install into; entry points: the other way JAX
+  # discovers them
+  if any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_MODULES):
     return True
   return bool(importlib.metadata.entry_points(group="jax_plugins"))
 
