@@ -73,32 +73,16 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from unimo_jax import host_allocator  # pylint: disable=wrong-import-position  (no JAX import)
+# pylint: disable=wrong-import-position  (neither imports JAX)
+from step_shapes import SHAPES, matmul_products, predictions, train_flops
+from unimo_jax import host_allocator
 
-SHAPES = {
-    "S1": dict(layers=4, hidden=768, heads=12, mlp=3072, vocab=32000, batch=16, length=128),
-    "S2": dict(layers=4, hidden=256, heads=4, mlp=1024, vocab=8000, batch=32, length=128),
-    # --smoke: seconds, not a measurement
-    "T1": dict(layers=2, hidden=64, heads=4, mlp=128, vocab=500, batch=4, length=32),
-}
 IMPLS = ("ours", "ours_unrolled", "ours_dp", "flax", "hf", "hf_masked")
 OURS = ("ours", "ours_unrolled", "ours_dp")
 BF16_IMPLS = ("ours", "ours_unrolled", "hf_masked")
 DROPOUT = 0.1
-
-
-def predictions(shape) -> int:
-  return max(1, round(0.15 * shape["length"]))
-
-
-def train_flops(shape) -> float:
-  """Analytic FLOPs of one training step (3 x forward matmuls; LM head at the P slots)."""
-  b, l, h, m, v = (shape[k] for k in ("batch", "length", "hidden", "mlp", "vocab"))
-  p = predictions(shape)
-  per_layer = b * l * 2 * (4 * h * h + 2 * h * m) + b * 2 * 2 * l * l * h
-  head = b * p * 2 * (h * h + h * v)
-  return 3.0 * (shape["layers"] * per_layer + head)
 
 
 # ------------------------------------------------------------------------------ data
@@ -165,41 +149,6 @@ def _worker_ceiling(shape, steps, dtype):
   probe = ceiling_probe(shape)
   sec = _time(probe, 10)
   return dict(seconds=sec, gflops=probe.flops / sec / 1e9)
-
-
-def matmul_products(shape) -> list:
-  """The products of one training step as (kind, operand shapes, count): each dense layer's
-  forward ``X W`` ("nn"), ``dY W^T`` ("nt") and ``X^T dY`` ("tn"); attention's batched
-  ``Q K^T`` ("scores") and ``A V`` ("mix"), x3 for training. Their FLOPs sum to
-  `train_flops`."""
-  b, l, h, m, v, heads = (shape[k] for k in ("batch", "length", "hidden", "mlp", "vocab",
-                                             "heads"))
-  t, p, d, n = b * l, b * predictions(shape), h // heads, shape["layers"]
-
-  def dense(rows, k, out, count):
-    return [("nn", ((rows, k), (k, out)), count), ("nt", ((rows, out), (k, out)), count),
-            ("tn", ((rows, k), (rows, out)), count)]
-
-  out = []
-  for k, o in ((h, 3 * h), (h, h), (h, m), (m, h)):
-    out += dense(t, k, o, n)
-  out += [("scores", ((b * heads, l, d), (b * heads, l, d)), 3 * n),
-          ("mix", ((b * heads, l, l), (b * heads, l, d)), 3 * n)]
-  return out + dense(p, h, h, 1) + dense(p, h, v, 1)
-
-
-def product_flops(kind, shapes) -> float:
-  (r, k), (_, c) = shapes[0][-2:], shapes[1][-2:]
-  batch = shapes[0][0] if len(shapes[0]) == 3 else 1
-  if kind == "nn":
-    return 2.0 * r * k * c
-  if kind == "nt":  # (r, k') (k, k')^T: r x k outputs over k' = shapes[0][1]
-    return 2.0 * r * k * shapes[1][0]
-  if kind == "tn":  # (r', k)^T (r', c): k x c outputs over r'
-    return 2.0 * r * k * c
-  if kind == "scores":  # (b, l, d) (b, l', d)^T
-    return 2.0 * batch * r * k * shapes[1][1]
-  return 2.0 * batch * r * k * c  # mix: (b, l, l') (b, l', d)
 
 
 def _products_seconds(shape, steps, einsum, ones, run) -> dict:
@@ -444,11 +393,9 @@ def worker_env(name, shape, allocator="cli"):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={cpu_devices(SHAPES[shape])}"
   for k in (*host_allocator.MAIN_HEAP, host_allocator.APPLIED):
     env.pop(k, None)
-  if allocator == "same" or (allocator == "cli" and name in OURS and host_allocator.decide(
-      env, glibc=host_allocator.is_glibc(),
-      plugin=host_allocator.accelerator_plugin_installed)[0] == "main_heap"):
-    env.update(host_allocator.MAIN_HEAP)
-    env[host_allocator.APPLIED] = "1"
+  if allocator == "same" or (allocator == "cli" and name in OURS
+                             and host_allocator.policy(env) == "main_heap"):
+    return host_allocator.main_heap_environ(env)
   return env
 
 

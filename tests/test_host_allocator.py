@@ -1,5 +1,6 @@
 """The CPU run's host allocator: the policy, the re-execution, and the effect on page faults."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -87,14 +88,14 @@ CHILD = textwrap.dedent("""
         del block
     t = threading.Thread(target=work)
     t.start(); t.join()
-    print(json.dumps(dict(policy=policy, pid=os.getpid(), faults=faults,
+    print(json.dumps(dict(policy=policy, faults=faults,
                           env={k: os.environ.get(k) for k in host_allocator.MAIN_HEAP},
                           describe=host_allocator.describe())))
 """)
 
 
 def _child(extra_env):
-  env = {k: v for k, v in __import__("os").environ.items()
+  env = {k: v for k, v in os.environ.items()
          if not k.startswith("MALLOC_") and k not in (ha.ENV, ha.APPLIED)}
   env.update(extra_env, NUMPY_MADVISE_HUGEPAGE="0")  # 4 KiB pages, as XLA:CPU gets
   out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,

@@ -71,12 +71,12 @@ def test_interleaved_timing_probes_the_ceiling_after_every_step():
 def test_matmul_products_are_the_analytic_flops(capsys):
   """The matmuls-alone bound times exactly the products train_flops counts (hand-checked
   above), and its line compares them with the fastest of ours."""
-  bench = _bench()
+  bench, flops = _bench(), load_benchmark("step_shapes")
   for shape in (dict(layers=2, hidden=4, heads=2, mlp=8, vocab=10, batch=3, length=20),
-                bench.SHAPES["S1"], bench.SHAPES["S2"]):
-    total = sum(count * bench.product_flops(kind, shapes)
-                for kind, shapes, count in bench.matmul_products(shape))
-    assert total == pytest.approx(bench.train_flops(shape), rel=1e-12)
+                flops.SHAPES["S1"], flops.SHAPES["S2"]):
+    total = sum(count * flops.product_flops(kind, shapes)
+                for kind, shapes, count in flops.matmul_products(shape))
+    assert total == pytest.approx(flops.train_flops(shape), rel=1e-12)
   out = bench._worker_matmuls(bench.SHAPES["T1"], 1, "float32")
   assert out["seconds"] > 0
   results = [dict(impl="ours_unrolled", shape="T1", dtype="float32", round=0, seconds=3.0),

@@ -12,7 +12,7 @@ step for the text-MLM benchmark shapes (``benchmarks/step_profile.py`` prints bo
 every thread allocates from the main heap, nothing is mmap'd and the heap is never trimmed, so
 the step reuses the block it freed: no faults, and the step's system time goes to ~0.02 s
 (measurements in ``benchmarks/README.md``). glibc reads these variables once, when the process
-starts, so ``apply`` re-executes the command with them set (``os.execv`` of the same command
+starts, so ``apply`` re-executes the command with them set (``os.execve`` of the same command
 line, before anything else has run), once.
 
 The policy, from ``UNIMO_JAX_HOST_ALLOCATOR``:
@@ -90,6 +90,16 @@ def decide(environ: Mapping[str, str], *, glibc: bool, plugin: Callable[[], bool
   return "main_heap", "no accelerator plugin is installed (JAX runs on the CPU)"
 
 
+def policy(environ: Mapping[str, str]) -> str:
+  """``main_heap`` or ``system``: `decide` on this host (its libc, its installed plugins)."""
+  return decide(environ, glibc=is_glibc(), plugin=accelerator_plugin_installed)[0]
+
+
+def main_heap_environ(environ: Mapping[str, str]) -> dict:
+  """``environ`` with the main-heap settings and the marker of a process started under them."""
+  return {**environ, **MAIN_HEAP, APPLIED: "1"}
+
+
 def describe(environ: Mapping[str, str] | None = None) -> str:
   """One line for a run's log: which allocator this process runs with."""
   environ = os.environ if environ is None else environ
@@ -112,12 +122,10 @@ def apply(environ: Mapping[str, str] | None = None,
   first thing in a command's process, before any thread has allocated.
   """
   environ = dict(os.environ if environ is None else environ)
-  policy, _ = decide(environ, glibc=is_glibc() if glibc is None else glibc,
+  chosen, _ = decide(environ, glibc=is_glibc() if glibc is None else glibc,
                      plugin=plugin or accelerator_plugin_installed)
-  if policy != "main_heap" or environ.get(APPLIED):
-    return policy
+  if chosen != "main_heap" or environ.get(APPLIED):
+    return chosen
   argv = list(sys.orig_argv if orig_argv is None else orig_argv)
-  environ.update(MAIN_HEAP)
-  environ[APPLIED] = "1"
-  (execv or os.execve)(sys.executable, argv, environ)
-  return policy  # only an injected execv returns
+  (execv or os.execve)(sys.executable, argv, main_heap_environ(environ))
+  return chosen  # only an injected execv returns
