@@ -111,7 +111,8 @@ def test_the_main_heap_reuses_a_freed_block_the_system_allocator_faults_in_again
   assert "main heap" in tuned["describe"]
   stock = _child({"JAX_PLATFORMS": "cpu", ha.ENV: "system"})
   assert stock["policy"] == "system" and stock["env"] == {k: None for k in ha.MAIN_HEAP}
-  # first allocation: every page is new either way; afterwards only the stock one faults again
-  assert tuned["faults"][0] >= pages // 2 and stock["faults"][0] >= pages // 2
-  assert all(f >= pages // 2 for f in stock["faults"][1:]), stock
-  assert all(f < pages // 50 for f in tuned["faults"][1:]), tuned
+  # first allocation: every page is new either way (4 KiB pages, or 2 MiB ones where the kernel
+  # backs every anonymous mapping with huge pages); afterwards only the stock one faults again
+  assert tuned["faults"][0] >= pages // 1024 and stock["faults"][0] >= pages // 1024
+  assert all(f >= stock["faults"][0] // 2 for f in stock["faults"][1:]), stock
+  assert all(f <= tuned["faults"][0] // 50 for f in tuned["faults"][1:]), tuned
