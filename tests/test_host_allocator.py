@@ -11,7 +11,7 @@ from unimo_jax import cli, host_allocator as ha
 
 
 def _decide(env, glibc=True, plugin=False):
-  return ha.decide(env, glibc=glibc, plugin=lambda: plugin)[0]
+  return ha.decide(env, glibc=glibc, plugin=lambda: plugin)
 
 
 @pytest.mark.parametrize("env, glibc, plugin, expected", [

@@ -45,7 +45,7 @@ MAIN_HEAP = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
 }
-# Modules and distributions whose presence means JAX may pick an accelerator by default.
+# Modules whose presence means JAX may pick an accelerator by default.
 ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                        "jax_rocm7_plugin", "jax_plugins")
 
@@ -63,36 +63,30 @@ def accelerator_plugin_installed() -> bool:
   return bool(importlib.metadata.entry_points(group="jax_plugins"))
 
 
-def decide(environ: Mapping[str, str], *, glibc: bool, plugin: Callable[[], bool]) -> tuple:
-  """(policy in effect, reason): ``main_heap`` or ``system``, and why, in words."""
-  policy = environ.get(ENV, "auto").strip().lower() or "auto"
-  if policy not in POLICIES:
+def decide(environ: Mapping[str, str], *, glibc: bool, plugin: Callable[[], bool]) -> str:
+  """The policy in effect, ``main_heap`` or ``system``, for a process started with ``environ``
+  on a host with (``glibc``) or without glibc, ``plugin()`` saying whether an accelerator plugin
+  is installed."""
+  requested = environ.get(ENV, "auto").strip().lower() or "auto"
+  if requested not in POLICIES:
     raise ValueError(f"{ENV}={environ.get(ENV)!r}: expected one of {', '.join(POLICIES)}")
-  if environ.get(APPLIED):
-    return "main_heap", f"{APPLIED} is set (this process was re-executed with it)"
-  user_set = sorted(k for k in MAIN_HEAP if k in environ)
-  if user_set:
-    return "system", f"{', '.join(user_set)} already set by the caller"
-  if policy == "system":
-    return "system", f"{ENV}=system"
-  if not glibc:
-    return "system", "not Linux with glibc"
-  if policy == "main_heap":
-    return "main_heap", f"{ENV}=main_heap"
+  if environ.get(APPLIED):  # this process was re-executed under the settings
+    return "main_heap"
+  if any(k in environ for k in MAIN_HEAP) or requested == "system" or not glibc:
+    return "system"  # the caller's own MALLOC_* win; nothing to tune without glibc
+  if requested == "main_heap":
+    return "main_heap"
   platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
-  if platforms:
-    first = platforms.split(",")[0].strip()
-    if first == "cpu":
-      return "main_heap", "JAX_PLATFORMS selects the CPU"
-    return "system", f"JAX_PLATFORMS={platforms} (not the CPU first)"
-  if plugin():
-    return "system", "an accelerator plugin is installed (JAX may not run on the CPU)"
-  return "main_heap", "no accelerator plugin is installed (JAX runs on the CPU)"
+  if platforms:  # JAX tries them in order: the CPU first or not at all
+    return "main_heap" if platforms.split(",")[0].strip() == "cpu" else "system"
+  return "system" if plugin() else "main_heap"  # no plugin: JAX runs on the CPU
 
 
-def policy(environ: Mapping[str, str]) -> str:
-  """``main_heap`` or ``system``: `decide` on this host (its libc, its installed plugins)."""
-  return decide(environ, glibc=is_glibc(), plugin=accelerator_plugin_installed)[0]
+def policy(environ: Mapping[str, str], *, glibc: bool | None = None,
+           plugin: Callable[[], bool] | None = None) -> str:
+  """`decide` on this host (its libc, its installed plugins) unless told otherwise."""
+  return decide(environ, glibc=is_glibc() if glibc is None else glibc,
+                plugin=plugin or accelerator_plugin_installed)
 
 
 def main_heap_environ(environ: Mapping[str, str]) -> dict:
@@ -122,8 +116,7 @@ def apply(environ: Mapping[str, str] | None = None,
   first thing in a command's process, before any thread has allocated.
   """
   environ = dict(os.environ if environ is None else environ)
-  chosen, _ = decide(environ, glibc=is_glibc() if glibc is None else glibc,
-                     plugin=plugin or accelerator_plugin_installed)
+  chosen = policy(environ, glibc=glibc, plugin=plugin)
   if chosen != "main_heap" or environ.get(APPLIED):
     return chosen
   argv = list(sys.orig_argv if orig_argv is None else orig_argv)
